@@ -1,0 +1,255 @@
+//! The command line: `serve`, `migrate`, `check-config` and `admin` commands.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, Overrides};
+use crate::core::admin::Admin;
+use crate::core::ConfigSource;
+use crate::server::{RunningServer, ServeOptions};
+use crate::store::Store;
+
+/// tollgate: an LLM gateway.
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the configuration comes from, and what overrides it.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// The configuration file (TOML).
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overrides `server.http_addr`.
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// Overrides `server.grpc_addr`.
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Overrides `database.url`.
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve HTTP and gRPC.
+    Serve(ConfigArgs),
+    /// Run database migrations and exit.
+    Migrate(ConfigArgs),
+    /// Validate a configuration file; names the bad key and its line.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Manage users and API keys.
+    Admin {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+/// Admin commands.
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// API keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+/// User commands.
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user.
+    Create {
+        #[arg(long)]
+        external_id: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Key commands.
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Create a key for a user (id or external id); the key is printed once.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a user's keys (hints only).
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// The key id.
+        id: i64,
+    },
+}
+
+/// A failed command: a message for the terminal.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError(e.to_string())
+}
+
+/// Loads the configuration: file (or defaults), then environment, then flags.
+pub fn load_config(args: &ConfigArgs) -> Result<Config, CliError> {
+    let mut config = match &args.config {
+        Some(path) => {
+            Config::load(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?
+        }
+        None => Config::default(),
+    };
+    config.apply(&overrides(args)?);
+    config.validate().map_err(err)?;
+    Ok(config)
+}
+
+/// Environment, then flags.
+fn overrides(args: &ConfigArgs) -> Result<Overrides, CliError> {
+    let flags = Overrides {
+        http_addr: args.http_addr,
+        grpc_addr: args.grpc_addr,
+        database_url: args.database_url.clone(),
+        admin_token: None,
+    };
+    Ok(Overrides::from_env().map_err(err)?.merge(flags))
+}
+
+/// Sets up logging from the configuration; `TOLLGATE_LOG` overrides the level filter.
+pub fn init_logging(config: &Config) {
+    let filter = std::env::var("TOLLGATE_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn admin_store(config: &Config) -> Result<Admin, CliError> {
+    let store = Store::connect(&config.database.url, 2).await.map_err(err)?;
+    if config.database.run_migrations {
+        store.migrate().await.map_err(err)?;
+    }
+    Ok(Admin::new(store))
+}
+
+/// Runs a command to completion.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = load_config(&args)?;
+            init_logging(&config);
+            let source = args.config.clone().map(|path| ConfigSource {
+                path,
+                overrides: overrides(&args).unwrap_or_default(),
+            });
+            let options = ServeOptions {
+                clock: crate::clock::Clock::system(),
+                source,
+            };
+            let server = RunningServer::start_with(config, options)
+                .await
+                .map_err(err)?;
+            server.run_until_signal().await;
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let config = load_config(&args)?;
+            let store = Store::connect(&config.database.url, 1).await.map_err(err)?;
+            store.migrate().await.map_err(err)?;
+            println!("migrations applied ({})", store.backend());
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            Config::load(&file).map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Admin { config, command } => {
+            let config = load_config(&config)?;
+            let admin = admin_store(&config).await?;
+            run_admin(&admin, command).await
+        }
+    }
+}
+
+async fn run_admin(admin: &Admin, command: AdminCommand) -> Result<(), CliError> {
+    match command {
+        AdminCommand::User {
+            command: UserCommand::Create { external_id, name },
+        } => {
+            let u = admin
+                .create_user(&external_id, name.as_deref())
+                .await
+                .map_err(err)?;
+            println!("user {} created (external_id {})", u.id, u.external_id);
+        }
+        AdminCommand::Key {
+            command: KeyCommand::Create { user, name },
+        } => {
+            let u = admin.find_user(&user).await.map_err(err)?;
+            let created = admin
+                .create_key(u.id, name.as_deref(), None)
+                .await
+                .map_err(err)?;
+            println!("key id: {}", created.record.id);
+            println!("key: {}", created.key);
+            println!("(shown once: store it now)");
+        }
+        AdminCommand::Key {
+            command: KeyCommand::List { user },
+        } => {
+            let u = admin.find_user(&user).await.map_err(err)?;
+            for k in admin.list_keys(u.id).await.map_err(err)? {
+                let state = if k.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    k.id,
+                    k.hint,
+                    state,
+                    k.name.unwrap_or_default()
+                );
+            }
+        }
+        AdminCommand::Key {
+            command: KeyCommand::Revoke { id },
+        } => {
+            let k = admin.revoke_key(id).await.map_err(err)?;
+            println!("key {} ({}) revoked", k.id, k.hint);
+        }
+    }
+    Ok(())
+}

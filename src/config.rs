@@ -1,0 +1,637 @@
+//! Configuration: one TOML file with `${ENV}` interpolation, environment and flag overrides,
+//! and validation that names the bad key and its line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key is unknown or has the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A `${VAR}` names an environment variable that is not set.
+    #[error("line {line}: environment variable {var} is not set")]
+    MissingEnv { line: usize, var: String },
+    /// The file parses but says something inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub service_types: BTreeMap<String, ServiceTypeConfig>,
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    pub aliases: BTreeMap<String, AliasConfig>,
+    #[serde(default)]
+    pub pricing: BTreeMap<String, PricingConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+/// `[routing]`: when a provider is taken out of rotation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Consecutive retryable failures that mark a provider unhealthy.
+    pub unhealthy_after_failures: u32,
+    /// How long the first trip lasts; doubles on each trip in a row.
+    pub unhealthy_backoff_secs: u64,
+    /// The longest a provider stays out.
+    pub unhealthy_backoff_max_secs: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            unhealthy_after_failures: 2,
+            unhealthy_backoff_secs: 30,
+            unhealthy_backoff_max_secs: 300,
+        }
+    }
+}
+
+/// `[server]`: listeners, limits and the admin token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub max_body_bytes: usize,
+    pub admin_token: Option<String>,
+    pub shutdown_grace_secs: u64,
+    pub default_service_type: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_body_bytes: 3 * 1024 * 1024,
+            admin_token: None,
+            shutdown_grace_secs: 30,
+            default_service_type: "default".into(),
+        }
+    }
+}
+
+/// `[log]`: format and level of the process log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[database]`: where users, keys and the usage ledger live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: usize,
+    pub run_migrations: bool,
+    pub ledger_batch_size: usize,
+    pub ledger_flush_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://tollgate.db".into(),
+            max_connections: 16,
+            run_migrations: true,
+            ledger_batch_size: 500,
+            ledger_flush_ms: 200,
+        }
+    }
+}
+
+/// `[auth]`: how credentials are verified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub static_keys: Vec<StaticKeyConfig>,
+    /// How long a verified API key is trusted before the store is asked again.
+    pub key_cache_ttl_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            static_keys: Vec::new(),
+            key_cache_ttl_ms: 5000,
+        }
+    }
+}
+
+/// `[[auth.static_keys]]`: an API key declared in the file, stored hashed like any other.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticKeyConfig {
+    pub user: String,
+    pub key: String,
+    pub name: Option<String>,
+}
+
+impl std::fmt::Debug for StaticKeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticKeyConfig")
+            .field("user", &self.user)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `[service_types.NAME]`: what a kind of caller may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceTypeConfig {
+    pub models: Vec<String>,
+    pub purposes: Vec<String>,
+    pub require_purpose: bool,
+    pub signup_cap_per_day: Option<u64>,
+    pub budget: Option<BudgetConfig>,
+    pub rate_limits: Option<RateLimitConfig>,
+}
+
+impl Default for ServiceTypeConfig {
+    fn default() -> Self {
+        Self {
+            models: vec!["*".into()],
+            purposes: Vec::new(),
+            require_purpose: false,
+            signup_cap_per_day: None,
+            budget: None,
+            rate_limits: None,
+        }
+    }
+}
+
+/// A spending limit in USD over a period.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub limit_usd: f64,
+    pub period: String,
+}
+
+/// Requests and tokens per minute.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+}
+
+/// Which protocol a provider speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Openai,
+    Mock,
+}
+
+/// `[providers.NAME]`: one upstream.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Allow-list of model names; absent lets any name through to the upstream.
+    pub models: Option<Vec<String>>,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "defaults::first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    #[serde(default = "defaults::total_timeout_ms")]
+    pub total_timeout_ms: u64,
+    /// How long a key rests after a 429 that names no Retry-After.
+    #[serde(default = "defaults::rate_limit_cooldown_secs")]
+    pub rate_limit_cooldown_secs: u64,
+    /// When set, 401/403 rest a key this long instead of disabling it until an operator acts.
+    pub auth_failure_cooldown_secs: Option<u64>,
+    /// Mock only: completion tokens per reply (capped by `max_tokens`).
+    #[serde(default = "defaults::mock_tokens")]
+    pub tokens: u32,
+    /// Mock only: delay before each token.
+    #[serde(default)]
+    pub token_latency_ms: u64,
+    /// Mock only: extra delay before the first token.
+    #[serde(default)]
+    pub first_token_latency_ms: u64,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("keys", &format_args!("<{} redacted>", self.keys.len()))
+            .field("models", &self.models)
+            .finish_non_exhaustive()
+    }
+}
+
+mod defaults {
+    pub fn connect_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn first_byte_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn total_timeout_ms() -> u64 {
+        600_000
+    }
+    pub fn rate_limit_cooldown_secs() -> u64 {
+        60
+    }
+    pub fn mock_tokens() -> u32 {
+        16
+    }
+}
+
+/// `[aliases.NAME]`: a name callers use for an ordered fallback chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasConfig {
+    #[serde(default)]
+    pub description: String,
+    pub chain: Vec<String>,
+}
+
+/// `[pricing."provider/model"]`: USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+    pub cached_input_usd_per_mtok: Option<f64>,
+}
+
+/// Overrides from flags and environment, applied after the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub database_url: Option<String>,
+    pub admin_token: Option<String>,
+}
+
+impl Overrides {
+    /// Reads `TOLLGATE_HTTP_ADDR`, `TOLLGATE_GRPC_ADDR`, `TOLLGATE_DATABASE_URL`, `TOLLGATE_ADMIN_TOKEN`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let addr = |name: &str| -> Result<Option<SocketAddr>, ConfigError> {
+            match std::env::var(name) {
+                Ok(v) if !v.is_empty() => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| ConfigError::Invalid(format!("{name}={v:?}: {e}"))),
+                _ => Ok(None),
+            }
+        };
+        let text = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Ok(Self {
+            http_addr: addr("TOLLGATE_HTTP_ADDR")?,
+            grpc_addr: addr("TOLLGATE_GRPC_ADDR")?,
+            database_url: text("TOLLGATE_DATABASE_URL"),
+            admin_token: text("TOLLGATE_ADMIN_TOKEN"),
+        })
+    }
+
+    /// Later overrides win over earlier ones.
+    pub fn merge(self, later: Overrides) -> Overrides {
+        Overrides {
+            http_addr: later.http_addr.or(self.http_addr),
+            grpc_addr: later.grpc_addr.or(self.grpc_addr),
+            database_url: later.database_url.or(self.database_url),
+            admin_token: later.admin_token.or(self.admin_token),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates configuration text, interpolating `${VAR}` from the environment.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        // Parse once before interpolation so that syntax errors quote the file as written,
+        // never a secret that came from the environment.
+        toml::from_str::<Config>(text)
+            .map_err(|e| ConfigError::Parse(describe_toml_error(text, &e)))?;
+        let expanded = interpolate(text)?;
+        let config: Config = toml::from_str(&expanded).map_err(|e| {
+            let line = e.span().map(|s| line_of(&expanded, s.start)).unwrap_or(0);
+            ConfigError::Parse(format!(
+                "line {line}: a value taken from the environment does not fit here ({})",
+                e.message()
+            ))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies flag and environment overrides.
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(a) = o.http_addr {
+            self.server.http_addr = a;
+        }
+        if let Some(a) = o.grpc_addr {
+            self.server.grpc_addr = a;
+        }
+        if let Some(u) = &o.database_url {
+            self.database.url = u.clone();
+        }
+        if let Some(t) = &o.admin_token {
+            self.server.admin_token = Some(t.clone());
+        }
+    }
+
+    /// Checks what serde cannot: references between sections and sane values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.routing.unhealthy_after_failures == 0 {
+            return bad("routing.unhealthy_after_failures must be at least 1".into());
+        }
+        if self.server.max_body_bytes == 0 {
+            return bad("server.max_body_bytes must be above 0".into());
+        }
+        for (name, p) in &self.providers {
+            if name.is_empty() || name.contains('/') {
+                return bad(format!(
+                    "providers.{name}: a provider name may not be empty or contain '/'"
+                ));
+            }
+            if p.kind == ProviderKind::Openai {
+                match &p.base_url {
+                    Some(u) if u.starts_with("http://") || u.starts_with("https://") => {}
+                    Some(u) => {
+                        return bad(format!(
+                            "providers.{name}.base_url: {u:?} is not an http(s) URL"
+                        ))
+                    }
+                    None => {
+                        return bad(format!(
+                            "providers.{name}.base_url is required for kind \"openai\""
+                        ))
+                    }
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, k) in p.keys.iter().enumerate() {
+                if k.trim().is_empty() {
+                    return bad(format!("providers.{name}.keys[{i}] is empty"));
+                }
+                if !seen.insert(k) {
+                    return bad(format!("providers.{name}.keys[{i}] repeats an earlier key"));
+                }
+            }
+            if p.total_timeout_ms == 0 || p.connect_timeout_ms == 0 {
+                return bad(format!("providers.{name}: timeouts must be above 0"));
+            }
+        }
+        for (alias, a) in &self.aliases {
+            if alias.contains('/') {
+                return bad(format!(
+                    "aliases.{alias}: an alias name may not contain '/'"
+                ));
+            }
+            if a.chain.is_empty() {
+                return bad(format!(
+                    "aliases.{alias}.chain must name at least one provider/model"
+                ));
+            }
+            for entry in &a.chain {
+                self.check_model_ref(&format!("aliases.{alias}.chain"), entry)?;
+            }
+        }
+        for model in self.pricing.keys() {
+            self.check_model_ref("pricing", model)?;
+        }
+        for (name, p) in &self.pricing {
+            if p.input_usd_per_mtok < 0.0 || p.output_usd_per_mtok < 0.0 {
+                return bad(format!("pricing.\"{name}\": prices may not be negative"));
+            }
+        }
+        let mut static_seen = std::collections::HashSet::new();
+        for (i, k) in self.auth.static_keys.iter().enumerate() {
+            if k.user.trim().is_empty() {
+                return bad(format!("auth.static_keys[{i}].user is empty"));
+            }
+            if k.key.len() < 8 {
+                return bad(format!(
+                    "auth.static_keys[{i}].key is shorter than 8 characters"
+                ));
+            }
+            if !static_seen.insert(&k.key) {
+                return bad(format!("auth.static_keys[{i}].key repeats an earlier key"));
+            }
+        }
+        if !self.service_types.is_empty()
+            && !self
+                .service_types
+                .contains_key(&self.server.default_service_type)
+        {
+            return bad(format!(
+                "server.default_service_type {:?} is not a configured service type",
+                self.server.default_service_type
+            ));
+        }
+        if !(self.database.url.starts_with("sqlite://")
+            || self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return bad("database.url must start with sqlite:// or postgres://".into());
+        }
+        Ok(())
+    }
+
+    fn check_model_ref(&self, key: &str, entry: &str) -> Result<(), ConfigError> {
+        match entry.split_once('/') {
+            Some((provider, model)) if !model.is_empty() => {
+                let Some(p) = self.providers.get(provider) else {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key}: {entry:?} names provider {provider:?}, which is not configured"
+                    )));
+                };
+                if let Some(models) = &p.models {
+                    if !models.iter().any(|m| m == model) {
+                        return Err(ConfigError::Invalid(format!(
+                            "{key}: {entry:?} is not in providers.{provider}.models"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(ConfigError::Invalid(format!(
+                "{key}: {entry:?} is not of the form provider/model"
+            ))),
+        }
+    }
+
+    /// The service types, with an implicit permissive `default` when none are configured.
+    pub fn service_type(&self, name: &str) -> Option<ServiceTypeConfig> {
+        if self.service_types.is_empty() && name == self.server.default_service_type {
+            return Some(ServiceTypeConfig::default());
+        }
+        self.service_types.get(name).cloned()
+    }
+}
+
+/// Replaces `${VAR}` with the environment's value. Comment lines are left alone so that
+/// commented-out examples do not demand variables.
+fn interpolate(text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            let var = &after[..end];
+            let value = std::env::var(var).map_err(|_| ConfigError::MissingEnv {
+                line: i + 1,
+                var: var.to_string(),
+            })?;
+            // Escape so that a value can never break out of its TOML string.
+            for c in value.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let line = e.span().map(|s| line_of(text, s.start));
+    match line {
+        Some(line) => format!("line {line}: {}", e.message().trim()),
+        None => e.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::from_toml_str("[server]\nhttp_addr = \"127.0.0.1:1\"\nbogus_key = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn env_is_interpolated_and_escaped() {
+        std::env::set_var("TG_TEST_SECRET_X", "a\"b");
+        let c = Config::from_toml_str(
+            "[server]\nadmin_token = \"${TG_TEST_SECRET_X}\"\n# keys = [\"${NOT_SET_ANYWHERE}\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.admin_token.as_deref(), Some("a\"b"));
+    }
+
+    #[test]
+    fn missing_env_names_variable_and_line() {
+        let err = Config::from_toml_str("[server]\nadmin_token = \"${TG_SURELY_UNSET_VAR}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("TG_SURELY_UNSET_VAR"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn alias_must_name_configured_provider() {
+        let err = Config::from_toml_str("[aliases.fast]\nchain = [\"nope/x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_upstream_keys_are_refused() {
+        let err = Config::from_toml_str(
+            "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\nkeys = [\"k1\", \"k1\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("repeats"), "{err}");
+        assert!(!err.contains("k1\""), "key must not be echoed: {err}");
+    }
+}

@@ -1,0 +1,357 @@
+//! The upstream stage: walks a route's targets in order, skipping unhealthy providers while a
+//! healthy one remains, and falls back on failures another target can fix (connect errors,
+//! timeouts, 5xx, 429, key-pool exhaustion), never on a caller's 4xx.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::chat::ChatRequest;
+use super::gateway::{ChatCompletion, Gateway};
+use super::outcome::OutcomeGuard;
+use super::stream::ChatStream;
+use super::{Reason, Rejection};
+use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
+use crate::routing::{Route, Target};
+use crate::upstream::{estimate_prompt_tokens, JsonObject, UpstreamError, UpstreamRequest, Usage};
+
+/// One request's upstream stage.
+pub(crate) struct Dispatch<'a> {
+    pub gateway: &'a Gateway,
+    pub request_id: &'a str,
+}
+
+/// The order in which one request tries a route's targets, with the fallbacks it took.
+struct ChainWalk<'r> {
+    targets: &'r [Target],
+    healthy: Vec<bool>,
+    any_healthy: bool,
+    next: usize,
+    /// Moves away from a target not yet attributed to the target moved to.
+    pending: Vec<(&'r str, &'static str)>,
+    attempts: Vec<(String, UpstreamError)>,
+}
+
+impl<'r> ChainWalk<'r> {
+    fn new(route: &'r Route) -> Self {
+        let healthy: Vec<bool> = route
+            .targets
+            .iter()
+            .map(|t| t.provider.health.is_healthy())
+            .collect();
+        let any_healthy = healthy.iter().any(|h| *h);
+        Self {
+            targets: &route.targets,
+            healthy,
+            any_healthy,
+            next: 0,
+            pending: Vec::new(),
+            attempts: Vec::new(),
+        }
+    }
+
+    /// The next target to try; counts the fallbacks that led to it.
+    fn next_target(&mut self, gateway: &Gateway) -> Option<&'r Target> {
+        while self.next < self.targets.len() {
+            let i = self.next;
+            self.next += 1;
+            let target = &self.targets[i];
+            // When every entry is unhealthy the chain is tried anyway: failing without an
+            // attempt would turn a recovering provider into a certain failure.
+            if self.any_healthy && !self.healthy[i] {
+                self.pending.push((&target.resolved, "unhealthy_skipped"));
+                continue;
+            }
+            for (from, reason) in self.pending.drain(..) {
+                gateway
+                    .metrics()
+                    .fallback
+                    .get_or_create(&FallbackLabels {
+                        from_model: from.to_string(),
+                        to_model: target.resolved.clone(),
+                        reason,
+                    })
+                    .inc();
+            }
+            return Some(target);
+        }
+        None
+    }
+
+    /// Records a failed attempt; returns whether the walk should go on.
+    fn failed(&mut self, target: &'r Target, e: UpstreamError) -> bool {
+        match fallback_reason(&e) {
+            Some(reason) => {
+                self.pending.push((&target.resolved, reason));
+                self.attempts.push((target.resolved.clone(), e));
+                true
+            }
+            None => {
+                self.attempts.push((target.resolved.clone(), e));
+                false
+            }
+        }
+    }
+
+    fn into_rejection(self) -> Rejection {
+        chain_failure(self.attempts)
+    }
+}
+
+/// Why a failure moves on to the next target (the `fallback_total` reason), or `None` when
+/// it is the caller's doing and must not.
+fn fallback_reason(e: &UpstreamError) -> Option<&'static str> {
+    match e {
+        UpstreamError::Connect(_) => Some("connect_error"),
+        UpstreamError::Timeout(_) => Some("timeout"),
+        UpstreamError::KeysExhausted { .. } => Some("keys_exhausted"),
+        UpstreamError::BadResponse(_) => Some("upstream_5xx"),
+        UpstreamError::Status { status: 429, .. } => Some("rate_limited"),
+        UpstreamError::Status { status: 408, .. } => Some("timeout"),
+        UpstreamError::Status { status, .. } if *status >= 500 => Some("upstream_5xx"),
+        UpstreamError::Status { .. } => None,
+    }
+}
+
+/// Whether a failure says the provider itself is in trouble (for provider health).
+fn counts_against_health(e: &UpstreamError) -> bool {
+    match e {
+        UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::BadResponse(_) => {
+            true
+        }
+        UpstreamError::Status { status, .. } => *status >= 500,
+        UpstreamError::KeysExhausted { .. } => false,
+    }
+}
+
+impl Dispatch<'_> {
+    fn request(&self, target: &Target, req: &ChatRequest) -> UpstreamRequest {
+        UpstreamRequest {
+            model: target.model.clone(),
+            body: req.body.clone(),
+            request_id: self.request_id.to_string(),
+        }
+    }
+
+    /// Upstream latency, and what the outcome says about the provider's health.
+    fn observe(&self, target: &Target, started: Instant, result: Result<(), &UpstreamError>) {
+        let status_class = match result {
+            Ok(()) => "2xx",
+            Err(UpstreamError::Status { status, .. }) if *status < 500 => "4xx",
+            Err(UpstreamError::Status { .. }) => "5xx",
+            Err(UpstreamError::Timeout(_)) => "timeout",
+            Err(UpstreamError::Connect(_)) => "connect_error",
+            Err(UpstreamError::BadResponse(_)) => "bad_response",
+            Err(UpstreamError::KeysExhausted { .. }) => "keys_exhausted",
+        };
+        self.gateway
+            .metrics()
+            .upstream_latency
+            .get_or_create(&UpstreamLabels {
+                provider: target.provider.name.clone(),
+                status_class,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => target.provider.health.record_success(),
+            Err(e) if counts_against_health(e) => {
+                target.provider.health.record_failure(&e.to_string())
+            }
+            // A 4xx or an exhausted key pool says nothing against the provider being up.
+            Err(_) => {}
+        }
+    }
+
+    fn resolved(&self, route: &Route, target: &Target) {
+        if let Some(alias) = &route.alias {
+            self.gateway
+                .metrics()
+                .alias_resolved
+                .get_or_create(&AliasLabels {
+                    alias: alias.clone(),
+                    target: target.resolved.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// A whole completion from the first target that gives one.
+    pub async fn complete(
+        &self,
+        route: Route,
+        req: ChatRequest,
+        mut guard: OutcomeGuard,
+    ) -> Result<ChatCompletion, (OutcomeGuard, Rejection)> {
+        let mut walk = ChainWalk::new(&route);
+        while let Some(target) = walk.next_target(self.gateway) {
+            let started = Instant::now();
+            let result = target
+                .provider
+                .client
+                .complete(self.request(target, &req))
+                .await;
+            guard.record().upstream_wait += started.elapsed();
+            self.observe(target, started, result.as_ref().map(|_| ()));
+            match result {
+                Ok(reply) => {
+                    self.resolved(&route, target);
+                    let mut body = reply.body;
+                    body.insert("model".into(), Value::String(target.resolved.clone()));
+                    let usage = reply
+                        .usage
+                        .unwrap_or_else(|| estimate_reply_usage(&req.body, &body));
+                    let rec = guard.record();
+                    rec.resolved_model = Some(target.resolved.clone());
+                    rec.usage = usage;
+                    guard.finish(Reason::Success);
+                    return Ok(ChatCompletion {
+                        body,
+                        resolved_model: target.resolved.clone(),
+                        usage,
+                    });
+                }
+                Err(e) => {
+                    if !walk.failed(target, e) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err((guard, walk.into_rejection()))
+    }
+
+    /// A stream from the first target that produces a first chunk. Falling back is only
+    /// possible while nothing has reached the caller, so the first chunk is awaited here.
+    pub async fn stream(
+        &self,
+        route: Route,
+        req: ChatRequest,
+        mut guard: OutcomeGuard,
+    ) -> Result<ChatStream, (OutcomeGuard, Rejection)> {
+        let mut walk = ChainWalk::new(&route);
+        while let Some(target) = walk.next_target(self.gateway) {
+            let started = Instant::now();
+            let first = match target
+                .provider
+                .client
+                .stream(self.request(target, &req))
+                .await
+            {
+                Ok(mut s) => {
+                    use futures_util::StreamExt;
+                    match s.next().await {
+                        Some(Ok(chunk)) => Ok((s, chunk)),
+                        Some(Err(e)) => Err(e),
+                        None => Err(UpstreamError::BadResponse(
+                            "the stream ended before its first chunk".into(),
+                        )),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            guard.record().upstream_wait += started.elapsed();
+            self.observe(target, started, first.as_ref().map(|_| ()));
+            match first {
+                Ok((s, first)) => {
+                    self.resolved(&route, target);
+                    guard.record().resolved_model = Some(target.resolved.clone());
+                    return Ok(ChatStream::new(
+                        s,
+                        Some(first),
+                        guard,
+                        target.resolved.clone(),
+                        req.include_usage,
+                        estimate_prompt_tokens(&req.body),
+                    ));
+                }
+                Err(e) => {
+                    if !walk.failed(target, e) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err((guard, walk.into_rejection()))
+    }
+}
+
+/// The reason an upstream error counts as.
+pub(crate) fn upstream_reason(e: &UpstreamError) -> Reason {
+    match e {
+        UpstreamError::Timeout(_) => Reason::UpstreamTimeout,
+        UpstreamError::KeysExhausted { retry_after } => Reason::UpstreamKeysExhausted {
+            all_disabled: retry_after.is_none(),
+        },
+        UpstreamError::Status { status, .. }
+            if (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429) =>
+        {
+            Reason::UpstreamRejected
+        }
+        _ => Reason::UpstreamError,
+    }
+}
+
+/// One rejection for a chain that failed: the last cause decides the reason; the message lists
+/// every attempt.
+fn chain_failure(attempts: Vec<(String, UpstreamError)>) -> Rejection {
+    let Some((_, last)) = attempts.last() else {
+        return Rejection::new(
+            Reason::UpstreamError,
+            "no upstream target is available for this model",
+        );
+    };
+    let reason = upstream_reason(last);
+    let retry_after = match last {
+        // Whole seconds, rounded up: the caller should not come back before a key is usable.
+        UpstreamError::KeysExhausted {
+            retry_after: Some(d),
+        } => Some(Duration::from_secs(
+            d.as_secs() + u64::from(d.subsec_nanos() > 0),
+        )),
+        _ => None,
+    };
+    let rejection = chain_message(reason, &attempts);
+    match retry_after {
+        Some(d) => rejection.with_retry_after(d),
+        None => rejection,
+    }
+}
+
+fn chain_message(reason: Reason, attempts: &[(String, UpstreamError)]) -> Rejection {
+    if attempts.len() == 1 {
+        let (target, e) = &attempts[0];
+        let message = match e {
+            UpstreamError::Status { message, .. } if reason == Reason::UpstreamRejected => {
+                format!("{target} rejected the request: {message}")
+            }
+            e => format!("{target}: {e}"),
+        };
+        return Rejection::new(reason, message);
+    }
+    let listed: Vec<String> = attempts.iter().map(|(t, e)| format!("{t}: {e}")).collect();
+    Rejection::new(
+        reason,
+        format!(
+            "all {} targets failed: {}",
+            attempts.len(),
+            listed.join("; ")
+        ),
+    )
+}
+
+fn estimate_reply_usage(request: &JsonObject, reply: &JsonObject) -> Usage {
+    let chars = reply
+        .get("choices")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c.pointer("/message/content").and_then(Value::as_str))
+                .map(str::len)
+                .sum()
+        })
+        .unwrap_or(0);
+    Usage {
+        prompt_tokens: estimate_prompt_tokens(request),
+        completion_tokens: crate::upstream::estimate_tokens(chars),
+    }
+}

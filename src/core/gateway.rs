@@ -1,0 +1,548 @@
+//! `Gateway`: the one struct both protocol adapters call. A chat request runs
+//! authorize -> route -> upstream -> settle here, under an [`OutcomeGuard`].
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::admin::{verify_admin_token, Admin, AdminError};
+use super::auth::{Authenticator, Identity};
+use super::chat::ChatRequest;
+use super::dispatch::Dispatch;
+use super::ledger::Ledger;
+use super::outcome::{OutcomeGuard, Recorder};
+use super::stream::ChatStream;
+use super::{CallContext, Reason, Rejection};
+use crate::config::{Config, Overrides, ServiceTypeConfig};
+use crate::metrics::Metrics;
+use crate::routing::{model_allowed, ProviderDeps, Router};
+use crate::store::Store;
+use crate::upstream::key_pool::KeySnapshot;
+use crate::upstream::{JsonObject, Usage};
+
+/// What a configuration becomes at run time; swapped whole on reload so that a request keeps
+/// the one it started with.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub router: Router,
+    known_purposes: HashSet<String>,
+}
+
+impl Runtime {
+    /// Builds providers and routes from a validated configuration.
+    pub fn new(config: Config, deps: &ProviderDeps) -> Result<Runtime, String> {
+        let router = Router::from_config(&config, deps)?;
+        let known_purposes = config
+            .service_types
+            .values()
+            .flat_map(|s| s.purposes.iter().cloned())
+            .collect();
+        Ok(Runtime {
+            config: Arc::new(config),
+            router,
+            known_purposes,
+        })
+    }
+}
+
+/// Who is calling and what they may do, after authentication.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub identity: Identity,
+    pub service_type: String,
+    pub purpose: Option<String>,
+    pub allowed_models: Vec<String>,
+}
+
+/// One provider as operators see it.
+#[derive(Debug, Clone)]
+pub struct ProviderStatus {
+    pub provider: String,
+    pub health: crate::routing::health::HealthSnapshot,
+    pub keys: Vec<KeySnapshot>,
+}
+
+/// A model or alias a caller may use.
+#[derive(Debug, Clone)]
+pub struct ModelEntry {
+    pub id: String,
+    pub alias: bool,
+    pub owned_by: String,
+    pub description: String,
+    pub chain: Vec<String>,
+}
+
+/// Where a reload reads the configuration from.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: std::path::PathBuf,
+    pub overrides: Overrides,
+}
+
+/// The parts of the core that outlive a configuration.
+pub struct GatewayParts {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub ledger: Ledger,
+    pub deps: ProviderDeps,
+    /// `None`: no file to reload from (embedded use).
+    pub source: Option<ConfigSource>,
+}
+
+/// The core, shared by both adapters.
+pub struct Gateway {
+    runtime: RwLock<Arc<Runtime>>,
+    store: Store,
+    auth: Authenticator,
+    recorder: Recorder,
+    deps: ProviderDeps,
+    source: Option<ConfigSource>,
+    /// One reload at a time, so that two cannot interleave their swaps.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Gateway {
+    /// Builds the core over a connected store, a registry and a ledger writer.
+    pub fn new(runtime: Runtime, parts: GatewayParts) -> Gateway {
+        let ttl = Duration::from_millis(runtime.config.auth.key_cache_ttl_ms);
+        Gateway {
+            runtime: RwLock::new(Arc::new(runtime)),
+            auth: Authenticator::new(parts.store.clone(), ttl),
+            store: parts.store,
+            recorder: Recorder {
+                metrics: parts.metrics,
+                ledger: parts.ledger,
+            },
+            deps: parts.deps,
+            source: parts.source,
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Re-reads the configuration file and swaps providers, aliases, pricing, service types
+    /// and limits at once. On any error the running configuration stays; the failure is logged
+    /// and counted. Requests in flight finish on the configuration they started with.
+    pub async fn reload(&self) -> Result<(), String> {
+        let result = match &self.source {
+            None => Err("no configuration file to reload from".to_string()),
+            Some(source) => match Config::load(&source.path) {
+                Ok(mut config) => {
+                    config.apply(&source.overrides);
+                    match config.validate() {
+                        Ok(()) => self.apply_config(config).await,
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(format!("{}: {e}", source.path.display())),
+            },
+        };
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.recorder
+            .metrics
+            .config_reloads
+            .get_or_create(&crate::metrics::ResultLabels { result: label })
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; the previous configuration stays")
+            }
+        }
+        result
+    }
+
+    async fn apply_config(&self, config: Config) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let old = self.runtime();
+        if config.server.http_addr != old.config.server.http_addr
+            || config.server.grpc_addr != old.config.server.grpc_addr
+            || config.database.url != old.config.database.url
+        {
+            tracing::warn!("listen addresses and the database URL change only on restart");
+        }
+        crate::core::admin::Admin::new(self.store.clone())
+            .sync_static_keys(&config.auth.static_keys)
+            .await
+            .map_err(|e| format!("cannot store static keys: {e}"))?;
+        let runtime = Runtime::new(config, &self.deps)?;
+        runtime.router.inherit(&old.router);
+        match self.runtime.write() {
+            Ok(mut r) => *r = Arc::new(runtime),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(runtime),
+        }
+        self.auth.forget_all();
+        Ok(())
+    }
+
+    /// The configuration in force.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        match self.runtime.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.recorder.metrics
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Waits until every ledger row recorded so far is written.
+    pub async fn flush_ledger(&self) {
+        self.recorder.ledger.flush().await;
+    }
+
+    /// Whether the store answers (readiness).
+    pub async fn ready(&self) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), self.store.ping())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Every provider's health and upstream keys (masked), by name.
+    pub fn provider_status(&self) -> Vec<ProviderStatus> {
+        let rt = self.runtime();
+        let mut out: Vec<ProviderStatus> = rt
+            .router
+            .providers()
+            .map(|p| ProviderStatus {
+                provider: p.name.clone(),
+                health: p.health.snapshot(),
+                keys: p
+                    .client
+                    .key_pool()
+                    .map(|k| k.snapshot())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.provider.cmp(&b.provider));
+        out
+    }
+
+    /// Makes a provider's key (by hint) valid again; returns how many keys had that hint.
+    pub fn enable_upstream_key(&self, provider: &str, hint: &str) -> Result<usize, AdminError> {
+        let rt = self.runtime();
+        let pool = rt
+            .router
+            .providers()
+            .find(|p| p.name == provider)
+            .and_then(|p| p.client.key_pool())
+            .ok_or_else(|| {
+                AdminError::NotFound(format!("provider `{}` with keys", label_safe(provider)))
+            })?;
+        match pool.enable(hint) {
+            0 => Err(AdminError::NotFound(format!(
+                "key `{}` of provider `{provider}`",
+                label_safe(hint)
+            ))),
+            n => Ok(n),
+        }
+    }
+
+    /// Admin operations on users and keys; the caller has checked the admin token.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.store.clone())
+    }
+
+    /// Checks an admin token.
+    pub fn check_admin(&self, authorization: Option<&str>) -> Result<(), AdminError> {
+        let rt = self.runtime();
+        verify_admin_token(rt.config.server.admin_token.as_deref(), authorization)
+    }
+
+    /// Sets the gauges that are read at scrape time.
+    pub fn refresh_scrape_gauges(&self) {
+        let rt = self.runtime();
+        let metrics = &self.recorder.metrics;
+        metrics.provider_healthy.clear();
+        for p in rt.router.providers() {
+            metrics
+                .provider_healthy
+                .get_or_create(&crate::metrics::ProviderLabels {
+                    provider: p.name.clone(),
+                })
+                .set(i64::from(p.health.is_healthy()));
+        }
+        let family = &metrics.key_pool_state;
+        family.clear();
+        for p in rt.router.providers() {
+            let Some(pool) = p.client.key_pool().filter(|k| !k.is_keyless()) else {
+                continue;
+            };
+            for (state, n) in pool.state_counts() {
+                family
+                    .get_or_create(&crate::metrics::KeyStateLabels {
+                        provider: p.name.clone(),
+                        state: state.as_str(),
+                    })
+                    .set(n as i64);
+            }
+        }
+    }
+
+    /// Forgets cached credential checks (after a key is revoked here).
+    pub fn forget_credentials(&self) {
+        self.auth.forget_all();
+    }
+
+    /// Authenticates a caller and, if `model` is given, checks it may use that model.
+    pub async fn authorize(
+        &self,
+        ctx: &CallContext,
+        model: Option<&str>,
+    ) -> Result<Principal, Rejection> {
+        let rt = self.runtime();
+        let principal = self.authenticate(&rt, ctx).await?;
+        if let Some(model) = model.filter(|m| !m.is_empty()) {
+            rt.router.resolve(model)?;
+            check_model_allowed(&principal, model)?;
+        }
+        Ok(principal)
+    }
+
+    /// The models and aliases this caller may use.
+    pub async fn list_models(&self, ctx: &CallContext) -> Result<Vec<ModelEntry>, Rejection> {
+        let rt = self.runtime();
+        let principal = self.authenticate(&rt, ctx).await?;
+        let mut out = Vec::new();
+        for (name, alias) in rt.router.aliases() {
+            if model_allowed(&principal.allowed_models, name) {
+                out.push(ModelEntry {
+                    id: name.clone(),
+                    alias: true,
+                    owned_by: "tollgate".into(),
+                    description: alias.description.clone(),
+                    chain: alias.chain.clone(),
+                });
+            }
+        }
+        for model in rt.router.listed_models() {
+            if model_allowed(&principal.allowed_models, &model) {
+                let owned_by = model
+                    .split_once('/')
+                    .map(|(p, _)| p.to_string())
+                    .unwrap_or_default();
+                out.push(ModelEntry {
+                    id: model,
+                    alias: false,
+                    owned_by,
+                    description: String::new(),
+                    chain: Vec::new(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a chat request: from here on exactly one outcome will be recorded for it.
+    pub fn chat(self: &Arc<Self>, ctx: CallContext) -> ChatCall {
+        let guard = OutcomeGuard::new(self.recorder.clone(), ctx.protocol, ctx.request_id.clone());
+        ChatCall {
+            gateway: self.clone(),
+            runtime: self.runtime(),
+            ctx,
+            guard,
+        }
+    }
+
+    async fn authenticate(&self, rt: &Runtime, ctx: &CallContext) -> Result<Principal, Rejection> {
+        let identity = self.auth.verify(ctx.authorization.as_deref()).await?;
+        let config = &rt.config;
+        let service_type = ctx
+            .service_type
+            .clone()
+            .or_else(|| identity.user_service_type.clone())
+            .unwrap_or_else(|| config.server.default_service_type.clone());
+        let Some(st) = config.service_type(&service_type) else {
+            return Err(Rejection::new(
+                Reason::InvalidAuthRequest,
+                format!("unknown service type `{}`", label_safe(&service_type)),
+            ));
+        };
+        let purpose = check_purpose(&st, ctx.purpose.as_deref())?;
+        if identity.blocked {
+            return Err(Rejection::new(Reason::Blocked, "this user is blocked"));
+        }
+        Ok(Principal {
+            identity,
+            service_type,
+            purpose,
+            allowed_models: st.models.clone(),
+        })
+    }
+}
+
+fn check_purpose(
+    st: &ServiceTypeConfig,
+    purpose: Option<&str>,
+) -> Result<Option<String>, Rejection> {
+    match purpose {
+        None if st.require_purpose => Err(Rejection::new(
+            Reason::InvalidAuthRequest,
+            "this service type requires X-Tollgate-Purpose",
+        )),
+        None => Ok(None),
+        Some(p) if st.purposes.is_empty() || st.purposes.iter().any(|x| x == p) => {
+            Ok(Some(p.to_string()))
+        }
+        Some(p) => Err(Rejection::new(
+            Reason::InvalidAuthRequest,
+            format!(
+                "purpose `{}` is not accepted by this service type",
+                label_safe(p)
+            ),
+        )),
+    }
+}
+
+fn check_model_allowed(principal: &Principal, model: &str) -> Result<(), Rejection> {
+    if model_allowed(&principal.allowed_models, model) {
+        Ok(())
+    } else {
+        Err(Rejection::new(
+            Reason::InvalidServiceTypeForModel,
+            format!(
+                "service type `{}` may not use `{}`",
+                principal.service_type,
+                label_safe(model)
+            ),
+        )
+        .with_param("model"))
+    }
+}
+
+/// Caller-supplied text echoed in messages is cut short.
+fn label_safe(s: &str) -> &str {
+    match s.char_indices().nth(100) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// What a chat request produced.
+pub enum ChatReply {
+    /// A whole chat.completion.
+    Complete(ChatCompletion),
+    /// Chunks as the upstream produces them.
+    Stream(Box<ChatStream>),
+}
+
+/// A finished, non-streamed completion.
+#[derive(Debug)]
+pub struct ChatCompletion {
+    /// The OpenAI chat.completion object, `model` set to the resolved `provider/model`.
+    pub body: JsonObject,
+    pub resolved_model: String,
+    pub usage: Usage,
+}
+
+/// One chat request in flight. Dropping it before it finishes records `client_disconnected`.
+pub struct ChatCall {
+    gateway: Arc<Gateway>,
+    runtime: Arc<Runtime>,
+    ctx: CallContext,
+    guard: OutcomeGuard,
+}
+
+impl ChatCall {
+    /// The request id.
+    pub fn request_id(&self) -> &str {
+        &self.ctx.request_id
+    }
+
+    /// Runs the request: `decoded` is the adapter's decoding of the body (or why it failed).
+    pub async fn run(
+        self,
+        decoded: Result<ChatRequest, Rejection>,
+    ) -> Result<ChatReply, Rejection> {
+        self.run_inner(decoded).await.map_err(|(guard, rejection)| {
+            tracing::debug!(reason = rejection.reason.as_str(), message = %rejection.message, "chat request rejected");
+            guard.finish(rejection.reason);
+            rejection
+        })
+    }
+
+    async fn run_inner(
+        self,
+        decoded: Result<ChatRequest, Rejection>,
+    ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
+        let ChatCall {
+            gateway,
+            runtime: rt,
+            ctx,
+            mut guard,
+        } = self;
+        {
+            let rec = guard.record();
+            rec.service_type = ctx.service_type.clone();
+            rec.purpose = ctx.purpose.clone();
+            rec.service_type_label = service_type_label(&rt, ctx.service_type.as_deref());
+            rec.purpose_label = purpose_label(&rt, ctx.purpose.as_deref());
+        }
+        let req = match decoded {
+            Ok(r) => r,
+            Err(e) => return Err((guard, e)),
+        };
+        {
+            let rec = guard.record();
+            rec.stream = req.stream;
+            rec.requested_model = req.model.clone();
+            rec.model_label = rt.router.label(&req.model);
+        }
+        let principal = match gateway.authenticate(&rt, &ctx).await {
+            Ok(p) => p,
+            Err(e) => return Err((guard, e)),
+        };
+        {
+            let rec = guard.record();
+            rec.user_id = Some(principal.identity.user_id);
+            rec.key_id = principal.identity.key_id;
+            rec.service_type = Some(principal.service_type.clone());
+            rec.service_type_label = service_type_label(&rt, Some(&principal.service_type));
+        }
+        let route = match rt.router.resolve(&req.model) {
+            Ok(r) => r,
+            Err(e) => return Err((guard, e)),
+        };
+        if let Err(e) = check_model_allowed(&principal, &req.model) {
+            return Err((guard, e));
+        }
+        let upstream = Dispatch {
+            gateway: &gateway,
+            request_id: &ctx.request_id,
+        };
+        if req.stream {
+            upstream
+                .stream(route, req, guard)
+                .await
+                .map(|s| ChatReply::Stream(Box::new(s)))
+        } else {
+            upstream
+                .complete(route, req, guard)
+                .await
+                .map(ChatReply::Complete)
+        }
+    }
+}
+
+fn service_type_label(rt: &Runtime, st: Option<&str>) -> String {
+    let name = st.unwrap_or(&rt.config.server.default_service_type);
+    if rt.config.service_type(name).is_some() {
+        name.to_string()
+    } else {
+        "unknown".into()
+    }
+}
+
+fn purpose_label(rt: &Runtime, purpose: Option<&str>) -> String {
+    match purpose {
+        None => "none".into(),
+        Some(p) if rt.known_purposes.contains(p) => p.to_string(),
+        Some(_) => "unknown".into(),
+    }
+}

@@ -1,0 +1,179 @@
+//! The one place a chat request's outcome is recorded. An [`OutcomeGuard`] is created when a
+//! chat request enters the core and records exactly one outcome: the reason it is finished
+//! with, or `client_disconnected` if it is dropped unfinished.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Protocol, Reason};
+use crate::core::ledger::Ledger;
+use crate::metrics::{
+    ChatLabels, CompletionLabels, Metrics, ModelLabels, ProtocolLabels, TokenLabels,
+};
+use crate::store::{now_ms, NewLedgerRow};
+use crate::upstream::Usage;
+
+/// What a guard needs to record: the shared sinks.
+#[derive(Clone)]
+pub struct Recorder {
+    pub metrics: Arc<Metrics>,
+    pub ledger: Ledger,
+}
+
+/// Everything known about a chat request so far; filled in as it moves through the stages.
+#[derive(Debug, Clone)]
+pub struct ChatRecord {
+    pub protocol: Protocol,
+    pub request_id: String,
+    pub stream: bool,
+    pub requested_model: String,
+    /// Bounded label values.
+    pub model_label: String,
+    pub service_type_label: String,
+    pub purpose_label: String,
+    pub service_type: Option<String>,
+    pub purpose: Option<String>,
+    pub user_id: Option<i64>,
+    pub key_id: Option<i64>,
+    pub resolved_model: Option<String>,
+    pub usage: Usage,
+    pub cost_micros: i64,
+    /// Time spent waiting on upstreams, so that overhead can be told apart.
+    pub upstream_wait: Duration,
+    pub first_token_at: Option<Instant>,
+}
+
+/// Records one outcome per chat request, on finish or on drop.
+pub struct OutcomeGuard {
+    recorder: Recorder,
+    started: Instant,
+    started_ms: i64,
+    record: Option<ChatRecord>,
+}
+
+impl OutcomeGuard {
+    /// Opens the record of a chat request.
+    pub fn new(recorder: Recorder, protocol: Protocol, request_id: String) -> Self {
+        Self {
+            recorder,
+            started: Instant::now(),
+            started_ms: now_ms(),
+            record: Some(ChatRecord {
+                protocol,
+                request_id,
+                stream: false,
+                requested_model: String::new(),
+                model_label: "unknown".into(),
+                service_type_label: "unknown".into(),
+                purpose_label: "none".into(),
+                service_type: None,
+                purpose: None,
+                user_id: None,
+                key_id: None,
+                resolved_model: None,
+                usage: Usage::default(),
+                cost_micros: 0,
+                upstream_wait: Duration::ZERO,
+                first_token_at: None,
+            }),
+        }
+    }
+
+    /// The record being filled in.
+    pub fn record(&mut self) -> &mut ChatRecord {
+        self.record
+            .as_mut()
+            .expect("an OutcomeGuard is not used after it is finished")
+    }
+
+    /// When the request entered the core.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Records the outcome for `reason`; the guard is spent.
+    pub fn finish(mut self, reason: Reason) {
+        if let Some(record) = self.record.take() {
+            self.emit(record, reason);
+        }
+    }
+
+    fn emit(&self, r: ChatRecord, reason: Reason) {
+        let m = &self.recorder.metrics;
+        let outcome = reason.outcome();
+        let elapsed = self.started.elapsed();
+        m.chat_availability
+            .get_or_create(&ChatLabels {
+                protocol: r.protocol.as_str(),
+                outcome: outcome.as_str(),
+                reason: reason.as_str(),
+                model: r.model_label.clone(),
+                service_type: r.service_type_label.clone(),
+                purpose: r.purpose_label.clone(),
+            })
+            .inc();
+        m.overhead
+            .get_or_create(&ProtocolLabels {
+                protocol: r.protocol.as_str(),
+            })
+            .observe(elapsed.saturating_sub(r.upstream_wait).as_secs_f64());
+        if let Some(resolved) = &r.resolved_model {
+            m.chat_latency
+                .get_or_create(&CompletionLabels {
+                    model: resolved.clone(),
+                    result: outcome.as_str(),
+                    stream: if r.stream { "true" } else { "false" },
+                })
+                .observe(elapsed.as_secs_f64());
+            if let Some(t) = r.first_token_at {
+                m.ttft
+                    .get_or_create(&ModelLabels {
+                        model: resolved.clone(),
+                    })
+                    .observe(t.duration_since(self.started).as_secs_f64());
+            }
+            for (kind, n) in [
+                ("prompt", r.usage.prompt_tokens),
+                ("completion", r.usage.completion_tokens),
+            ] {
+                if n > 0 {
+                    m.chat_tokens
+                        .get_or_create(&TokenLabels {
+                            model: resolved.clone(),
+                            r#type: kind,
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
+        if outcome == super::Outcome::Failure {
+            tracing::warn!(request_id = %r.request_id, reason = reason.as_str(), model = %r.requested_model, "chat request failed");
+        }
+        self.recorder.ledger.record(NewLedgerRow {
+            request_id: r.request_id,
+            user_id: r.user_id,
+            key_id: r.key_id,
+            protocol: r.protocol.as_str(),
+            requested_model: r.requested_model,
+            resolved_model: r.resolved_model,
+            service_type: r.service_type,
+            purpose: r.purpose,
+            stream: r.stream,
+            outcome: outcome.as_str(),
+            reason: reason.as_str(),
+            prompt_tokens: r.usage.prompt_tokens as i64,
+            completion_tokens: r.usage.completion_tokens as i64,
+            cost_micros: r.cost_micros,
+            started_at: self.started_ms,
+            finished_at: now_ms(),
+        });
+    }
+}
+
+impl Drop for OutcomeGuard {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.emit(record, Reason::ClientDisconnected);
+        }
+    }
+}

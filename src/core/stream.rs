@@ -1,0 +1,210 @@
+//! A streamed chat completion on its way to the caller. It owns the request's outcome guard:
+//! a clean end records `success`, an upstream failure after the first chunk records
+//! `upstream_error`/`upstream_timeout` and yields one error item, and being dropped early (the
+//! caller went away) records `client_disconnected` with the tokens produced so far.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use serde_json::Value;
+
+use super::dispatch::upstream_reason;
+use super::outcome::OutcomeGuard;
+use super::{Reason, Rejection};
+use crate::upstream::{estimate_tokens, JsonObject, UpstreamStream, Usage};
+
+/// One chunk for the caller: an OpenAI `chat.completion.chunk` object.
+#[derive(Debug, Clone)]
+pub struct ChatChunk {
+    pub value: JsonObject,
+}
+
+impl ChatChunk {
+    /// The text this chunk adds (first choice).
+    pub fn delta_content(&self) -> &str {
+        self.first_choice()
+            .and_then(|c| c.pointer("/delta/content"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// The finish reason, on the chunk that ends the first choice.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.first_choice()
+            .and_then(|c| c.get("finish_reason"))
+            .and_then(Value::as_str)
+    }
+
+    /// Usage, on the usage chunk.
+    pub fn usage(&self) -> Option<Usage> {
+        self.value.get("usage").and_then(Usage::from_json)
+    }
+
+    fn first_choice(&self) -> Option<&Value> {
+        self.value
+            .get("choices")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first())
+    }
+}
+
+/// The caller's side of a streamed completion.
+pub struct ChatStream {
+    upstream: UpstreamStream,
+    first: Option<JsonObject>,
+    guard: Option<OutcomeGuard>,
+    resolved: String,
+    include_usage: bool,
+    prompt_estimate: u64,
+    content_chars: usize,
+    reported: Option<Usage>,
+    saw_finish: bool,
+    waiting_since: Option<Instant>,
+    upstream_wait: Duration,
+}
+
+impl ChatStream {
+    pub(crate) fn new(
+        upstream: UpstreamStream,
+        first: Option<JsonObject>,
+        guard: OutcomeGuard,
+        resolved: String,
+        include_usage: bool,
+        prompt_estimate: u64,
+    ) -> Self {
+        Self {
+            upstream,
+            first,
+            guard: Some(guard),
+            resolved,
+            include_usage,
+            prompt_estimate,
+            content_chars: 0,
+            reported: None,
+            saw_finish: false,
+            waiting_since: None,
+            upstream_wait: Duration::ZERO,
+        }
+    }
+
+    /// `provider/model` that is answering.
+    pub fn resolved_model(&self) -> &str {
+        &self.resolved
+    }
+
+    fn usage(&self) -> Usage {
+        self.reported.unwrap_or(Usage {
+            prompt_tokens: self.prompt_estimate,
+            completion_tokens: estimate_tokens(self.content_chars),
+        })
+    }
+
+    fn settle(&mut self, reason: Reason) {
+        let usage = self.usage();
+        let wait = self.upstream_wait;
+        if let Some(mut guard) = self.guard.take() {
+            let rec = guard.record();
+            rec.usage = usage;
+            rec.upstream_wait += wait;
+            guard.finish(reason);
+        }
+    }
+
+    /// Rewrites and inspects one upstream chunk; `None` when it is not for the caller.
+    fn accept(&mut self, mut chunk: JsonObject) -> Option<ChatChunk> {
+        chunk.insert("model".into(), Value::String(self.resolved.clone()));
+        if let Some(u) = chunk.get("usage").and_then(Usage::from_json) {
+            self.reported = Some(u);
+        }
+        let choices = chunk.get("choices").and_then(Value::as_array);
+        let usage_only = choices.is_none_or(|c| c.is_empty());
+        for c in choices.into_iter().flatten() {
+            if let Some(text) = c.pointer("/delta/content").and_then(Value::as_str) {
+                if !text.is_empty() && self.content_chars == 0 {
+                    if let Some(g) = self.guard.as_mut() {
+                        g.record().first_token_at.get_or_insert_with(Instant::now);
+                    }
+                }
+                self.content_chars += text.len();
+            }
+            if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                self.saw_finish = true;
+            }
+        }
+        if usage_only && !self.include_usage {
+            // tollgate asked for usage for its own accounting; the caller did not.
+            return None;
+        }
+        Some(ChatChunk { value: chunk })
+    }
+}
+
+impl Stream for ChatStream {
+    type Item = Result<ChatChunk, Rejection>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.guard.is_none() {
+                return Poll::Ready(None);
+            }
+            let next = match this.first.take() {
+                Some(first) => Some(Ok(first)),
+                None => {
+                    let since = *this.waiting_since.get_or_insert_with(Instant::now);
+                    match this.upstream.as_mut().poll_next(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(item) => {
+                            this.upstream_wait += since.elapsed();
+                            this.waiting_since = None;
+                            item
+                        }
+                    }
+                }
+            };
+            match next {
+                Some(Ok(chunk)) => {
+                    if let Some(out) = this.accept(chunk) {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Some(Err(e)) => {
+                    let reason = match upstream_reason(&e) {
+                        Reason::UpstreamTimeout => Reason::UpstreamTimeout,
+                        _ => Reason::UpstreamError,
+                    };
+                    this.settle(reason);
+                    return Poll::Ready(Some(Err(Rejection::new(
+                        reason,
+                        format!("the stream from {} broke: {e}", this.resolved),
+                    ))));
+                }
+                None if this.saw_finish => {
+                    this.settle(Reason::Success);
+                    return Poll::Ready(None);
+                }
+                None => {
+                    this.settle(Reason::UpstreamError);
+                    return Poll::Ready(Some(Err(Rejection::new(
+                        Reason::UpstreamError,
+                        format!(
+                            "the stream from {} ended before the answer was complete",
+                            this.resolved
+                        ),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ChatStream {
+    fn drop(&mut self) {
+        // Dropped before the end: the caller went away. Charge what was produced.
+        if self.guard.is_some() {
+            self.settle(Reason::ClientDisconnected);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The gRPC adapter (tonic): `tollgate.v1.Gateway`, health and reflection. Each RPC converts
+//! its request into a core call, makes it, and converts the result back.
+
+mod admin;
+mod convert;
+mod gateway;
+mod telemetry;
+
+use std::sync::Arc;
+
+use tonic::service::Routes;
+
+use crate::core::Gateway;
+use crate::proto::gateway_server::GatewayServer;
+pub use convert::rejection_status;
+pub use telemetry::GrpcTelemetryLayer;
+
+/// The gRPC services: Gateway, Admin, `grpc.health.v1.Health` and server reflection.
+pub async fn routes(gateway: Arc<Gateway>) -> Result<Routes, tonic_reflection::server::Error> {
+    let limit = gateway.runtime().config.server.max_body_bytes;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<GatewayServer<gateway::GatewayService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = GatewayServer::new(gateway::GatewayService::new(gateway.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let admin = crate::proto::admin_server::AdminServer::new(admin::AdminService::new(gateway));
+    Ok(Routes::new(service)
+        .add_service(admin)
+        .add_service(health)
+        .add_service(reflection))
+}

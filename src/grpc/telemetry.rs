@@ -1,0 +1,103 @@
+//! Request metrics for gRPC, by method path; the status comes from the trailers.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use tower::{Layer, Service};
+
+use crate::metrics::Metrics;
+use crate::telemetry::{grpc_code_name, ObservedBody, RequestObservation};
+
+/// Wraps gRPC services with request telemetry.
+#[derive(Clone)]
+pub struct GrpcTelemetryLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl GrpcTelemetryLayer {
+    /// A layer recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for GrpcTelemetryLayer {
+    type Service = GrpcTelemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTelemetry {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service produced by [`GrpcTelemetryLayer`].
+#[derive(Clone)]
+pub struct GrpcTelemetry<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Known method paths are labels as they are; anything else is `unknown`, so that a caller
+/// cannot create series at will.
+fn endpoint_label(path: &str) -> String {
+    const KNOWN: &[&str] = &[
+        "/tollgate.v1.Gateway/",
+        "/tollgate.v1.Admin/",
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.v1.ServerReflection/",
+        "/grpc.reflection.v1alpha.ServerReflection/",
+    ];
+    if KNOWN.iter().any(|p| path.starts_with(p)) && path.len() < 100 {
+        path.to_string()
+    } else {
+        "unknown".to_string()
+    }
+}
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for GrpcTelemetry<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let mut observation = RequestObservation::start(
+            self.metrics.clone(),
+            "grpc",
+            endpoint_label(req.uri().path()),
+        );
+        // Take the service that was driven to readiness; leave a clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            if let Some(code) = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+            {
+                observation.set_status(grpc_code_name(code).to_string());
+            }
+            let (parts, body) = resp.into_parts();
+            Ok(http::Response::from_parts(
+                parts,
+                tonic::body::Body::new(ObservedBody::new(body, observation)),
+            ))
+        })
+    }
+}

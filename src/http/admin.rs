@@ -1,0 +1,224 @@
+//! `/admin/...`: users, API keys and upstream key pools, behind the admin token; and the
+//! unauthenticated `GET /v1/health` snapshot.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::core::admin::AdminError;
+use crate::core::Gateway;
+use crate::store::{ApiKey, User};
+use crate::upstream::key_pool::KeySnapshot;
+
+type AdminResult = Result<Response, AdminError>;
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = json!({"error": {"message": self.to_string(), "type": "admin_error", "code": self.code(), "param": null}});
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The admin routes, each behind the admin-token check.
+pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/admin/users", post(create_user).get(find_user))
+        .route("/admin/users/{id}", get(get_user))
+        .route("/admin/keys", post(create_key).get(list_keys))
+        .route("/admin/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/admin/upstream-keys", get(upstream_keys))
+        .route("/admin/reload", post(reload))
+        .route(
+            "/admin/providers/{provider}/keys/{hint}/enable",
+            post(enable_upstream_key),
+        )
+        .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
+}
+
+async fn require_admin(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    let auth = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match gw.check_admin(auth) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A user as JSON.
+pub fn user_json(u: &User) -> Value {
+    json!({
+        "id": u.id,
+        "external_id": u.external_id,
+        "name": u.name,
+        "auth_method": u.auth_method,
+        "blocked": u.blocked,
+        "blocked_reason": u.blocked_reason,
+        "blocked_at": u.blocked_at,
+        "created_at": u.created_at,
+    })
+}
+
+/// A key as JSON: hint only.
+pub fn key_json(k: &ApiKey) -> Value {
+    json!({
+        "id": k.id,
+        "user_id": k.user_id,
+        "name": k.name,
+        "hint": k.hint,
+        "source": k.source,
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "revoked_at": k.revoked_at,
+    })
+}
+
+fn snapshot_json(k: &KeySnapshot) -> Value {
+    json!({
+        "hint": k.hint,
+        "state": k.state.as_str(),
+        "reason": k.reason.map(|r| r.as_str()),
+        "cooldown_until_ms": k.cooldown_until_ms,
+    })
+}
+
+#[derive(Deserialize)]
+struct CreateUser {
+    external_id: String,
+    name: Option<String>,
+}
+
+async fn create_user(State(gw): State<Arc<Gateway>>, Json(body): Json<CreateUser>) -> AdminResult {
+    if body.external_id.trim().is_empty() {
+        return Err(AdminError::Invalid("external_id must not be empty".into()));
+    }
+    let u = gw
+        .admin()
+        .create_user(&body.external_id, body.name.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(user_json(&u))).into_response())
+}
+
+#[derive(Deserialize)]
+struct FindUser {
+    external_id: String,
+}
+
+async fn find_user(State(gw): State<Arc<Gateway>>, Query(q): Query<FindUser>) -> AdminResult {
+    let u = gw
+        .store()
+        .find_user(&q.external_id)
+        .await?
+        .ok_or_else(|| AdminError::NotFound("user".into()))?;
+    Ok(Json(user_json(&u)).into_response())
+}
+
+async fn get_user(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {
+    let u = gw
+        .store()
+        .get_user(id)
+        .await?
+        .ok_or_else(|| AdminError::NotFound("user".into()))?;
+    Ok(Json(user_json(&u)).into_response())
+}
+
+#[derive(Deserialize)]
+struct CreateKey {
+    user_id: i64,
+    name: Option<String>,
+    expires_at: Option<i64>,
+}
+
+async fn create_key(State(gw): State<Arc<Gateway>>, Json(body): Json<CreateKey>) -> AdminResult {
+    gw.store()
+        .get_user(body.user_id)
+        .await?
+        .ok_or_else(|| AdminError::NotFound("user".into()))?;
+    let created = gw
+        .admin()
+        .create_key(body.user_id, body.name.as_deref(), body.expires_at)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": created.record.id, "key": created.key, "hint": created.record.hint})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct ListKeys {
+    user_id: i64,
+}
+
+async fn list_keys(State(gw): State<Arc<Gateway>>, Query(q): Query<ListKeys>) -> AdminResult {
+    let keys = gw.admin().list_keys(q.user_id).await?;
+    Ok(Json(json!({"data": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
+}
+
+async fn revoke_key(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {
+    let k = gw.admin().revoke_key(id).await?;
+    gw.forget_credentials();
+    Ok(Json(key_json(&k)).into_response())
+}
+
+async fn upstream_keys(State(gw): State<Arc<Gateway>>) -> AdminResult {
+    Ok(Json(health_json(&gw)).into_response())
+}
+
+async fn reload(State(gw): State<Arc<Gateway>>) -> AdminResult {
+    gw.reload().await.map_err(AdminError::Invalid)?;
+    Ok(Json(json!({"reloaded": true})).into_response())
+}
+
+async fn enable_upstream_key(
+    State(gw): State<Arc<Gateway>>,
+    Path((provider, hint)): Path<(String, String)>,
+) -> AdminResult {
+    let n = gw.enable_upstream_key(&provider, &hint)?;
+    Ok(Json(json!({"enabled": n})).into_response())
+}
+
+fn health_json(gw: &Gateway) -> Value {
+    let providers: Vec<Value> = gw
+        .provider_status()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "provider": p.provider,
+                "healthy": p.health.healthy,
+                "consecutive_failures": p.health.consecutive_failures,
+                "last_error": p.health.last_error,
+                "unhealthy_until_ms": p.health.unhealthy_until_ms,
+                "keys": p.keys.iter().map(snapshot_json).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"providers": providers})
+}
+
+/// `GET /v1/health`: each provider's health and key pool (hints only).
+pub async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    Json(health_json(&gw)).into_response()
+}
+
+/// `GET /v1/aliases`: each alias with its description and chain.
+pub async fn aliases(State(gw): State<Arc<Gateway>>) -> Response {
+    let rt = gw.runtime();
+    let data: Vec<Value> = rt
+        .router
+        .aliases()
+        .iter()
+        .map(|(name, a)| json!({"alias": name, "description": a.description, "chain": a.chain}))
+        .collect();
+    Json(json!({"data": data})).into_response()
+}

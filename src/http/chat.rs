@@ -1,0 +1,121 @@
+//! `POST /v1/chat/completions`: JSON or Server-Sent Events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue};
+use http_body_util::BodyExt;
+
+use super::error::{error_body, error_response};
+use super::{context, headers};
+use crate::core::chat::ChatRequest;
+use crate::core::{ChatReply, ChatStream, Gateway, Reason, Rejection};
+
+/// Decodes the body, makes one core call, encodes the reply.
+pub async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ctx = context(&headers);
+    let request_id = ctx.request_id.clone();
+    // The call is opened before the body is read, so that a body too large or a client that
+    // leaves while sending it is still counted.
+    let call = gw.chat(ctx);
+    let limit = gw.runtime().config.server.max_body_bytes;
+    let decoded = read_body(&headers, body, limit)
+        .await
+        .and_then(|b| ChatRequest::from_json_bytes(&b));
+    let mut resp = match call.run(decoded).await {
+        Ok(ChatReply::Complete(c)) => {
+            let mut r = Json(c.body).into_response();
+            set_header(&mut r, headers::RESOLVED_MODEL, &c.resolved_model);
+            r
+        }
+        Ok(ChatReply::Stream(s)) => sse_response(*s),
+        Err(e) => error_response(&e),
+    };
+    set_header(&mut resp, headers::REQUEST_ID, &request_id);
+    resp
+}
+
+fn set_header(resp: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+}
+
+/// Reads the body, refusing it before reading when `Content-Length` is over the limit and while
+/// reading when it grows past it.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Rejection> {
+    let too_large = || {
+        Rejection::new(
+            Reason::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(Rejection::new(
+            Reason::InvalidRequest,
+            format!("the request body could not be read: {e}"),
+        )),
+    }
+}
+
+/// Chunks as `data: {json}` events; `data: [DONE]` after a clean end, an error event (and no
+/// `[DONE]`) after a failure.
+fn sse_response(stream: ChatStream) -> Response {
+    let resolved = stream.resolved_model().to_string();
+    let events = futures_util::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        let bytes = match stream.next().await {
+            Some(Ok(chunk)) => {
+                let json = serde_json::to_string(&chunk.value).unwrap_or_else(|_| "{}".into());
+                return Some((Ok::<_, Infallible>(event(&json)), Some(stream)));
+            }
+            Some(Err(e)) => event(&error_body(&e).to_string()),
+            None => Bytes::from_static(b"data: [DONE]\n\n"),
+        };
+        Some((Ok(bytes), None))
+    });
+    let mut resp = Response::new(Body::from_stream(events));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    set_header(&mut resp, headers::RESOLVED_MODEL, &resolved);
+    resp
+}
+
+fn event(json: &str) -> Bytes {
+    let mut s = String::with_capacity(json.len() + 8);
+    s.push_str("data: ");
+    s.push_str(json);
+    s.push_str("\n\n");
+    Bytes::from(s)
+}

@@ -1,0 +1,63 @@
+//! The OpenAI-compatible HTTP adapter (axum): decodes requests into core calls and encodes
+//! results and rejections in OpenAI's shapes. No decisions are made here.
+
+mod admin;
+mod chat;
+mod error;
+mod ops;
+mod telemetry;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::core::{CallContext, Gateway, Protocol};
+pub use error::error_response;
+
+/// Headers tollgate reads and writes.
+pub mod headers {
+    pub const REQUEST_ID: &str = "x-request-id";
+    pub const SERVICE_TYPE: &str = "x-tollgate-service-type";
+    pub const PURPOSE: &str = "x-tollgate-purpose";
+    pub const RESOLVED_MODEL: &str = "x-tollgate-resolved-model";
+}
+
+/// Every HTTP route, with request telemetry around them.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let metrics = gateway.metrics().clone();
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(ops::models))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/health", get(admin::health))
+        .route("/v1/aliases", get(admin::aliases))
+        .merge(admin::routes(gateway.clone()))
+        .fallback(ops::not_found)
+        .with_state(gateway)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            telemetry::observe,
+        ))
+}
+
+/// The protocol-neutral call context from request headers.
+fn context(headers: &http::HeaderMap) -> CallContext {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    CallContext::new(
+        Protocol::Http,
+        text(http::header::AUTHORIZATION.as_str()),
+        text(headers::SERVICE_TYPE),
+        text(headers::PURPOSE),
+        headers
+            .get(headers::REQUEST_ID)
+            .and_then(|v| v.to_str().ok()),
+    )
+}

@@ -1,0 +1,73 @@
+//! Operational routes: health, readiness, metrics, the model list, and 404s.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{HeaderMap, StatusCode};
+use serde_json::json;
+
+use super::{context, error_response};
+use crate::core::{Gateway, Reason, Rejection};
+
+/// The process is up.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The store answers and a configuration is loaded.
+pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.ready().await {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unreachable").into_response()
+    }
+}
+
+/// Prometheus exposition.
+pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.refresh_scrape_gauges();
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gw.metrics().encode(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/models`: the models and aliases this caller may use, in OpenAI's list shape.
+pub async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let ctx = context(&headers);
+    match gw.list_models(&ctx).await {
+        Ok(models) => {
+            let data: Vec<_> = models
+                .into_iter()
+                .map(|m| {
+                    json!({
+                        "id": m.id,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": m.owned_by,
+                        "tollgate": {
+                            "kind": if m.alias { "alias" } else { "model" },
+                            "description": m.description,
+                            "chain": m.chain,
+                        },
+                    })
+                })
+                .collect();
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Unknown routes answer in the OpenAI error shape too.
+pub async fn not_found() -> Response {
+    let mut r = error_response(&Rejection::new(Reason::InvalidRequest, "no such route"));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
+}

@@ -1,0 +1,17 @@
+//! tollgate: an LLM gateway. One core (`core::Gateway`) behind an OpenAI-compatible HTTP API
+//! and a gRPC API, with authentication, routing, upstream key pools and exactly-once outcome
+//! accounting.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod core;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod proto;
+pub mod routing;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;

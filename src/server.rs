@@ -1,0 +1,279 @@
+//! Assembles the process: store, metrics, ledger, core, and both listeners; shuts them down
+//! gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::core::admin::Admin;
+use crate::core::ledger::Ledger;
+use crate::core::{ConfigSource, Gateway, GatewayParts, Runtime};
+use crate::metrics::Metrics;
+use crate::routing::health::HealthRegistry;
+use crate::routing::ProviderDeps;
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened, migrated or seeded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The configuration could not be turned into providers and routes.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The gRPC services could not be assembled.
+    #[error("gRPC setup failed: {0}")]
+    Grpc(String),
+}
+
+/// How to start: the clock, and where reloads read the configuration.
+#[derive(Default)]
+pub struct ServeOptions {
+    pub clock: Clock,
+    pub source: Option<ConfigSource>,
+}
+
+/// A serving gateway: both listeners bound, background writers running.
+pub struct RunningServer {
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    http_task: JoinHandle<()>,
+    grpc_task: JoinHandle<()>,
+    reload_task: JoinHandle<()>,
+    grace: Duration,
+}
+
+impl RunningServer {
+    /// Opens the store (migrating unless disabled), seeds configured keys, binds both listeners
+    /// and starts serving.
+    pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+        Self::start_with(config, ServeOptions::default()).await
+    }
+
+    /// As [`RunningServer::start`], with a clock that tests can move forward.
+    pub async fn start_with_clock(
+        config: Config,
+        clock: Clock,
+    ) -> Result<RunningServer, ServerError> {
+        Self::start_with(
+            config,
+            ServeOptions {
+                clock,
+                source: None,
+            },
+        )
+        .await
+    }
+
+    /// As [`RunningServer::start`], with a clock and the file that reloads re-read.
+    pub async fn start_with(
+        config: Config,
+        options: ServeOptions,
+    ) -> Result<RunningServer, ServerError> {
+        let ServeOptions { clock, source } = options;
+        let store = Store::connect(&config.database.url, config.database.max_connections).await?;
+        if config.database.run_migrations {
+            store.migrate().await?;
+        }
+        Admin::new(store.clone())
+            .sync_static_keys(&config.auth.static_keys)
+            .await?;
+        let metrics = Arc::new(Metrics::new());
+        let ledger = Ledger::start(
+            store.clone(),
+            config.database.ledger_batch_size,
+            Duration::from_millis(config.database.ledger_flush_ms),
+        );
+        let server_cfg = config.server.clone();
+        let deps = ProviderDeps {
+            health: Arc::new(HealthRegistry::new(clock.clone(), metrics.clone())),
+            clock,
+            observer: metrics.clone(),
+        };
+        let runtime = Runtime::new(config, &deps).map_err(ServerError::Config)?;
+        let gateway = Arc::new(Gateway::new(
+            runtime,
+            GatewayParts {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                ledger,
+                deps,
+                source,
+            },
+        ));
+        let reload_task = tokio::spawn(reload_on_sighup(gateway.clone()));
+
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        let http_listener = bind(server_cfg.http_addr).await?;
+        let grpc_listener = bind(server_cfg.grpc_addr).await?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: server_cfg.http_addr,
+                source,
+            })?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: server_cfg.grpc_addr,
+                source,
+            })?;
+        let (stop, stopped) = watch::channel(false);
+
+        let app = crate::http::router(gateway.clone());
+        let http_task = {
+            let mut stopped = stopped.clone();
+            // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
+            let listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            })
+        };
+
+        let routes = crate::grpc::routes(gateway.clone())
+            .await
+            .map_err(|e| ServerError::Grpc(e.to_string()))?;
+        let grpc_task = {
+            let mut stopped = stopped.clone();
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            let layer = crate::grpc::GrpcTelemetryLayer::new(metrics);
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                let result = tonic::transport::Server::builder()
+                    .layer(layer)
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            })
+        };
+        tracing::info!(
+            store = store.backend(),
+            "tollgate listening http={http_addr} grpc={grpc_addr}"
+        );
+        Ok(RunningServer {
+            http_addr,
+            grpc_addr,
+            gateway,
+            stop,
+            http_task,
+            grpc_task,
+            reload_task,
+            grace: Duration::from_secs(server_cfg.shutdown_grace_secs),
+        })
+    }
+
+    /// Where HTTP is served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Where gRPC is served.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The core, for embedding.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, lets in-flight requests and streams finish up to the grace period,
+    /// then flushes the usage ledger.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.reload_task.abort();
+        let both = async {
+            let _ = self.http_task.await;
+            let _ = self.grpc_task.await;
+        };
+        if tokio::time::timeout(self.grace, both).await.is_err() {
+            tracing::warn!(
+                grace_secs = self.grace.as_secs(),
+                "in-flight requests outlived the shutdown grace period"
+            );
+        }
+        self.gateway.flush_ledger().await;
+        tracing::info!("tollgate stopped; usage ledger flushed");
+    }
+
+    /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received");
+        self.shutdown().await;
+    }
+}
+
+/// Reloads the configuration on every SIGHUP.
+async fn reload_on_sighup(gateway: Arc<Gateway>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; reload through the admin API instead");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading configuration");
+            let _ = gateway.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    drop(gateway);
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

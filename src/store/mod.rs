@@ -1,0 +1,206 @@
+//! Persistence: users, API keys and the usage ledger, on SQLite (embedded) or PostgreSQL
+//! (shared by replicas), through diesel-async. Every query is written once and run on
+//! whichever backend is configured.
+
+mod ledger;
+pub mod schema;
+mod users;
+
+use std::time::Duration;
+
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection as _;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+pub use ledger::{LedgerRow, NewLedgerRow};
+pub use users::{ApiKey, KeyOwner, User};
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+type SqliteAsync = SyncConnectionWrapper<SqliteConnection>;
+
+/// Why a store operation failed. Messages never carry secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection could be had.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A query failed.
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// The URL names no supported backend.
+    #[error("unsupported database url (use sqlite://PATH or postgres://...)")]
+    BadUrl,
+    /// The row asked for does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+}
+
+/// The store: one pool on one backend.
+#[derive(Clone)]
+pub enum Store {
+    /// Embedded, one node.
+    Sqlite {
+        pool: Pool<SqliteAsync>,
+        path: String,
+    },
+    /// Shared by replicas.
+    Postgres {
+        pool: Pool<AsyncPgConnection>,
+        url: String,
+    },
+}
+
+/// Runs `$body` with `$conn` bound to a pooled connection of whichever backend is configured;
+/// the body is compiled once per backend.
+macro_rules! with_conn {
+    ($store:expr, $conn:ident => $body:expr) => {
+        match $store {
+            $crate::store::Store::Sqlite { pool, .. } => {
+                let mut guard = pool
+                    .get()
+                    .await
+                    .map_err(|e| $crate::store::StoreError::Unavailable(e.to_string()))?;
+                let $conn = &mut *guard;
+                $body
+            }
+            $crate::store::Store::Postgres { pool, .. } => {
+                let mut guard = pool
+                    .get()
+                    .await
+                    .map_err(|e| $crate::store::StoreError::Unavailable(e.to_string()))?;
+                let $conn = &mut *guard;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_conn;
+
+impl Store {
+    /// Opens a pool for `sqlite://PATH` or `postgres://...`.
+    pub async fn connect(url: &str, max_connections: usize) -> Result<Store, StoreError> {
+        let max = max_connections.max(1);
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let path = path.to_string();
+            let mut config = ManagerConfig::default();
+            config.custom_setup = Box::new(|url| {
+                let url = url.to_string();
+                Box::pin(async move {
+                    use diesel_async::AsyncConnection;
+                    let mut conn = SqliteAsync::establish(&url).await?;
+                    // WAL lets readers run beside the ledger writer; busy_timeout makes writers
+                    // wait for each other instead of failing.
+                    conn.batch_execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+                         PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                    )
+                    .await
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                    Ok(conn)
+                })
+            });
+            let manager =
+                AsyncDieselConnectionManager::<SqliteAsync>::new_with_config(&path, config);
+            let pool = Pool::builder(manager)
+                .max_size(max.min(8))
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            Ok(Store::Sqlite { pool, path })
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+            let pool = Pool::builder(manager)
+                .max_size(max)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(10)))
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            Ok(Store::Postgres {
+                pool,
+                url: url.to_string(),
+            })
+        } else {
+            Err(StoreError::BadUrl)
+        }
+    }
+
+    /// The backend's name, for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite { .. } => "sqlite",
+            Store::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// Runs pending migrations. Safe to call from several replicas at once (PostgreSQL takes an
+    /// advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.migrate_blocking())
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?
+    }
+
+    fn migrate_blocking(&self) -> Result<(), StoreError> {
+        let mig =
+            |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
+        match self {
+            Store::Sqlite { path, .. } => {
+                let mut conn = SqliteConnection::establish(path)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                diesel::connection::SimpleConnection::batch_execute(
+                    &mut conn,
+                    "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;",
+                )?;
+                conn.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map_err(mig)?;
+            }
+            Store::Postgres { url, .. } => {
+                let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(url)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                diesel::connection::SimpleConnection::batch_execute(
+                    &mut conn,
+                    "SELECT pg_advisory_lock(7423001)",
+                )?;
+                let result = conn
+                    .run_pending_migrations(PG_MIGRATIONS)
+                    .map(|_| ())
+                    .map_err(mig);
+                diesel::connection::SimpleConnection::batch_execute(
+                    &mut conn,
+                    "SELECT pg_advisory_unlock(7423001)",
+                )?;
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_conn!(self, conn => {
+            conn.batch_execute("SELECT 1").await?;
+            Ok(())
+        })
+    }
+}
+
+/// Now, in unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

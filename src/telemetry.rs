@@ -1,0 +1,147 @@
+//! Request metrics shared by both protocols: counted on arrival, timed to the end of the
+//! response body (so streams are timed whole), status recorded when known.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::metrics::{EndpointLabels, Metrics, StatusLabels};
+
+/// One request being observed; records latency, status and in-progress when dropped.
+pub struct RequestObservation {
+    metrics: Arc<Metrics>,
+    labels: EndpointLabels,
+    started: Instant,
+    /// Known from the response head (HTTP, gRPC trailers-only) or the trailers (gRPC).
+    status: Option<String>,
+    /// Used when the body ends without a status (a gRPC call the client cancelled).
+    status_if_unfinished: &'static str,
+}
+
+impl RequestObservation {
+    /// Counts the request and marks it in progress.
+    pub fn start(metrics: Arc<Metrics>, protocol: &'static str, endpoint: String) -> Self {
+        let labels = EndpointLabels { protocol, endpoint };
+        metrics.requests.get_or_create(&labels).inc();
+        metrics.in_progress.get_or_create(&labels).inc();
+        Self {
+            metrics,
+            labels,
+            started: Instant::now(),
+            status: None,
+            status_if_unfinished: "CANCELLED",
+        }
+    }
+
+    /// Sets the status to record.
+    pub fn set_status(&mut self, status: String) {
+        self.status = Some(status);
+    }
+}
+
+impl Drop for RequestObservation {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.in_progress.get_or_create(&self.labels).dec();
+        m.request_latency
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        let status_code = self
+            .status
+            .take()
+            .unwrap_or_else(|| self.status_if_unfinished.to_string());
+        m.response_status
+            .get_or_create(&StatusLabels {
+                protocol: self.labels.protocol,
+                status_code,
+            })
+            .inc();
+    }
+}
+
+/// A response body that ends its request's observation when it is finished or dropped, and
+/// reads a gRPC status from the trailers.
+pub struct ObservedBody<B> {
+    inner: B,
+    observation: Option<RequestObservation>,
+}
+
+impl<B> ObservedBody<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, observation: RequestObservation) -> Self {
+        Self {
+            inner,
+            observation: Some(observation),
+        }
+    }
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                {
+                    if let Some(o) = self.observation.as_mut() {
+                        o.set_status(grpc_code_name(code).to_string());
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                self.observation.take();
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The canonical name of a gRPC status code.
+pub fn grpc_code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
