@@ -167,12 +167,14 @@ impl RunningServer {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             let layer = crate::grpc::GrpcTelemetryLayer::new(metrics);
+            let limit = crate::grpc::GrpcMessageLimitLayer::new(gateway.clone());
             tokio::spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 };
                 let result = tonic::transport::Server::builder()
                     .layer(layer)
+                    .layer(limit)
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await;

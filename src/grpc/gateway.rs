@@ -25,7 +25,7 @@ impl GatewayService {
 }
 
 /// The protocol-neutral call context from request metadata.
-fn context(md: &MetadataMap) -> CallContext {
+pub(super) fn context(md: &MetadataMap) -> CallContext {
     let text = |name: &str| {
         md.get(name)
             .and_then(|v| v.to_str().ok())

@@ -4,6 +4,7 @@
 mod admin;
 mod convert;
 mod gateway;
+mod limit;
 mod telemetry;
 
 use std::sync::Arc;
@@ -13,11 +14,11 @@ use tonic::service::Routes;
 use crate::core::Gateway;
 use crate::proto::gateway_server::GatewayServer;
 pub use convert::rejection_status;
+pub use limit::GrpcMessageLimitLayer;
 pub use telemetry::GrpcTelemetryLayer;
 
 /// The gRPC services: Gateway, Admin, `grpc.health.v1.Health` and server reflection.
 pub async fn routes(gateway: Arc<Gateway>) -> Result<Routes, tonic_reflection::server::Error> {
-    let limit = gateway.runtime().config.server.max_body_bytes;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<GatewayServer<gateway::GatewayService>>()
@@ -26,8 +27,10 @@ pub async fn routes(gateway: Arc<Gateway>) -> Result<Routes, tonic_reflection::s
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // Chat messages are limited by `GrpcMessageLimitLayer`, which follows config reloads and
+    // records the refusal; tonic's fixed limit would answer OUT_OF_RANGE unrecorded.
     let service = GatewayServer::new(gateway::GatewayService::new(gateway.clone()))
-        .max_decoding_message_size(limit)
+        .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let admin = crate::proto::admin_server::AdminServer::new(admin::AdminService::new(gateway));
     Ok(Routes::new(service)

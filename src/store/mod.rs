@@ -101,7 +101,7 @@ impl Store {
                     // WAL lets readers run beside the ledger writer; busy_timeout makes writers
                     // wait for each other instead of failing.
                     conn.batch_execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+                        "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
                          PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
                     )
                     .await
@@ -162,7 +162,7 @@ impl Store {
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 diesel::connection::SimpleConnection::batch_execute(
                     &mut conn,
-                    "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;",
+                    "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL;",
                 )?;
                 conn.run_pending_migrations(SQLITE_MIGRATIONS)
                     .map_err(mig)?;

@@ -150,6 +150,18 @@ pub fn upstream_key_hint(key: &str) -> String {
 }
 
 impl KeyPool {
+    /// `text` with every key of this pool replaced by its hint: upstreams may quote the key
+    /// they were sent in an error message, and that message is passed on to callers.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for k in &self.keys {
+            if !k.secret.is_empty() && out.contains(k.secret.as_str()) {
+                out = out.replace(k.secret.as_str(), &k.hint);
+            }
+        }
+        out
+    }
+
     /// A pool over `keys` (may be empty: the upstream needs no key).
     pub fn new(
         provider: &str,

@@ -133,7 +133,7 @@ impl OpenAiProvider {
                     .unwrap_or_default();
                     break Err(UpstreamError::Status {
                         status,
-                        message: error_message(&text),
+                        message: self.keys.redact(&error_message(&text)),
                         retry_after,
                     });
                 }
