@@ -153,6 +153,10 @@ pub struct AuthConfig {
     pub static_keys: Vec<StaticKeyConfig>,
     /// How long a verified API key is trusted before the store is asked again.
     pub key_cache_ttl_ms: u64,
+    /// OIDC JWT bearer tokens, checked against a JWKS.
+    pub jwt: Option<JwtConfig>,
+    /// RFC 7662 token introspection.
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 impl Default for AuthConfig {
@@ -160,7 +164,58 @@ impl Default for AuthConfig {
         Self {
             static_keys: Vec::new(),
             key_cache_ttl_ms: 5000,
+            jwt: None,
+            introspection: None,
         }
+    }
+}
+
+/// `[auth.jwt]`: OIDC JWT bearer tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub jwks_url: String,
+    pub issuer: String,
+    pub audience: String,
+    /// Accepted clock difference for `exp` and `nbf`.
+    #[serde(default = "defaults::jwt_leeway_secs")]
+    pub leeway_secs: u64,
+    /// How long a fetched key set is used before it is fetched again.
+    #[serde(default = "defaults::jwks_cache_secs")]
+    pub jwks_cache_secs: u64,
+    /// The least time between two fetches caused by an unknown `kid`.
+    #[serde(default = "defaults::jwks_min_refresh_secs")]
+    pub jwks_min_refresh_secs: u64,
+    /// Deadline for one JWKS fetch.
+    #[serde(default = "defaults::verifier_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A claim naming the caller's service type, used when the request names none.
+    pub service_type_claim: Option<String>,
+}
+
+/// `[auth.introspection]`: RFC 7662 token introspection.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    pub url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// How long a positive answer is trusted.
+    #[serde(default = "defaults::introspection_cache_ttl_secs")]
+    pub cache_ttl_secs: u64,
+    /// Deadline for one introspection call.
+    #[serde(default = "defaults::verifier_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for IntrospectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntrospectionConfig")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("cache_ttl_secs", &self.cache_ttl_secs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -190,6 +245,8 @@ pub struct ServiceTypeConfig {
     pub purposes: Vec<String>,
     pub require_purpose: bool,
     pub signup_cap_per_day: Option<u64>,
+    /// At most this many users provisioned for this service type, ever.
+    pub signup_cap_total: Option<u64>,
     pub budget: Option<BudgetConfig>,
     pub rate_limits: Option<RateLimitConfig>,
 }
@@ -201,6 +258,7 @@ impl Default for ServiceTypeConfig {
             purposes: Vec::new(),
             require_purpose: false,
             signup_cap_per_day: None,
+            signup_cap_total: None,
             budget: None,
             rate_limits: None,
         }
@@ -294,6 +352,21 @@ mod defaults {
     }
     pub fn mock_tokens() -> u32 {
         16
+    }
+    pub fn jwt_leeway_secs() -> u64 {
+        30
+    }
+    pub fn jwks_cache_secs() -> u64 {
+        300
+    }
+    pub fn jwks_min_refresh_secs() -> u64 {
+        10
+    }
+    pub fn verifier_timeout_ms() -> u64 {
+        3_000
+    }
+    pub fn introspection_cache_ttl_secs() -> u64 {
+        60
     }
 }
 
