@@ -82,6 +82,25 @@ pub enum UserCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Block a user (id or external id); their requests fail with `blocked`.
+    Block {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a user's block.
+    Unblock {
+        #[arg(long)]
+        user: String,
+    },
+    /// List users in id order.
+    List {
+        #[arg(long, default_value_t = 0)]
+        after_id: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
 }
 
 /// Key commands.
@@ -212,6 +231,32 @@ async fn run_admin(admin: &Admin, command: AdminCommand) -> Result<(), CliError>
                 .await
                 .map_err(err)?;
             println!("user {} created (external_id {})", u.id, u.external_id);
+        }
+        AdminCommand::User {
+            command: UserCommand::Block { user, reason },
+        } => {
+            let u = admin.find_user(&user).await.map_err(err)?;
+            let u = admin.block_user(u.id, &reason).await.map_err(err)?;
+            println!(
+                "user {} blocked: {}",
+                u.id,
+                u.blocked_reason.unwrap_or_default()
+            );
+        }
+        AdminCommand::User {
+            command: UserCommand::Unblock { user },
+        } => {
+            let u = admin.find_user(&user).await.map_err(err)?;
+            let u = admin.unblock_user(u.id).await.map_err(err)?;
+            println!("user {} unblocked", u.id);
+        }
+        AdminCommand::User {
+            command: UserCommand::List { after_id, limit },
+        } => {
+            for u in admin.list_users(after_id, limit).await.map_err(err)? {
+                let state = if u.blocked { "blocked" } else { "active" };
+                println!("{}\t{}\t{}\t{}", u.id, u.external_id, u.auth_method, state);
+            }
         }
         AdminCommand::Key {
             command: KeyCommand::Create { user, name },

@@ -49,6 +49,65 @@ pub struct Config {
     pub pricing: BTreeMap<String, PricingConfig>,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub pricing_policy: PricingPolicyConfig,
+    #[serde(default)]
+    pub budgets: BudgetsConfig,
+}
+
+/// `[pricing_policy]`: what a model without a price costs, and how much output a request
+/// without `max_tokens` is assumed to produce when its maximum cost is reserved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingPolicyConfig {
+    /// `"free"` (the default): unpriced models cost nothing; `"refuse"`: requests to them are
+    /// refused with `model_not_found`.
+    pub unpriced: UnpricedPolicy,
+    /// Output tokens reserved for a request with no `max_tokens` to a model with no
+    /// `max_output_tokens`.
+    pub default_max_output_tokens: u64,
+}
+
+impl Default for PricingPolicyConfig {
+    fn default() -> Self {
+        Self {
+            unpriced: UnpricedPolicy::Free,
+            default_max_output_tokens: 4096,
+        }
+    }
+}
+
+/// What a model without `[pricing]` costs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnpricedPolicy {
+    Free,
+    Refuse,
+}
+
+/// `[budgets]`: how reservations behave.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetsConfig {
+    /// A reservation not settled by then (its replica crashed) is released by whoever finds it.
+    /// Must outlast the longest request.
+    pub reservation_ttl_secs: u64,
+    /// How often each replica releases expired reservations (a bounded, indexed sweep).
+    pub sweep_interval_secs: u64,
+    /// How long a replica trusts its copy of a user's or key's budget and rate-limit settings
+    /// (an admin change made on another replica is seen within this time; the limit amount
+    /// itself is always read from the database by the reservation).
+    pub policy_cache_ms: u64,
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        Self {
+            reservation_ttl_secs: 900,
+            sweep_interval_secs: 30,
+            policy_cache_ms: 5000,
+        }
+    }
 }
 
 /// `[routing]`: when a provider is taken out of rotation.
@@ -153,6 +212,9 @@ pub struct AuthConfig {
     pub static_keys: Vec<StaticKeyConfig>,
     /// How long a verified API key is trusted before the store is asked again.
     pub key_cache_ttl_ms: u64,
+    /// How long a token identity's user row (and so its blocked flag) is trusted before the
+    /// store is asked again.
+    pub identity_cache_ttl_ms: u64,
     /// OIDC JWT bearer tokens, checked against a JWKS.
     pub jwt: Option<JwtConfig>,
     /// RFC 7662 token introspection.
@@ -164,6 +226,7 @@ impl Default for AuthConfig {
         Self {
             static_keys: Vec::new(),
             key_cache_ttl_ms: 5000,
+            identity_cache_ttl_ms: 5000,
             jwt: None,
             introspection: None,
         }
@@ -265,12 +328,28 @@ impl Default for ServiceTypeConfig {
     }
 }
 
-/// A spending limit in USD over a period.
+/// A spending limit in USD over a period: `daily`, `weekly`, `monthly` (calendar, UTC),
+/// `total`, or a duration such as `"12h"` (windows of that length aligned to the Unix epoch).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
     pub limit_usd: f64,
     pub period: String,
+}
+
+impl BudgetConfig {
+    /// Checks the amount and the period; `key` names the table in messages.
+    pub fn validate(&self, key: &str) -> Result<(), String> {
+        if !self.limit_usd.is_finite() || self.limit_usd < 0.0 || self.limit_usd > 1e9 {
+            return Err(format!(
+                "{key}.limit_usd must be a number from 0 to 1e9, not {}",
+                self.limit_usd
+            ));
+        }
+        crate::core::budget::Period::parse(&self.period)
+            .map(|_| ())
+            .map_err(|e| format!("{key}.period: {e}"))
+    }
 }
 
 /// Requests and tokens per minute.
@@ -279,6 +358,18 @@ pub struct BudgetConfig {
 pub struct RateLimitConfig {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
+}
+
+impl RateLimitConfig {
+    /// Limits must be above 0 (leave one out for no limit).
+    pub fn validate(&self, key: &str) -> Result<(), String> {
+        if self.rpm == Some(0) || self.tpm == Some(0) {
+            return Err(format!(
+                "{key}: rpm and tpm must be above 0 (leave one out for no limit)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which protocol a provider speaks.
@@ -386,6 +477,8 @@ pub struct PricingConfig {
     pub input_usd_per_mtok: f64,
     pub output_usd_per_mtok: f64,
     pub cached_input_usd_per_mtok: Option<f64>,
+    /// The most output tokens one request can produce; caps the reserved maximum cost.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Overrides from flags and environment, applied after the file.
@@ -538,6 +631,44 @@ impl Config {
             if p.input_usd_per_mtok < 0.0 || p.output_usd_per_mtok < 0.0 {
                 return bad(format!("pricing.\"{name}\": prices may not be negative"));
             }
+            let prices = [
+                Some(p.input_usd_per_mtok),
+                Some(p.output_usd_per_mtok),
+                p.cached_input_usd_per_mtok,
+            ];
+            if prices
+                .iter()
+                .flatten()
+                .any(|v| !v.is_finite() || *v < 0.0 || *v > 1e9)
+            {
+                return bad(format!(
+                    "pricing.\"{name}\": prices must be finite, not negative, at most 1e9"
+                ));
+            }
+            if p.max_output_tokens == Some(0) {
+                return bad(format!(
+                    "pricing.\"{name}\".max_output_tokens must be above 0"
+                ));
+            }
+        }
+        if self.pricing_policy.default_max_output_tokens == 0 {
+            return bad("pricing_policy.default_max_output_tokens must be above 0".into());
+        }
+        if self.budgets.reservation_ttl_secs == 0 || self.budgets.sweep_interval_secs == 0 {
+            return bad(
+                "budgets.reservation_ttl_secs and budgets.sweep_interval_secs must be above 0"
+                    .into(),
+            );
+        }
+        for (name, st) in &self.service_types {
+            if let Some(b) = &st.budget {
+                b.validate(&format!("service_types.{name}.budget"))
+                    .map_err(ConfigError::Invalid)?;
+            }
+            if let Some(r) = &st.rate_limits {
+                r.validate(&format!("service_types.{name}.rate_limits"))
+                    .map_err(ConfigError::Invalid)?;
+            }
         }
         let mut static_seen = std::collections::HashSet::new();
         for (i, k) in self.auth.static_keys.iter().enumerate() {
@@ -570,6 +701,36 @@ impl Config {
             return bad("database.url must start with sqlite:// or postgres://".into());
         }
         Ok(())
+    }
+
+    /// What is valid but probably not meant: models named in alias chains or providers' model
+    /// lists that have no `[pricing]` (they are free, or refused with
+    /// `pricing_policy.unpriced = "refuse"`, and budgets do not see them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut named = std::collections::BTreeMap::<String, String>::new();
+        for (alias, a) in &self.aliases {
+            for entry in &a.chain {
+                named
+                    .entry(entry.clone())
+                    .or_insert_with(|| format!("aliases.{alias}.chain"));
+            }
+        }
+        for (name, p) in &self.providers {
+            for m in p.models.iter().flatten() {
+                named
+                    .entry(format!("{name}/{m}"))
+                    .or_insert_with(|| format!("providers.{name}.models"));
+            }
+        }
+        let effect = match self.pricing_policy.unpriced {
+            UnpricedPolicy::Free => "it is free and budgets do not count it",
+            UnpricedPolicy::Refuse => "requests to it are refused (pricing_policy.unpriced)",
+        };
+        named
+            .into_iter()
+            .filter(|(model, _)| !self.pricing.contains_key(model))
+            .map(|(model, at)| format!("{at}: {model:?} has no [pricing.\"{model}\"]; {effect}"))
+            .collect()
     }
 
     fn check_model_ref(&self, key: &str, entry: &str) -> Result<(), ConfigError> {

@@ -116,6 +116,29 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of `tollgate_auth_latency_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// api_key, static_key, jwt, introspection, or none (no usable credential).
+    pub method: &'static str,
+    /// success, rejected or failure.
+    pub result: &'static str,
+}
+
+/// Labels of `tollgate_signups_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignupLabels {
+    pub auth_method: &'static str,
+}
+
+/// Labels of `tollgate_authorize_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorizeLabels {
+    pub protocol: &'static str,
+    /// The reason string (`success` when authorized).
+    pub result: &'static str,
+}
+
 /// Labels of `tollgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -136,6 +159,8 @@ pub struct Metrics {
     pub chat_latency: HistogramFamily<CompletionLabels>,
     pub ttft: HistogramFamily<ModelLabels>,
     pub chat_tokens: Family<TokenLabels, Counter>,
+    /// USD spent, by resolved model (from `[pricing]`; exact to the micro-dollar).
+    pub spend_usd: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub upstream_latency: HistogramFamily<UpstreamLabels>,
     pub key_pool_state: Family<KeyStateLabels, Gauge>,
     pub key_pool_transitions: Family<KeyEventLabels, Counter>,
@@ -145,11 +170,22 @@ pub struct Metrics {
     pub fallback: Family<FallbackLabels, Counter>,
     pub provider_healthy: Family<ProviderLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub auth_latency: HistogramFamily<AuthLabels>,
+    pub signups: Family<SignupLabels, Counter>,
+    pub authorize: Family<AuthorizeLabels, Counter>,
 }
 
 /// Keys tried by one request.
 fn keys_tried_buckets() -> Histogram {
     Histogram::new([1.0, 2.0, 3.0, 4.0, 5.0, 10.0])
+}
+
+/// Buckets for credential checks: 50 µs (cached key) to 10 s (a stalled verifier).
+fn auth_buckets() -> Histogram {
+    Histogram::new([
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 /// Buckets for whole requests: 1 ms to about 9 minutes.
@@ -189,6 +225,7 @@ impl Metrics {
             chat_latency: Family::new_with_constructor(completion_buckets),
             ttft: Family::new_with_constructor(completion_buckets),
             chat_tokens: Family::default(),
+            spend_usd: Family::default(),
             upstream_latency: Family::new_with_constructor(request_buckets),
             key_pool_state: Family::default(),
             key_pool_transitions: Family::default(),
@@ -198,6 +235,9 @@ impl Metrics {
             fallback: Family::default(),
             provider_healthy: Family::default(),
             config_reloads: Family::default(),
+            auth_latency: Family::new_with_constructor(auth_buckets),
+            signups: Family::default(),
+            authorize: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -246,6 +286,11 @@ impl Metrics {
             m.chat_tokens.clone(),
         );
         registry.register(
+            "spend_usd",
+            "USD spent on chat completions, by resolved provider/model (from [pricing])",
+            m.spend_usd.clone(),
+        );
+        registry.register(
             "upstream_request_latency_seconds",
             "Upstream calls by provider and status class, to the response head",
             m.upstream_latency.clone(),
@@ -289,6 +334,21 @@ impl Metrics {
             "config_reloads",
             "Configuration reloads by result (success, failure)",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "auth_latency_seconds",
+            "Credential verification time by method and result (success, rejected, failure)",
+            m.auth_latency.clone(),
+        );
+        registry.register(
+            "signups",
+            "Users provisioned on first sight, by auth method",
+            m.signups.clone(),
+        );
+        registry.register(
+            "authorize",
+            "Authorize calls (not chat requests), by protocol and result reason",
+            m.authorize.clone(),
         );
         // Both results exist from the start, so that a failure rate can be computed at once.
         for result in ["success", "failure"] {

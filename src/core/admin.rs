@@ -4,8 +4,8 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 
 use super::auth::{hash_key, key_hint, KEY_PREFIX};
-use crate::config::StaticKeyConfig;
-use crate::store::{ApiKey, Store, StoreError, User};
+use crate::config::{Config, StaticKeyConfig};
+use crate::store::{now_ms, ApiKey, Store, StoreError, User};
 
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,19 @@ pub struct CreatedKey {
     pub record: ApiKey,
 }
 
+/// A service type's signup cap and its use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignupCapStatus {
+    pub service_type: String,
+    pub cap_per_day: Option<u64>,
+    /// Users provisioned in the last 24 hours.
+    pub used_24h: i64,
+    pub cap_total: Option<u64>,
+    pub used_total: i64,
+    /// New users still accepted now, under both caps; `None` when uncapped.
+    pub remaining: Option<i64>,
+}
+
 /// Admin operations over the store.
 #[derive(Clone)]
 pub struct Admin {
@@ -166,6 +179,66 @@ impl Admin {
     /// Revokes a key.
     pub async fn revoke_key(&self, key_id: i64) -> Result<ApiKey, StoreError> {
         self.store.revoke_api_key(key_id).await
+    }
+
+    /// Blocks a user with a reason; requests fail with `blocked` from now on (on other
+    /// replicas once their credential caches expire).
+    pub async fn block_user(&self, user_id: i64, reason: &str) -> Result<User, StoreError> {
+        let reason = if reason.trim().is_empty() {
+            "blocked by an operator"
+        } else {
+            reason
+        };
+        self.store
+            .set_blocked(user_id, Some(reason), now_ms())
+            .await
+    }
+
+    /// Lifts a block.
+    pub async fn unblock_user(&self, user_id: i64) -> Result<User, StoreError> {
+        self.store.set_blocked(user_id, None, now_ms()).await
+    }
+
+    /// Users in id order after `after_id` (0 for the first page); at most 1000 at a time.
+    pub async fn list_users(&self, after_id: i64, limit: i64) -> Result<Vec<User>, StoreError> {
+        let limit = if limit <= 0 { 100 } else { limit.min(1000) };
+        self.store.list_users(after_id, limit).await
+    }
+
+    /// The signup cap of every configured service type, with what is used of it.
+    pub async fn signup_caps(
+        &self,
+        config: &Config,
+        now_ms: i64,
+    ) -> Result<Vec<SignupCapStatus>, StoreError> {
+        let mut names: Vec<String> = config.service_types.keys().cloned().collect();
+        if names.is_empty() {
+            names.push(config.server.default_service_type.clone());
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let st = config.service_type(&name).unwrap_or_default();
+            let used = self.store.signup_usage(&name, now_ms).await?;
+            let remaining = |cap: Option<u64>, used: i64| {
+                cap.map(|c| (c as i64 - used).max(0))
+            };
+            let remaining = match (
+                remaining(st.signup_cap_per_day, used.used_24h),
+                remaining(st.signup_cap_total, used.used_total),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            out.push(SignupCapStatus {
+                service_type: name,
+                cap_per_day: st.signup_cap_per_day,
+                used_24h: used.used_24h,
+                cap_total: st.signup_cap_total,
+                used_total: used.used_total,
+                remaining,
+            });
+        }
+        Ok(out)
     }
 
     /// Makes sure every key declared in the configuration exists, with its user.

@@ -208,6 +208,7 @@ impl Dispatch<'_> {
                         body,
                         resolved_model: target.resolved.clone(),
                         usage,
+                        policy_headers: Vec::new(),
                     });
                 }
                 Err(e) => {
@@ -353,5 +354,6 @@ fn estimate_reply_usage(request: &JsonObject, reply: &JsonObject) -> Usage {
     Usage {
         prompt_tokens: estimate_prompt_tokens(request),
         completion_tokens: crate::upstream::estimate_tokens(chars),
+        cached_prompt_tokens: 0,
     }
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::admin::{verify_admin_token, Admin, AdminError};
-use super::auth::{Authenticator, Identity};
+use super::auth::{Authenticator, Credential, Identity, Verifiers};
+use super::provision::Provisioner;
 use super::chat::ChatRequest;
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
@@ -25,6 +26,10 @@ use crate::upstream::{JsonObject, Usage};
 pub struct Runtime {
     pub config: Arc<Config>,
     pub router: Router,
+    /// Token verifiers of `[auth.jwt]` and `[auth.introspection]`.
+    pub verifiers: Verifiers,
+    /// `[pricing]` in integer pico-dollars per token.
+    pub pricing: Arc<super::pricing::Pricing>,
     known_purposes: HashSet<String>,
 }
 
@@ -37,9 +42,13 @@ impl Runtime {
             .values()
             .flat_map(|s| s.purposes.iter().cloned())
             .collect();
+        let verifiers = Verifiers::from_config(&config.auth, deps.clock.clone());
+        let pricing = Arc::new(super::pricing::Pricing::from_config(&config));
         Ok(Runtime {
             config: Arc::new(config),
             router,
+            verifiers,
+            pricing,
             known_purposes,
         })
     }
@@ -94,6 +103,7 @@ pub struct Gateway {
     runtime: RwLock<Arc<Runtime>>,
     store: Store,
     auth: Authenticator,
+    provisioner: Provisioner,
     recorder: Recorder,
     deps: ProviderDeps,
     source: Option<ConfigSource>,
@@ -105,13 +115,24 @@ impl Gateway {
     /// Builds the core over a connected store, a registry and a ledger writer.
     pub fn new(runtime: Runtime, parts: GatewayParts) -> Gateway {
         let ttl = Duration::from_millis(runtime.config.auth.key_cache_ttl_ms);
+        let identity_ttl = Duration::from_millis(runtime.config.auth.identity_cache_ttl_ms);
+        let budgets = super::budget::Budgets::start(
+            parts.store.clone(),
+            parts.deps.clock.clone(),
+            &runtime.config.budgets,
+        );
         Gateway {
             runtime: RwLock::new(Arc::new(runtime)),
             auth: Authenticator::new(parts.store.clone(), ttl),
+            provisioner: Provisioner::new(
+                parts.store.clone(),
+                identity_ttl,
+            ),
             store: parts.store,
             recorder: Recorder {
                 metrics: parts.metrics,
                 ledger: parts.ledger,
+                budgets,
             },
             deps: parts.deps,
             source: parts.source,
@@ -195,6 +216,12 @@ impl Gateway {
     /// Waits until every ledger row recorded so far is written.
     pub async fn flush_ledger(&self) {
         self.recorder.ledger.flush().await;
+        self.recorder.budgets.flush().await;
+    }
+
+    /// Budgets and rate limits.
+    pub fn budgets(&self) -> &Arc<super::budget::Budgets> {
+        &self.recorder.budgets
     }
 
     /// Whether the store answers (readiness).
@@ -285,9 +312,11 @@ impl Gateway {
         }
     }
 
-    /// Forgets cached credential checks (after a key is revoked here).
+    /// Forgets cached credential checks and identities (after a key is revoked or a user
+    /// blocked here; other replicas notice within the cache TTLs).
     pub fn forget_credentials(&self) {
         self.auth.forget_all();
+        self.provisioner.forget_all();
     }
 
     /// Authenticates a caller and, if `model` is given, checks it may use that model.
@@ -297,18 +326,36 @@ impl Gateway {
         model: Option<&str>,
     ) -> Result<Principal, Rejection> {
         let rt = self.runtime();
-        let principal = self.authenticate(&rt, ctx).await?;
-        if let Some(model) = model.filter(|m| !m.is_empty()) {
-            rt.router.resolve(model)?;
-            check_model_allowed(&principal, model)?;
+        let result: Result<Principal, Rejection> = async {
+            let principal = self.authenticate(&rt, ctx).await?;
+            check_blocked(&principal)?;
+            if let Some(model) = model.filter(|m| !m.is_empty()) {
+                rt.router.resolve(model)?;
+                check_model_allowed(&principal, model)?;
+            }
+            Ok(principal)
         }
-        Ok(principal)
+        .await;
+        // Not a chat request: counted apart from the availability signal.
+        self.recorder
+            .metrics
+            .authorize
+            .get_or_create(&crate::metrics::AuthorizeLabels {
+                protocol: ctx.protocol.as_str(),
+                result: match &result {
+                    Ok(_) => "success",
+                    Err(e) => e.reason.as_str(),
+                },
+            })
+            .inc();
+        result
     }
 
     /// The models and aliases this caller may use.
     pub async fn list_models(&self, ctx: &CallContext) -> Result<Vec<ModelEntry>, Rejection> {
         let rt = self.runtime();
         let principal = self.authenticate(&rt, ctx).await?;
+        check_blocked(&principal)?;
         let mut out = Vec::new();
         for (name, alias) in rt.router.aliases() {
             if model_allowed(&principal.allowed_models, name) {
@@ -351,12 +398,34 @@ impl Gateway {
     }
 
     async fn authenticate(&self, rt: &Runtime, ctx: &CallContext) -> Result<Principal, Rejection> {
-        let identity = self.auth.verify(ctx.authorization.as_deref()).await?;
+        let started = std::time::Instant::now();
+        let (method, verified) = self
+            .auth
+            .verify(ctx.authorization.as_deref(), &rt.verifiers)
+            .await;
+        let result = match &verified {
+            Ok(_) => "success",
+            Err(e) if e.reason == Reason::AuthSystemFailure => "failure",
+            Err(_) => "rejected",
+        };
+        self.recorder
+            .metrics
+            .auth_latency
+            .get_or_create(&crate::metrics::AuthLabels {
+                method: method.map(|m| m.as_str()).unwrap_or("none"),
+                result,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let credential = verified?;
         let config = &rt.config;
+        let claimed = match &credential {
+            Credential::Known(i) => i.user_service_type.clone(),
+            Credential::External(e) => e.service_type.clone(),
+        };
         let service_type = ctx
             .service_type
             .clone()
-            .or_else(|| identity.user_service_type.clone())
+            .or(claimed)
             .unwrap_or_else(|| config.server.default_service_type.clone());
         let Some(st) = config.service_type(&service_type) else {
             return Err(Rejection::new(
@@ -365,9 +434,30 @@ impl Gateway {
             ));
         };
         let purpose = check_purpose(&st, ctx.purpose.as_deref())?;
-        if identity.blocked {
-            return Err(Rejection::new(Reason::Blocked, "this user is blocked"));
-        }
+        let identity = match credential {
+            Credential::Known(identity) => identity,
+            Credential::External(ext) => {
+                let cap = crate::store::SignupCap {
+                    per_day: st.signup_cap_per_day,
+                    total: st.signup_cap_total,
+                };
+                let p = self
+                    .provisioner
+                    .provision(&ext, &service_type, cap, self.deps.clock.now_ms())
+                    .await?;
+                if p.created {
+                    tracing::info!(user_id = p.identity.user_id, auth_method = ext.method.as_str(), service_type = %service_type, "user provisioned");
+                    self.recorder
+                        .metrics
+                        .signups
+                        .get_or_create(&crate::metrics::SignupLabels {
+                            auth_method: ext.method.as_str(),
+                        })
+                        .inc();
+                }
+                p.identity
+            }
+        };
         Ok(Principal {
             identity,
             service_type,
@@ -375,6 +465,15 @@ impl Gateway {
             allowed_models: st.models.clone(),
         })
     }
+}
+
+/// The policy stage's first check; apart from authentication so that a blocked request is
+/// still attributed to its user.
+fn check_blocked(principal: &Principal) -> Result<(), Rejection> {
+    if principal.identity.blocked {
+        return Err(Rejection::new(Reason::Blocked, "this user is blocked"));
+    }
+    Ok(())
 }
 
 fn check_purpose(
@@ -439,6 +538,8 @@ pub struct ChatCompletion {
     pub body: JsonObject,
     pub resolved_model: String,
     pub usage: Usage,
+    /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`).
+    pub policy_headers: Vec<(&'static str, String)>,
 }
 
 /// One chat request in flight. Dropping it before it finishes records `client_disconnected`.
@@ -505,6 +606,9 @@ impl ChatCall {
             rec.service_type = Some(principal.service_type.clone());
             rec.service_type_label = service_type_label(&rt, Some(&principal.service_type));
         }
+        if let Err(e) = check_blocked(&principal) {
+            return Err((guard, e));
+        }
         let route = match rt.router.resolve(&req.model) {
             Ok(r) => r,
             Err(e) => return Err((guard, e)),
@@ -512,20 +616,44 @@ impl ChatCall {
         if let Err(e) = check_model_allowed(&principal, &req.model) {
             return Err((guard, e));
         }
+        // Policy: rate limits, then the request's maximum cost reserved in its budgets; the
+        // hold rides on the outcome guard, which settles it however the request ends.
+        guard.record().pricing = Some(rt.pricing.clone());
+        let st = rt.config.service_type(&principal.service_type);
+        let admission = gateway
+            .recorder
+            .budgets
+            .admit(super::budget::AdmitArgs {
+                principal: &principal,
+                service_type: st.as_ref(),
+                route: &route,
+                request: &req,
+                request_id: &ctx.request_id,
+                pricing: &rt.pricing,
+                config: &rt.config.budgets,
+            })
+            .await;
+        let policy_headers = match admission {
+            Ok(a) => {
+                guard.record().hold = a.hold;
+                a.headers
+            }
+            Err(e) => return Err((guard, e)),
+        };
         let upstream = Dispatch {
             gateway: &gateway,
             request_id: &ctx.request_id,
         };
         if req.stream {
-            upstream
-                .stream(route, req, guard)
-                .await
-                .map(|s| ChatReply::Stream(Box::new(s)))
+            upstream.stream(route, req, guard).await.map(|mut s| {
+                s.set_policy_headers(policy_headers);
+                ChatReply::Stream(Box::new(s))
+            })
         } else {
-            upstream
-                .complete(route, req, guard)
-                .await
-                .map(ChatReply::Complete)
+            upstream.complete(route, req, guard).await.map(|mut c| {
+                c.policy_headers = policy_headers;
+                ChatReply::Complete(c)
+            })
         }
     }
 }

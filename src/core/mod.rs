@@ -3,11 +3,15 @@
 
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod chat;
 mod dispatch;
 mod gateway;
 pub mod ledger;
 pub mod outcome;
+pub mod pricing;
+mod provision;
+pub mod rate_limit;
 pub mod reason;
 mod stream;
 

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::budget::{Budgets, HoldSlot};
+use super::pricing::Pricing;
 use super::{Protocol, Reason};
 use crate::core::ledger::Ledger;
 use crate::metrics::{
@@ -18,6 +20,8 @@ use crate::upstream::Usage;
 pub struct Recorder {
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
+    /// Budgets and rate limits: a request's hold is settled when its outcome is recorded.
+    pub budgets: Arc<Budgets>,
 }
 
 /// Everything known about a chat request so far; filled in as it moves through the stages.
@@ -37,7 +41,12 @@ pub struct ChatRecord {
     pub key_id: Option<i64>,
     pub resolved_model: Option<String>,
     pub usage: Usage,
+    /// Computed from `pricing` and the usage when the outcome is recorded.
     pub cost_micros: i64,
+    /// The price table the request runs under.
+    pub pricing: Option<Arc<Pricing>>,
+    /// The request's budget reservation and rate-limit charge, settled with the outcome.
+    pub hold: HoldSlot,
     /// Time spent waiting on upstreams, so that overhead can be told apart.
     pub upstream_wait: Duration,
     pub first_token_at: Option<Instant>,
@@ -73,6 +82,8 @@ impl OutcomeGuard {
                 resolved_model: None,
                 usage: Usage::default(),
                 cost_micros: 0,
+                pricing: None,
+                hold: HoldSlot::default(),
                 upstream_wait: Duration::ZERO,
                 first_token_at: None,
             }),
@@ -98,8 +109,11 @@ impl OutcomeGuard {
         }
     }
 
-    fn emit(&self, r: ChatRecord, reason: Reason) {
+    fn emit(&self, mut r: ChatRecord, reason: Reason) {
         let m = &self.recorder.metrics;
+        if let (Some(pricing), Some(resolved)) = (&r.pricing, &r.resolved_model) {
+            r.cost_micros = pricing.cost_micros(resolved, &r.usage);
+        }
         let outcome = reason.outcome();
         let elapsed = self.started.elapsed();
         m.chat_availability
@@ -145,11 +159,18 @@ impl OutcomeGuard {
                         .inc_by(n);
                 }
             }
+            if r.cost_micros > 0 {
+                m.spend_usd
+                    .get_or_create(&ModelLabels {
+                        model: resolved.clone(),
+                    })
+                    .inc_by(r.cost_micros as f64 / 1e6);
+            }
         }
         if outcome == super::Outcome::Failure {
             tracing::warn!(request_id = %r.request_id, reason = reason.as_str(), model = %r.requested_model, "chat request failed");
         }
-        self.recorder.ledger.record(NewLedgerRow {
+        let row = NewLedgerRow {
             request_id: r.request_id,
             user_id: r.user_id,
             key_id: r.key_id,
@@ -166,7 +187,11 @@ impl OutcomeGuard {
             cost_micros: r.cost_micros,
             started_at: self.started_ms,
             finished_at: now_ms(),
-        });
+        };
+        // With a budget reservation the row is written together with its settlement, so the
+        // ledger and the budget agree; otherwise it goes to the ledger writer.
+        r.hold
+            .settle(r.cost_micros, &r.usage, row, &self.recorder.ledger);
     }
 }
 

@@ -191,6 +191,9 @@ pub struct Rejection {
     pub param: Option<String>,
     /// When the caller may try again.
     pub retry_after: Option<Duration>,
+    /// Policy headers to send with the error (`x-ratelimit-*`, `x-budget-*`): HTTP response
+    /// headers, gRPC trailing metadata.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Rejection {
@@ -201,6 +204,7 @@ impl Rejection {
             message: message.into(),
             param: None,
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 

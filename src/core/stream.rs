@@ -63,6 +63,7 @@ pub struct ChatStream {
     saw_finish: bool,
     waiting_since: Option<Instant>,
     upstream_wait: Duration,
+    policy_headers: Vec<(&'static str, String)>,
 }
 
 impl ChatStream {
@@ -86,7 +87,17 @@ impl ChatStream {
             saw_finish: false,
             waiting_since: None,
             upstream_wait: Duration::ZERO,
+            policy_headers: Vec::new(),
         }
+    }
+
+    /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`) for the response head.
+    pub fn policy_headers(&self) -> &[(&'static str, String)] {
+        &self.policy_headers
+    }
+
+    pub(crate) fn set_policy_headers(&mut self, headers: Vec<(&'static str, String)>) {
+        self.policy_headers = headers;
     }
 
     /// `provider/model` that is answering.
@@ -98,6 +109,7 @@ impl ChatStream {
         self.reported.unwrap_or(Usage {
             prompt_tokens: self.prompt_estimate,
             completion_tokens: estimate_tokens(self.content_chars),
+            cached_prompt_tokens: 0,
         })
     }
 

@@ -56,6 +56,8 @@ impl From<User> for proto::User {
             blocked: u.blocked,
             blocked_reason: u.blocked_reason,
             created_at_ms: u.created_at,
+            blocked_at_ms: u.blocked_at,
+            service_type: u.service_type,
         }
     }
 }
@@ -183,6 +185,81 @@ impl proto::admin_server::Admin for AdminService {
         Ok(Response::new(k.into()))
     }
 
+    async fn block_user(
+        &self,
+        request: Request<proto::BlockUserRequest>,
+    ) -> Result<Response<proto::User>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        let u = self
+            .gateway
+            .admin()
+            .block_user(r.user_id, &r.reason)
+            .await
+            .map_err(|e| admin_status(e.into()))?;
+        self.gateway.forget_credentials();
+        Ok(Response::new(u.into()))
+    }
+
+    async fn unblock_user(
+        &self,
+        request: Request<proto::UnblockUserRequest>,
+    ) -> Result<Response<proto::User>, Status> {
+        self.check(&request)?;
+        let u = self
+            .gateway
+            .admin()
+            .unblock_user(request.into_inner().user_id)
+            .await
+            .map_err(|e| admin_status(e.into()))?;
+        self.gateway.forget_credentials();
+        Ok(Response::new(u.into()))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<proto::ListUsersRequest>,
+    ) -> Result<Response<proto::ListUsersResponse>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        let users = self
+            .gateway
+            .admin()
+            .list_users(r.after_id, r.limit)
+            .await
+            .map_err(|e| admin_status(e.into()))?;
+        Ok(Response::new(proto::ListUsersResponse {
+            users: users.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_signup_cap(
+        &self,
+        request: Request<proto::GetSignupCapRequest>,
+    ) -> Result<Response<proto::GetSignupCapResponse>, Status> {
+        self.check(&request)?;
+        let rt = self.gateway.runtime();
+        let caps = self
+            .gateway
+            .admin()
+            .signup_caps(&rt.config, crate::store::now_ms())
+            .await
+            .map_err(|e| admin_status(e.into()))?;
+        Ok(Response::new(proto::GetSignupCapResponse {
+            service_types: caps
+                .into_iter()
+                .map(|c| proto::SignupCapStatus {
+                    service_type: c.service_type,
+                    cap_per_day: c.cap_per_day,
+                    used_24h: c.used_24h,
+                    cap_total: c.cap_total,
+                    used_total: c.used_total,
+                    remaining: c.remaining,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_upstream_keys(
         &self,
         request: Request<proto::ListUpstreamKeysRequest>,
@@ -268,5 +345,38 @@ impl proto::admin_server::Admin for AdminService {
         Ok(Response::new(proto::EnableUpstreamKeyResponse {
             enabled: n as u32,
         }))
+    }
+
+    async fn set_budget(
+        &self,
+        request: Request<proto::SetBudgetRequest>,
+    ) -> Result<Response<proto::Budget>, Status> {
+        self.check(&request)?;
+        super::budgets::set_budget(&self.gateway, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(admin_status)
+    }
+
+    async fn get_budget(
+        &self,
+        request: Request<proto::GetBudgetRequest>,
+    ) -> Result<Response<proto::Budget>, Status> {
+        self.check(&request)?;
+        super::budgets::get_budget(&self.gateway, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(admin_status)
+    }
+
+    async fn query_usage(
+        &self,
+        request: Request<proto::QueryUsageRequest>,
+    ) -> Result<Response<proto::QueryUsageResponse>, Status> {
+        self.check(&request)?;
+        super::budgets::query_usage(&self.gateway, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(admin_status)
     }
 }

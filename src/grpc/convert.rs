@@ -39,6 +39,17 @@ pub fn rejection_status(r: &Rejection, request_id: &str) -> Status {
     if let Ok(v) = MetadataValue::try_from(request_id) {
         status.metadata_mut().insert("x-request-id", v);
     }
+    for (name, value) in &r.headers {
+        if let Ok(v) = MetadataValue::try_from(value.as_str()) {
+            status.metadata_mut().insert(*name, v);
+        }
+    }
+    if let Some(after) = r.retry_after {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        if let Ok(v) = MetadataValue::try_from(secs.max(1).to_string()) {
+            status.metadata_mut().insert("retry-after", v);
+        }
+    }
     status
 }
 

@@ -50,6 +50,15 @@ fn with_metadata<T>(message: T, pairs: &[(&'static str, &str)]) -> Response<T> {
     resp
 }
 
+/// Rate-limit and budget headers as response metadata.
+fn add_metadata<T>(resp: &mut Response<T>, pairs: &[(&'static str, String)]) {
+    for (k, v) in pairs {
+        if let Ok(v) = MetadataValue::try_from(v.as_str()) {
+            resp.metadata_mut().insert(*k, v);
+        }
+    }
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::CompleteChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -80,15 +89,18 @@ impl proto::gateway_server::Gateway for GatewayService {
         let call = self.gateway.chat(ctx);
         let decoded = chat_request(request.into_inner(), false);
         match call.run(decoded).await {
-            Ok(ChatReply::Complete(c)) => {
+            Ok(ChatReply::Complete(mut c)) => {
                 let resolved = c.resolved_model.clone();
-                Ok(with_metadata(
+                let policy = std::mem::take(&mut c.policy_headers);
+                let mut resp = with_metadata(
                     complete_response(c, &request_id),
                     &[
                         (headers::REQUEST_ID, &request_id),
                         (headers::RESOLVED_MODEL, &resolved),
                     ],
-                ))
+                );
+                add_metadata(&mut resp, &policy);
+                Ok(resp)
             }
             Ok(ChatReply::Stream(_)) => Err(rejection_status(
                 &Rejection::internal("Complete produced a stream"),
@@ -112,6 +124,7 @@ impl proto::gateway_server::Gateway for GatewayService {
             Ok(ChatReply::Stream(s)) => {
                 let s = *s;
                 let resolved = s.resolved_model().to_string();
+                let policy = s.policy_headers().to_vec();
                 let rid = request_id.clone();
                 let chunks = {
                     let resolved = resolved.clone();
@@ -120,13 +133,15 @@ impl proto::gateway_server::Gateway for GatewayService {
                         Err(e) => Err(rejection_status(&e, &rid)),
                     })
                 };
-                Ok(with_metadata(
+                let mut resp = with_metadata(
                     Box::pin(chunks) as ChunkStream,
                     &[
                         (headers::REQUEST_ID, &request_id),
                         (headers::RESOLVED_MODEL, &resolved),
                     ],
-                ))
+                );
+                add_metadata(&mut resp, &policy);
+                Ok(resp)
             }
             Ok(ChatReply::Complete(_)) => Err(rejection_status(
                 &Rejection::internal("StreamComplete produced a whole answer"),

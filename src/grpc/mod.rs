@@ -2,6 +2,7 @@
 //! its request into a core call, makes it, and converts the result back.
 
 mod admin;
+mod budgets;
 mod convert;
 mod gateway;
 mod limit;

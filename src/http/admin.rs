@@ -33,6 +33,9 @@ pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
     Router::new()
         .route("/admin/users", post(create_user).get(find_user))
         .route("/admin/users/{id}", get(get_user))
+        .route("/admin/users/{id}/block", post(block_user))
+        .route("/admin/users/{id}/unblock", post(unblock_user))
+        .route("/admin/signup-cap", get(signup_cap))
         .route("/admin/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}", axum::routing::delete(revoke_key))
         .route("/admin/upstream-keys", get(upstream_keys))
@@ -111,16 +114,71 @@ async fn create_user(State(gw): State<Arc<Gateway>>, Json(body): Json<CreateUser
 
 #[derive(Deserialize)]
 struct FindUser {
-    external_id: String,
+    external_id: Option<String>,
+    after_id: Option<i64>,
+    limit: Option<i64>,
 }
 
+/// `?external_id=` finds one user; without it, a page of users in id order.
 async fn find_user(State(gw): State<Arc<Gateway>>, Query(q): Query<FindUser>) -> AdminResult {
-    let u = gw
-        .store()
-        .find_user(&q.external_id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound("user".into()))?;
+    if let Some(external_id) = q.external_id {
+        let u = gw
+            .store()
+            .find_user(&external_id)
+            .await?
+            .ok_or_else(|| AdminError::NotFound("user".into()))?;
+        return Ok(Json(user_json(&u)).into_response());
+    }
+    let users = gw
+        .admin()
+        .list_users(q.after_id.unwrap_or(0), q.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(json!({"users": users.iter().map(user_json).collect::<Vec<_>>()})).into_response())
+}
+
+#[derive(Deserialize, Default)]
+struct BlockUser {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn block_user(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<i64>,
+    body: Option<Json<BlockUser>>,
+) -> AdminResult {
+    let reason = body.map(|Json(b)| b.reason).unwrap_or_default();
+    let u = gw.admin().block_user(id, &reason).await?;
+    gw.forget_credentials();
     Ok(Json(user_json(&u)).into_response())
+}
+
+async fn unblock_user(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {
+    let u = gw.admin().unblock_user(id).await?;
+    gw.forget_credentials();
+    Ok(Json(user_json(&u)).into_response())
+}
+
+async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
+    let rt = gw.runtime();
+    let caps = gw
+        .admin()
+        .signup_caps(&rt.config, crate::store::now_ms())
+        .await?;
+    let data: Vec<Value> = caps
+        .iter()
+        .map(|c| {
+            json!({
+                "service_type": c.service_type,
+                "cap_per_day": c.cap_per_day,
+                "used_24h": c.used_24h,
+                "cap_total": c.cap_total,
+                "used_total": c.used_total,
+                "remaining": c.remaining,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"service_types": data})).into_response())
 }
 
 async fn get_user(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {

@@ -36,6 +36,9 @@ pub async fn chat_completions(
         Ok(ChatReply::Complete(c)) => {
             let mut r = Json(c.body).into_response();
             set_header(&mut r, headers::RESOLVED_MODEL, &c.resolved_model);
+            for (name, value) in &c.policy_headers {
+                set_header(&mut r, name, value);
+            }
             r
         }
         Ok(ChatReply::Stream(s)) => sse_response(*s),
@@ -53,7 +56,7 @@ fn set_header(resp: &mut Response, name: &'static str, value: &str) {
 
 /// Reads the body, refusing it before reading when `Content-Length` is over the limit and while
 /// reading when it grows past it.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Rejection> {
+pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Rejection> {
     let too_large = || {
         Rejection::new(
             Reason::PayloadTooLarge,
@@ -86,6 +89,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 /// `[DONE]`) after a failure.
 fn sse_response(stream: ChatStream) -> Response {
     let resolved = stream.resolved_model().to_string();
+    let policy = stream.policy_headers().to_vec();
     let events = futures_util::stream::unfold(Some(stream), |state| async move {
         let mut stream = state?;
         let bytes = match stream.next().await {
@@ -109,6 +113,9 @@ fn sse_response(stream: ChatStream) -> Response {
         HeaderValue::from_static("no-cache"),
     );
     set_header(&mut resp, headers::RESOLVED_MODEL, &resolved);
+    for (name, value) in &policy {
+        set_header(&mut resp, name, value);
+    }
     resp
 }
 

@@ -30,5 +30,10 @@ pub fn error_response(r: &Rejection) -> Response {
             resp.headers_mut().insert(http::header::RETRY_AFTER, v);
         }
     }
+    for (name, value) in &r.headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            resp.headers_mut().insert(*name, v);
+        }
+    }
     resp
 }

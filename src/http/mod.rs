@@ -2,6 +2,8 @@
 //! results and rejections in OpenAI's shapes. No decisions are made here.
 
 mod admin;
+mod authorize;
+mod budgets;
 mod chat;
 mod error;
 mod ops;
@@ -29,12 +31,14 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(ops::models))
+        .route("/v1/authorize", post(authorize::authorize))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/v1/health", get(admin::health))
         .route("/v1/aliases", get(admin::aliases))
         .merge(admin::routes(gateway.clone()))
+        .merge(budgets::routes(gateway.clone()))
         .fallback(ops::not_found)
         .with_state(gateway)
         .layer(axum::middleware::from_fn_with_state(

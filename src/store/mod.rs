@@ -2,8 +2,10 @@
 //! (shared by replicas), through diesel-async. Every query is written once and run on
 //! whichever backend is configured.
 
+mod budgets;
 mod ledger;
 pub mod schema;
+mod signups;
 mod users;
 
 use std::time::Duration;
@@ -17,7 +19,12 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+pub use budgets::{
+    BudgetRow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveScope, SettlePart, Settlement,
+    UsageFilter,
+};
 pub use ledger::{LedgerRow, NewLedgerRow};
+pub use signups::{Provisioned, SignupCap, SignupUsage, PROVISIONED_METHODS};
 pub use users::{ApiKey, KeyOwner, User};
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");

@@ -53,3 +53,42 @@ diesel::table! {
 
 diesel::joinable!(api_keys -> users (user_id));
 diesel::allow_tables_to_appear_in_same_query!(users, api_keys, usage_ledger);
+
+diesel::table! {
+    budgets (id) {
+        id -> BigInt,
+        scope -> Text,
+        subject_id -> BigInt,
+        explicit -> Bool,
+        limit_micros -> BigInt,
+        period -> Text,
+        period_start -> BigInt,
+        spent_micros -> BigInt,
+        reserved_micros -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    budget_reservations (id, budget_id) {
+        id -> Text,
+        budget_id -> BigInt,
+        request_id -> Text,
+        amount_micros -> BigInt,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    rate_limits (scope, subject_id) {
+        scope -> Text,
+        subject_id -> BigInt,
+        rpm -> Nullable<BigInt>,
+        tpm -> Nullable<BigInt>,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::joinable!(budget_reservations -> budgets (budget_id));
+diesel::allow_tables_to_appear_in_same_query!(budgets, budget_reservations, rate_limits);

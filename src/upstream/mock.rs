@@ -67,6 +67,7 @@ impl MockProvider {
         let usage = Usage {
             prompt_tokens: estimate_prompt_tokens(&req.body),
             completion_tokens: words.len() as u64,
+            cached_prompt_tokens: 0,
         };
         let body = json!({
             "id": format!("chatcmpl-{}", req.request_id),
@@ -97,6 +98,7 @@ impl MockProvider {
         let usage = Usage {
             prompt_tokens: estimate_prompt_tokens(&req.body),
             completion_tokens: n as u64,
+            cached_prompt_tokens: 0,
         };
         let id = format!("chatcmpl-{}", req.request_id);
         let model = req.model;

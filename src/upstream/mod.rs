@@ -25,6 +25,9 @@ pub type JsonObject = Map<String, Value>;
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of `prompt_tokens`, those the upstream served from its prompt cache
+    /// (`prompt_tokens_details.cached_tokens`), priced at the cached-input price.
+    pub cached_prompt_tokens: u64,
 }
 
 impl Usage {
@@ -35,6 +38,11 @@ impl Usage {
             prompt_tokens: o.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
             completion_tokens: o
                 .get("completion_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            cached_prompt_tokens: o
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cached_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
         })

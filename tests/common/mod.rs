@@ -4,6 +4,8 @@
 //! Prometheus text parser.
 #![allow(dead_code)]
 
+pub mod auth_servers;
+pub mod process;
 pub mod upstream;
 
 use std::future::Future;

@@ -1,5 +1,7 @@
-//! Credential verification. Virtual API keys (`tg-...`) are looked up by their SHA-256; a
-//! verified key is cached briefly so that the store is not asked on every request.
+//! Credential verification, chosen by the credential's shape: virtual API keys (`tg-...`) are
+//! looked up by their SHA-256 (a verified key is cached briefly so that the store is not asked
+//! on every request); JWTs are checked against a JWKS; anything else goes to token
+//! introspection. Verifiers never put a credential in a message or a log line.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -20,6 +22,10 @@ pub enum AuthMethod {
     ApiKey,
     /// A key declared in the configuration file.
     StaticKey,
+    /// An OIDC JWT bearer token.
+    Jwt,
+    /// An RFC 7662 introspected token.
+    Introspection,
 }
 
 impl AuthMethod {
@@ -28,6 +34,8 @@ impl AuthMethod {
         match self {
             AuthMethod::ApiKey => "api_key",
             AuthMethod::StaticKey => "static_key",
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::Introspection => "introspection",
         }
     }
 }
@@ -41,6 +49,67 @@ pub struct Identity {
     pub key_id: Option<i64>,
     pub blocked: bool,
     pub user_service_type: Option<String>,
+}
+
+/// An identity vouched for by a token verifier, not yet matched to a user.
+#[derive(Debug, Clone)]
+pub struct ExternalIdentity {
+    /// `{iss}#{sub}` for JWTs, `introspection#{sub}` for introspected tokens.
+    pub external_id: String,
+    pub method: AuthMethod,
+    /// The service type the token names, if configured to read one.
+    pub service_type: Option<String>,
+}
+
+/// What verification established.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// An API key: its user is known.
+    Known(Identity),
+    /// A token: its user is found or provisioned next.
+    External(ExternalIdentity),
+}
+
+/// The token verifiers a configuration enables; rebuilt on reload.
+#[derive(Default)]
+pub struct Verifiers {
+    pub jwt: Option<jwt::JwtVerifier>,
+    pub introspection: Option<introspection::IntrospectionVerifier>,
+}
+
+impl Verifiers {
+    /// The verifiers `[auth.jwt]` and `[auth.introspection]` ask for.
+    pub fn from_config(cfg: &crate::config::AuthConfig, clock: crate::clock::Clock) -> Self {
+        // One client for both: connection reuse to the identity provider matters on every
+        // uncached request.
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .unwrap_or_default();
+        Self {
+            jwt: cfg
+                .jwt
+                .as_ref()
+                .map(|c| jwt::JwtVerifier::new(c, http.clone(), clock.clone())),
+            introspection: cfg
+                .introspection
+                .as_ref()
+                .map(|c| introspection::IntrospectionVerifier::new(c, http, clock)),
+        }
+    }
+
+    /// Which method a bearer token will be verified with, if any.
+    pub fn method_for(&self, token: &str) -> Option<AuthMethod> {
+        if token.starts_with(KEY_PREFIX) {
+            Some(AuthMethod::ApiKey)
+        } else if self.jwt.is_some() && jwt::looks_like_jwt(token) {
+            Some(AuthMethod::Jwt)
+        } else if self.introspection.is_some() {
+            Some(AuthMethod::Introspection)
+        } else {
+            None
+        }
+    }
 }
 
 /// SHA-256 of a key, hex-encoded: the only form in which keys are stored.
@@ -78,33 +147,97 @@ impl Authenticator {
         }
     }
 
-    /// Verifies an `authorization` value.
-    pub async fn verify(&self, authorization: Option<&str>) -> Result<Identity, Rejection> {
-        let Some(raw) = authorization else {
-            return Err(Rejection::new(
-                Reason::AuthRejected,
-                "missing credential: send Authorization: Bearer <key>",
-            ));
+    /// Verifies an `authorization` value. Returns the method tried (for metrics) with the result.
+    pub async fn verify(
+        &self,
+        authorization: Option<&str>,
+        verifiers: &Verifiers,
+    ) -> (Option<AuthMethod>, Result<Credential, Rejection>) {
+        let token = match bearer_token(authorization) {
+            Ok(t) => t,
+            Err(e) => return (None, Err(e)),
         };
-        let token = match raw.split_once(' ') {
-            Some((scheme, token))
-                if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-            {
-                token.trim()
+        let method = verifiers.method_for(token);
+        let result = match method {
+            Some(AuthMethod::ApiKey | AuthMethod::StaticKey) => {
+                self.verify_key(token).await.map(Credential::Known)
             }
-            _ => {
-                return Err(Rejection::new(
-                    Reason::InvalidAuthRequest,
-                    "malformed Authorization header: expected `Bearer <credential>`",
-                ))
-            }
+            Some(AuthMethod::Jwt) => match verifiers.jwt.as_ref() {
+                Some(v) => v
+                    .verify(token)
+                    .await
+                    .map(|t| external(AuthMethod::Jwt, format!("{}#{}", t.issuer, t.subject), t))
+                    .map_err(verify_rejection),
+                None => Err(Rejection::new(Reason::AuthRejected, "unknown credential")),
+            },
+            Some(AuthMethod::Introspection) => match verifiers.introspection.as_ref() {
+                Some(v) => v
+                    .verify(token)
+                    .await
+                    .map(|t| {
+                        let id = format!("introspection#{}", t.subject);
+                        external(AuthMethod::Introspection, id, t)
+                    })
+                    .map_err(verify_rejection),
+                None => Err(Rejection::new(Reason::AuthRejected, "unknown credential")),
+            },
+            None => Err(Rejection::new(Reason::AuthRejected, "unknown credential")),
         };
-        if token.starts_with(KEY_PREFIX) {
-            return self.verify_key(token).await;
-        }
-        Err(Rejection::new(Reason::AuthRejected, "unknown credential"))
+        // A key's method is only known once its row is read.
+        let method = match &result {
+            Ok(Credential::Known(i)) => Some(i.method),
+            _ => method,
+        };
+        (method, result)
     }
+}
 
+fn external(method: AuthMethod, external_id: String, t: verified::VerifiedToken) -> Credential {
+    Credential::External(ExternalIdentity {
+        external_id,
+        method,
+        service_type: t.service_type,
+    })
+}
+
+fn verify_rejection(e: verified::VerifyError) -> Rejection {
+    match e {
+        verified::VerifyError::Rejected(m) => Rejection::new(Reason::AuthRejected, m),
+        verified::VerifyError::Unavailable(m) => {
+            tracing::warn!(error = %m, "token verifier unavailable");
+            Rejection::new(
+                Reason::AuthSystemFailure,
+                "the credential verifier is unavailable",
+            )
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer` value.
+fn bearer_token(authorization: Option<&str>) -> Result<&str, Rejection> {
+    let Some(raw) = authorization else {
+        return Err(Rejection::new(
+            Reason::AuthRejected,
+            "missing credential: send Authorization: Bearer <key>",
+        ));
+    };
+    let token = match raw.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            token.trim()
+        }
+        _ => {
+            return Err(Rejection::new(
+                Reason::InvalidAuthRequest,
+                "malformed Authorization header: expected `Bearer <credential>`",
+            ))
+        }
+    };
+    Ok(token)
+}
+
+impl Authenticator {
     async fn verify_key(&self, key: &str) -> Result<Identity, Rejection> {
         let hash = hash_key(key);
         if !self.ttl.is_zero() {
@@ -179,3 +312,6 @@ mod tests {
         assert_eq!(hash_key("x").len(), 64);
     }
 }
+pub mod introspection;
+pub mod jwt;
+pub mod verified;

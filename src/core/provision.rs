@@ -1,0 +1,123 @@
+//! Provisioning: a token identity seen for the first time gets a user row, within its service
+//! type's signup cap. Known identities are cached briefly (`auth.identity_cache_ttl_ms`), which
+//! also bounds how long a block made on another replica takes to bite.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use super::auth::{ExternalIdentity, Identity};
+use super::{Reason, Rejection};
+use crate::store::{Provisioned, SignupCap, Store, User};
+
+/// Finds or creates the user of a token identity.
+pub struct Provisioner {
+    store: Store,
+    ttl: Duration,
+    cache: RwLock<HashMap<String, (Identity, Instant)>>,
+}
+
+/// A provisioned identity, and whether its user was created by this request.
+pub struct ProvisionedIdentity {
+    pub identity: Identity,
+    pub created: bool,
+}
+
+impl Provisioner {
+    /// A provisioner over `store`, trusting a known identity's row for `ttl`.
+    pub fn new(store: Store, ttl: Duration) -> Self {
+        Self {
+            store,
+            ttl,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The user of `ext`, created under `cap` for `service_type` if it is new.
+    pub async fn provision(
+        &self,
+        ext: &ExternalIdentity,
+        service_type: &str,
+        cap: SignupCap,
+        now_ms: i64,
+    ) -> Result<ProvisionedIdentity, Rejection> {
+        if let Some(identity) = self.cached(&ext.external_id) {
+            return Ok(ProvisionedIdentity {
+                identity,
+                created: false,
+            });
+        }
+        let provisioned = self
+            .store
+            .provision_user(
+                &ext.external_id,
+                ext.method.as_str(),
+                service_type,
+                cap,
+                now_ms,
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "provisioning failed");
+                Rejection::new(
+                    Reason::ProvisioningFailure,
+                    "the user store is unavailable; try again",
+                )
+            })?;
+        let (user, created) = match provisioned {
+            Provisioned::Existing(u) => (u, false),
+            Provisioned::Created(u) => (u, true),
+            Provisioned::CapExceeded => {
+                return Err(Rejection::new(
+                    Reason::SignupCapExceeded,
+                    format!(
+                        "no new users are accepted for service type `{service_type}` right now"
+                    ),
+                ))
+            }
+        };
+        let identity = identity_of(user, ext);
+        self.remember(&ext.external_id, &identity);
+        Ok(ProvisionedIdentity { identity, created })
+    }
+
+    fn cached(&self, external_id: &str) -> Option<Identity> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let cache = self.cache.read().ok()?;
+        let (identity, at) = cache.get(external_id)?;
+        (at.elapsed() < self.ttl).then(|| identity.clone())
+    }
+
+    fn remember(&self, external_id: &str, identity: &Identity) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        if let Ok(mut c) = self.cache.write() {
+            // Bounded: a flood of distinct identities cannot grow it without limit.
+            if c.len() > 100_000 {
+                c.clear();
+            }
+            c.insert(external_id.to_string(), (identity.clone(), Instant::now()));
+        }
+    }
+
+    /// Forgets cached identities (after a block or unblock in this process).
+    pub fn forget_all(&self) {
+        if let Ok(mut c) = self.cache.write() {
+            c.clear();
+        }
+    }
+}
+
+fn identity_of(user: User, ext: &ExternalIdentity) -> Identity {
+    Identity {
+        user_id: user.id,
+        external_id: user.external_id,
+        method: ext.method,
+        key_id: None,
+        blocked: user.blocked,
+        user_service_type: user.service_type,
+    }
+}

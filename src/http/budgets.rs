@@ -1,0 +1,188 @@
+//! `/admin/budgets` and `/admin/usage`, behind the admin token: a user's or an API key's budget
+//! and rate limits, and spend and tokens per model from the usage ledger.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+use crate::core::admin::AdminError;
+use crate::core::budget::{parse_time, rfc3339, BudgetUpdate, BudgetView, ScopeKind};
+use crate::core::pricing::micros_to_usd;
+use crate::core::Gateway;
+use crate::store::UsageFilter;
+
+type AdminResult = Result<Response, AdminError>;
+
+/// The routes, each behind the admin-token check.
+pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/admin/budgets", get(get_budget).put(put_budget))
+        .route("/admin/usage", get(usage))
+        .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
+}
+
+async fn require_admin(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    let auth = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match gw.check_admin(auth) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A budget as JSON: exact micro-dollars, and USD as decimal strings.
+pub fn budget_json(v: &BudgetView) -> Value {
+    let usd = |m: Option<i64>| m.map(micros_to_usd);
+    json!({
+        "scope": v.scope.as_str(),
+        "id": v.id,
+        "explicit": v.explicit,
+        "limit_usd": usd(v.limit_micros),
+        "limit_micros": v.limit_micros,
+        "period": v.period,
+        "period_start": v.period_start,
+        "reset_at": v.reset_at,
+        "reset_at_rfc3339": v.reset_at.map(rfc3339),
+        "spent_usd": micros_to_usd(v.spent_micros),
+        "spent_micros": v.spent_micros,
+        "reserved_micros": v.reserved_micros,
+        "remaining_usd": usd(v.remaining_micros),
+        "remaining_micros": v.remaining_micros,
+        "rpm": v.rpm,
+        "tpm": v.tpm,
+    })
+}
+
+/// Scope and id: `?scope=user&id=7`.
+#[derive(Deserialize)]
+struct Which {
+    scope: String,
+    id: i64,
+}
+
+async fn get_budget(State(gw): State<Arc<Gateway>>, Query(q): Query<Which>) -> AdminResult {
+    let scope = ScopeKind::parse(&q.scope).map_err(AdminError::Invalid)?;
+    let v = gw.get_budget(scope, q.id).await?;
+    Ok(Json(budget_json(&v)).into_response())
+}
+
+/// `PUT /admin/budgets`: replaces the scope's own budget and rate limits. `limit_usd` may be
+/// a number or a decimal string; leaving it out (or null) removes the scope's own budget.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBudget {
+    scope: String,
+    id: i64,
+    #[serde(default, deserialize_with = "usd")]
+    limit_usd: Option<f64>,
+    period: Option<String>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+}
+
+fn usd<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Usd {
+        Number(f64),
+        Text(String),
+    }
+    match Option::<Usd>::deserialize(d)? {
+        None => Ok(None),
+        Some(Usd::Number(n)) => Ok(Some(n)),
+        Some(Usd::Text(t)) => t
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("limit_usd {t:?} is not a number"))),
+    }
+}
+
+async fn put_budget(
+    State(gw): State<Arc<Gateway>>,
+    body: Result<Json<PutBudget>, axum::extract::rejection::JsonRejection>,
+) -> AdminResult {
+    let Json(b) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    let update = BudgetUpdate::parse(
+        &b.scope,
+        b.id,
+        b.limit_usd,
+        b.period.as_deref(),
+        b.rpm,
+        b.tpm,
+    )
+    .map_err(AdminError::Invalid)?;
+    let v = gw.set_budget(&update).await?;
+    Ok(Json(budget_json(&v)).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    user_id: Option<i64>,
+    key_id: Option<i64>,
+    model: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `GET /admin/usage`: spend and tokens per resolved model of the requests that started in
+/// `[from, to)` (unix ms, `YYYY-MM-DD` or RFC 3339 UTC), for a user, a key and/or a model.
+async fn usage(State(gw): State<Arc<Gateway>>, Query(q): Query<UsageQuery>) -> AdminResult {
+    let time = |t: &Option<String>| -> Result<Option<i64>, AdminError> {
+        t.as_deref()
+            .filter(|s| !s.is_empty())
+            .map(parse_time)
+            .transpose()
+            .map_err(AdminError::Invalid)
+    };
+    let filter = UsageFilter {
+        user_id: q.user_id,
+        key_id: q.key_id,
+        model: q.model.filter(|m| !m.is_empty()),
+        from: time(&q.from)?,
+        to: time(&q.to)?,
+    };
+    let rows = gw.query_usage(&filter).await?;
+    let (mut requests, mut prompt, mut completion, mut cost) = (0i64, 0i64, 0i64, 0i64);
+    let models: Vec<Value> = rows
+        .iter()
+        .map(|m| {
+            requests += m.requests;
+            prompt += m.prompt_tokens;
+            completion += m.completion_tokens;
+            cost += m.cost_micros;
+            json!({
+                "model": m.model,
+                "requests": m.requests,
+                "prompt_tokens": m.prompt_tokens,
+                "completion_tokens": m.completion_tokens,
+                "cost_micros": m.cost_micros,
+                "spend_usd": micros_to_usd(m.cost_micros),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "user_id": filter.user_id,
+        "key_id": filter.key_id,
+        "model": filter.model,
+        "from": filter.from,
+        "to": filter.to,
+        "models": models,
+        "total": {
+            "requests": requests,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost_micros": cost,
+            "spend_usd": micros_to_usd(cost),
+        },
+    }))
+    .into_response())
+}
