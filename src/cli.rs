@@ -70,6 +70,47 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Budgets and rate limits of users and API keys.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
+}
+
+/// Budget commands.
+#[derive(Subcommand, Debug)]
+pub enum BudgetCommand {
+    /// Set a user's or an API key's own budget and rate limits (replaces what it had; without
+    /// --limit-usd a user falls back to its service type's default budget).
+    Set {
+        /// `user` or `key`.
+        #[arg(long, value_parser = ["user", "key"])]
+        scope: String,
+        /// The user (id or external id) or the key id.
+        #[arg(long)]
+        id: String,
+        /// Spending limit in USD per period.
+        #[arg(long)]
+        limit_usd: Option<f64>,
+        /// daily, weekly, monthly (calendar, UTC), total, or a duration such as 12h.
+        #[arg(long)]
+        period: Option<String>,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens per minute.
+        #[arg(long)]
+        tpm: Option<u64>,
+    },
+    /// Show a user's or an API key's budget (current period) and rate limits.
+    Get {
+        /// `user` or `key`.
+        #[arg(long, value_parser = ["user", "key"])]
+        scope: String,
+        /// The user (id or external id) or the key id.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 /// User commands.
@@ -161,10 +202,18 @@ fn overrides(args: &ConfigArgs) -> Result<Overrides, CliError> {
 /// Sets up logging from the configuration; `TOLLGATE_LOG` overrides the level filter.
 pub fn init_logging(config: &Config) {
     let filter = std::env::var("TOLLGATE_LOG").unwrap_or_else(|_| config.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Stage spans (auth, policy, upstream) log their durations when they close, at debug.
+    let verbose = filter.contains("debug") || filter.contains("trace");
+    let span_events = if verbose {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_span_events(span_events)
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match config.log.format {
@@ -187,6 +236,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(args) => {
             let config = load_config(&args)?;
             init_logging(&config);
+            for w in config.warnings() {
+                tracing::warn!("configuration: {w}");
+            }
             let source = args.config.clone().map(|path| ConfigSource {
                 path,
                 overrides: overrides(&args).unwrap_or_default(),
@@ -209,20 +261,108 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::CheckConfig { file } => {
-            Config::load(&file).map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+            let config = Config::load(&file)
+                .map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+            for w in config.warnings() {
+                eprintln!("warning: {}: {w}", file.display());
+            }
             println!("{}: ok", file.display());
             Ok(())
         }
         Command::Admin { config, command } => {
             let config = load_config(&config)?;
             let admin = admin_store(&config).await?;
-            run_admin(&admin, command).await
+            match command {
+                AdminCommand::Budget { command } => run_budget(&config, &admin, command).await,
+                command => run_admin(&admin, command).await,
+            }
         }
     }
 }
 
+/// A scope's id from the command line: a user by id or external id, a key by id.
+async fn budget_subject(admin: &Admin, scope: &str, id: &str) -> Result<i64, CliError> {
+    if scope == "user" {
+        Ok(admin.find_user(id).await.map_err(err)?.id)
+    } else {
+        id.parse()
+            .map_err(|_| CliError(format!("key id {id:?} is not a number")))
+    }
+}
+
+async fn run_budget(
+    config: &Config,
+    admin: &Admin,
+    command: BudgetCommand,
+) -> Result<(), CliError> {
+    use crate::core::budget::{self, BudgetUpdate, ScopeKind};
+    use crate::core::pricing::micros_to_usd;
+    let store = Store::connect(&config.database.url, 1).await.map_err(err)?;
+    let now = crate::clock::Clock::system().now_ms();
+    let view = match command {
+        BudgetCommand::Set {
+            scope,
+            id,
+            limit_usd,
+            period,
+            rpm,
+            tpm,
+        } => {
+            let subject = budget_subject(admin, &scope, &id).await?;
+            let update =
+                BudgetUpdate::parse(&scope, subject, limit_usd, period.as_deref(), rpm, tpm)
+                    .map_err(CliError)?;
+            budget::set(&store, now, &update).await.map_err(err)?
+        }
+        BudgetCommand::Get { scope, id } => {
+            let subject = budget_subject(admin, &scope, &id).await?;
+            let scope = ScopeKind::parse(&scope).map_err(CliError)?;
+            budget::view(&store, now, scope, subject)
+                .await
+                .map_err(err)?
+        }
+    };
+    let usd = |m: Option<i64>| m.map(micros_to_usd).unwrap_or_else(|| "-".into());
+    println!("{} {}", view.scope.as_str(), view.id);
+    match (&view.period, view.explicit) {
+        (Some(p), explicit) => {
+            println!(
+                "budget: ${} {p}{}",
+                usd(view.limit_micros),
+                if explicit {
+                    ""
+                } else {
+                    " (service type default, as last applied)"
+                }
+            );
+            println!(
+                "period: {} .. {}",
+                view.period_start
+                    .map(budget::rfc3339)
+                    .unwrap_or_default(),
+                view.reset_at
+                    .map(budget::rfc3339)
+                    .unwrap_or_else(|| "never".into())
+            );
+            println!(
+                "spent: ${}  reserved: ${}  remaining: ${}",
+                micros_to_usd(view.spent_micros),
+                micros_to_usd(view.reserved_micros),
+                usd(view.remaining_micros)
+            );
+        }
+        (None, _) => println!("budget: none of its own"),
+    }
+    let per_min = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    println!("rpm: {}  tpm: {}", per_min(view.rpm), per_min(view.tpm));
+    Ok(())
+}
+
 async fn run_admin(admin: &Admin, command: AdminCommand) -> Result<(), CliError> {
     match command {
+        AdminCommand::Budget { .. } => {
+            return Err(CliError("budget commands need the configuration".into()))
+        }
         AdminCommand::User {
             command: UserCommand::Create { external_id, name },
         } => {

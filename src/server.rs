@@ -241,22 +241,26 @@ impl RunningServer {
     }
 }
 
-/// Reloads the configuration on every SIGHUP.
-async fn reload_on_sighup(gateway: Arc<Gateway>) {
+/// Reloads the configuration on every SIGHUP. The handler is installed before this returns,
+/// so a SIGHUP sent once the server is up never falls to the default action (exit).
+fn reload_on_sighup(gateway: Arc<Gateway>) -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            tracing::warn!("cannot listen for SIGHUP; reload through the admin API instead");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading configuration");
-            let _ = gateway.reload().await;
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) = hup else {
+                tracing::warn!("cannot listen for SIGHUP; reload through the admin API instead");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading configuration");
+                let _ = gateway.reload().await;
+            }
         }
+        #[cfg(not(unix))]
+        drop(gateway);
     }
-    #[cfg(not(unix))]
-    drop(gateway);
 }
 
 async fn wait_for_signal() {

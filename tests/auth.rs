@@ -523,12 +523,108 @@ async fn credentials_by_shape_without_verifiers() {
     let (h, g) = expect_success_both(&s, &Creds::bearer(ALICE_KEY), "fast", "static key").await;
     assert!(h.user_id.is_some() && h.user_id == g.user_id && h.key_id.is_some());
     expect_auth_latency(&s, &before, "static_key", "success", 2.0).await;
+    expect_success_both(
+        &s,
+        &Creds::raw(&format!("bearer {ALICE_KEY}")),
+        "fast",
+        "the scheme is case-insensitive",
+    )
+    .await;
 
     let (uid, key) = admin_user_with_key(&s, "shape-carol").await;
     let before = s.metrics().await;
     let (h, _) = expect_success_both(&s, &Creds::bearer(&key), "fast", "admin-made key").await;
     assert_eq!(h.user_id, Some(uid));
     expect_auth_latency(&s, &before, "api_key", "success", 2.0).await;
+
+    // Streaming requests are refused the same way, before any event, and counted once.
+    let before = s.metrics().await;
+    let rid_h = new_request_id();
+    let mut body = chat_body("fast", &rid_h);
+    body["stream"] = json!(true);
+    let resp = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-request-id", &rid_h)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    expect_http_error(resp, 401, "auth_rejected").await;
+    let rid_g = new_request_id();
+    let st = match s
+        .grpc()
+        .await
+        .stream_complete(grpc_req(
+            complete_request("fast", &rid_g),
+            &Creds::none(),
+            Some(&rid_g),
+        ))
+        .await
+    {
+        Err(st) => st,
+        Ok(resp) => resp
+            .into_inner()
+            .message()
+            .await
+            .expect_err("StreamComplete without a credential"),
+    };
+    expect_grpc_error(&st, Code::Unauthenticated, "auth_rejected");
+    for p in ["http", "grpc"] {
+        s.expect_delta(
+            &before,
+            AVAILABILITY,
+            &labels(p, "excluded", "auth_rejected", "fast", "default", "none"),
+            1.0,
+        )
+        .await;
+    }
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
+    for rid in [&rid_h, &rid_g] {
+        let row = s.ledger_row(rid).await;
+        assert_eq!(
+            (row.outcome.as_str(), row.reason.as_str(), row.stream),
+            ("excluded", "auth_rejected", true),
+            "{row:?}"
+        );
+    }
+    s.shutdown().await;
+}
+
+/// `[server] default_service_type = "restricted"`: a request naming no service type is held to
+/// restricted's models and labelled `restricted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_default_service_type() {
+    let mut s = TestServer::sqlite(Opts {
+        server: "default_service_type = \"restricted\"".into(),
+        extra: "[service_types.restricted]\nmodels = [\"fast\"]\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let alice = Creds::bearer(ALICE_KEY);
+    let b = expect_both_with(
+        &s,
+        &alice,
+        "chatty",
+        INVALID_SERVICE_TYPE_FOR_MODEL,
+        Lbl {
+            model: "chatty",
+            service_type: "restricted",
+            purpose: "none",
+        },
+        "the configured default service type",
+    )
+    .await;
+    assert_eq!(b.http_row.service_type.as_deref(), Some("restricted"));
+    let (h, _) = expect_success_both(&s, &alice, "fast", "restricted may use fast").await;
+    assert_eq!(h.service_type.as_deref(), Some("restricted"));
+    expect_success_both(
+        &s,
+        &alice.clone().st("default"),
+        "chatty",
+        "the header names another service type",
+    )
+    .await;
     s.shutdown().await;
 }
 
@@ -583,6 +679,40 @@ async fn jwt_valid_and_rejected_tokens() {
         (row.service_type.as_deref(), row.purpose.as_deref()),
         (Some("batch"), Some("eval"))
     );
+
+    // `aud` as an array holding our audience (RFC 7519); a `sub` with quotes and non-ASCII is
+    // stored exactly.
+    let mut arr = claims("jwt-aud-array");
+    arr["aud"] = json!(["another-api", AUDIENCE]);
+    let resp = http_chat(
+        &s,
+        &Creds::bearer(&jwt(Signer::Rsa1, &arr)),
+        "fast",
+        &new_request_id(),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "aud array: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    let odd = "o'brien\"; DROP TABLE users;-- \u{e9}\u{1F600}";
+    let resp = http_chat(
+        &s,
+        &Creds::bearer(&good_jwt(odd)),
+        "fast",
+        &new_request_id(),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "odd sub: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    let u = user_by_external_id(&s, &jwt_external_id(odd)).await;
+    assert_eq!(u.external_id, jwt_external_id(odd));
 
     // Expired 10 s ago: inside the default 30 s leeway.
     let mut leeway = claims("jwt-leeway");
@@ -644,6 +774,9 @@ async fn jwt_valid_and_rejected_tokens() {
     let mut nosub = claims("x");
     nosub.as_object_mut().unwrap().remove("sub");
     cases.push(("no sub", jwt(Signer::Rsa1, &nosub)));
+    let mut noexp = claims("jwt-noexp");
+    noexp.as_object_mut().unwrap().remove("exp");
+    cases.push(("no exp", jwt(Signer::Rsa1, &noexp)));
     for (what, token) in &cases {
         expect_both(&s, &Creds::bearer(token), AUTH_REJECTED, what).await;
     }
@@ -675,12 +808,27 @@ async fn jwt_valid_and_rejected_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_key_rotation_refetches_the_jwks() {
     let jwks = JwksServer::start(Mode::Healthy).await;
-    let mut s = TestServer::sqlite(jwt_opts(&jwks.url(), "jwks_min_refresh_secs = 0", "")).await;
+    let mut s = TestServer::sqlite(jwt_opts(
+        &jwks.url(),
+        "jwks_min_refresh_secs = 0\nleeway_secs = 0",
+        "",
+    ))
+    .await;
     expect_success_both(
         &s,
         &Creds::bearer(&good_jwt("rot-1")),
         "fast",
         "before rotation",
+    )
+    .await;
+    // `leeway_secs = 0`: expired 5 s ago is expired.
+    let mut late = claims("rot-late");
+    late["exp"] = json!(unix_now() - 5);
+    expect_both(
+        &s,
+        &Creds::bearer(&jwt(Signer::Rsa1, &late)),
+        AUTH_REJECTED,
+        "expired 5 s ago with leeway_secs = 0",
     )
     .await;
     jwks.set_keys(jwks_rotated_json());
@@ -914,7 +1062,10 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(first_sight_provisions_exactly_one_user);
+on_both_backends!(
+    first_sight_provisions_exactly_one_user,
+    the_cap_never_refuses_an_identity_that_exists
+);
 
 /// 50 concurrent first requests of one JWT identity (25 HTTP, 25 gRPC) all succeed and make
 /// exactly one user; signups_total{jwt} grows by one; every ledger row names that user.
@@ -953,6 +1104,11 @@ async fn first_sight_provisions_exactly_one_user(backend: Backend) {
     assert!(
         failed.is_empty(),
         "concurrent first requests failed: {failed:#?}"
+    );
+    assert!(
+        jwks.hits() <= 2,
+        "50 concurrent requests on a cold key cache fetched the JWKS {} times",
+        jwks.hits()
     );
     let ext = jwt_external_id("racer");
     assert_eq!(
@@ -1045,6 +1201,140 @@ async fn first_request(
             _ => Err(format!("HTTP {status}: {text}")),
         }
     }
+}
+
+/// `signup_cap_per_day = 1`: 30 concurrent first requests of ONE new identity (HTTP and gRPC)
+/// all succeed (the racers that lose the insert find the winner's user; they are not signups);
+/// exactly one user; the next new identity is refused; a user provisioned under another service
+/// type is not a signup and passes the full cap.
+async fn the_cap_never_refuses_an_identity_that_exists(backend: Backend) {
+    let jwks = JwksServer::start(Mode::Healthy).await;
+    let Some(mut s) = TestServer::start(
+        backend,
+        jwt_opts(
+            &jwks.url(),
+            "",
+            "[service_types.one]\nmodels = [\"*\"]\nsignup_cap_per_day = 1\n",
+        ),
+    )
+    .await
+    else {
+        return;
+    };
+    let existing = Creds::bearer(&good_jwt("one-existing"));
+    expect_success_both(&s, &existing, "fast", "provisioned under default").await;
+    let before = s.metrics().await;
+    let grpc = s.grpc().await;
+    let c = Creds::bearer(&good_jwt("one-racer")).st("one");
+    let results = join_all((0..30).map(|i| {
+        let mut grpc = grpc.clone();
+        let c = c.clone();
+        let s = &s;
+        async move {
+            let rid = new_request_id();
+            first_request(&s.client, s.http, &mut grpc, i % 2 == 1, &c, &rid).await
+        }
+    }))
+    .await;
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "racers of one identity refused: {failed:#?}"
+    );
+    assert_eq!(count_users(&s.db, "service_type = 'one'").await, 1);
+    s.expect_delta(&before, SIGNUPS, &[("auth_method", "jwt")], 1.0)
+        .await;
+    expect_both_with(
+        &s,
+        &Creds::bearer(&good_jwt("one-second")).st("one"),
+        "fast",
+        SIGNUP_CAP_EXCEEDED,
+        Lbl {
+            model: "fast",
+            service_type: "one",
+            purpose: "none",
+        },
+        "the second identity",
+    )
+    .await;
+    expect_success_both(
+        &s,
+        &existing.clone().st("one"),
+        "fast",
+        "an existing user is not a signup",
+    )
+    .await;
+    s.shutdown().await;
+}
+
+/// The per-day cap is a rolling 24 h window and the total cap counts every signup: with users
+/// of the service type created 25 h ago (outside the day) and 1 h ago (inside), `cap_per_day = 2`
+/// admits one more today and `cap_total = 5` counts the old ones too. GET /admin/signup-cap
+/// agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signup_cap_window_is_rolling_24_hours() {
+    let jwks = JwksServer::start(Mode::Healthy).await;
+    let mut s = TestServer::sqlite(jwt_opts(
+        &jwks.url(),
+        "",
+        "[service_types.rolling]\nmodels = [\"*\"]\nsignup_cap_per_day = 2\n\
+         signup_cap_total = 5\n",
+    ))
+    .await;
+    let now = now_ms();
+    let hour = 3_600_000;
+    let path = s.db.url.strip_prefix("sqlite://").unwrap().to_owned();
+    blocking(move || {
+        use diesel::{Connection, RunQueryDsl};
+        let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+        diesel::sql_query("PRAGMA busy_timeout = 5000")
+            .execute(&mut conn)
+            .ok();
+        for (ext, at) in [
+            ("old#1", now - 25 * hour),
+            ("old#2", now - 30 * hour),
+            ("recent#1", now - hour),
+        ] {
+            diesel::sql_query(format!(
+                "INSERT INTO users (external_id, auth_method, service_type, blocked, created_at) \
+                 VALUES ('{ext}', 'jwt', 'rolling', false, {at})"
+            ))
+            .execute(&mut conn)
+            .expect("insert a past signup");
+        }
+    })
+    .await;
+    let c1 = Creds::bearer(&good_jwt("rolling-new-1")).st("rolling");
+    let resp = http_chat(&s, &c1, "fast", &new_request_id()).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "one slot left in the last 24 h: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    expect_both_with(
+        &s,
+        &Creds::bearer(&good_jwt("rolling-new-2")).st("rolling"),
+        "fast",
+        SIGNUP_CAP_EXCEEDED,
+        Lbl {
+            model: "fast",
+            service_type: "rolling",
+            purpose: "none",
+        },
+        "the day is full",
+    )
+    .await;
+    let report = admin_get(&s, "/admin/signup-cap").await;
+    let entry = report["service_types"]
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["service_type"] == "rolling"))
+        .unwrap_or_else(|| panic!("no `rolling` in {report}"))
+        .clone();
+    assert_eq!(entry["used_24h"], 2, "{entry}");
+    assert_eq!(entry["used_total"], 4, "{entry}");
+    assert_eq!(entry["remaining"], 0, "{entry}");
+    s.shutdown().await;
 }
 
 /// THE signup-cap test: `signup_cap_per_day = 50` on PostgreSQL, two gateway replicas on the
@@ -1238,6 +1528,21 @@ async fn signup_caps_total_and_daily() {
     .await;
     assert_eq!(b.http_row.user_id, None);
     assert_eq!(count_users(&s.db, "service_type = 'trial'").await, 3);
+    // Authorize provisions too, under the same cap.
+    let late = Creds::bearer(&good_jwt("trial-4")).st("trial");
+    let (st, e) = http_authorize(&s, &late, Some(json!({"model": "fast"}))).await;
+    assert_eq!(
+        (st, &e["error"]["code"]),
+        (403, &json!("signup_cap_exceeded")),
+        "{e}"
+    );
+    let status = s
+        .grpc()
+        .await
+        .authorize(grpc_req(AuthorizeRequest::default(), &late, None))
+        .await
+        .expect_err("Authorize over the cap");
+    expect_grpc_error(&status, Code::ResourceExhausted, "signup_cap_exceeded");
 
     let grpc = s.grpc().await;
     let work: Vec<(Creds, String)> = (0..30)
@@ -1379,6 +1684,8 @@ async fn block_and_unblock_via_http_admin() {
         .await
         .expect_err("Authorize of a blocked user");
     expect_grpc_error(&st, Code::PermissionDenied, "blocked");
+    let (st, e) = http_authorize(&s, &jwt_creds, Some(json!({"model": "fast"}))).await;
+    assert_eq!((st, &e["error"]["code"]), (403, &json!("blocked")), "{e}");
     expect_success_both(&s, &Creds::bearer(ALICE_KEY), "fast", "others unaffected").await;
 
     let user = http_unblock(&s, jwt_uid).await;
@@ -1446,6 +1753,197 @@ async fn block_and_unblock_via_http_admin() {
         "ledger row of the blocked key user's request"
     );
     assert!(blocked_key.http_row.key_id.is_some());
+    s.shutdown().await;
+}
+
+fn admin_req<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// The gRPC Admin service (`identity_cache_ttl_ms = 0`): a JWT user and an introspection user
+/// are blocked with BlockUser (User: blocked, reason, time), both protocols answer blocked,
+/// UnblockUser restores. ListUsers pages by `limit` / `after_id`; GetSignupCap reports a capped
+/// service type (cap, used, remaining) and an uncapped one (no remaining). Missing or wrong admin
+/// token: UNAUTHENTICATED; unknown user: NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_and_unblock_via_grpc_admin() {
+    use tollgate::proto::admin_client::AdminClient;
+    use tollgate::proto::{
+        BlockUserRequest, GetSignupCapRequest, ListUsersRequest, UnblockUserRequest,
+    };
+    let jwks = JwksServer::start(Mode::Healthy).await;
+    let intro = IntrospectionServer::start(Mode::Healthy).await;
+    let mut opts = admin_opts(format!(
+        "{}{}[service_types.capped]\nmodels = [\"*\"]\nsignup_cap_per_day = 5\n",
+        jwt_table(&jwks.url(), ""),
+        introspection_table(&intro.url(), "cache_ttl_secs = 0"),
+    ));
+    opts.auth = "identity_cache_ttl_ms = 0\nkey_cache_ttl_ms = 0".into();
+    let mut s = TestServer::sqlite(opts).await;
+    let mut admin = AdminClient::connect(format!("http://{}", s.grpc_addr))
+        .await
+        .expect("Admin client");
+
+    intro.add_active("opaque-grpc-blockee", "grpc-blockee");
+    let users = [
+        (
+            Creds::bearer(&good_jwt("grpc-jwt-blockee")),
+            jwt_external_id("grpc-jwt-blockee"),
+            "jwt",
+        ),
+        (
+            Creds::bearer("opaque-grpc-blockee"),
+            introspection_external_id("grpc-blockee"),
+            "introspection",
+        ),
+    ];
+    for (creds, ext, method) in &users {
+        expect_success_both(&s, creds, "fast", "before the block").await;
+        let listed = admin
+            .list_users(admin_req(
+                ListUsersRequest {
+                    after_id: 0,
+                    limit: 1000,
+                },
+                Some(ADMIN_TOKEN),
+            ))
+            .await
+            .expect("ListUsers")
+            .into_inner()
+            .users;
+        let u = listed
+            .iter()
+            .find(|u| &u.external_id == ext)
+            .unwrap_or_else(|| panic!("{ext} not in ListUsers: {listed:?}"))
+            .clone();
+        assert_eq!(u.auth_method, *method);
+        assert!(!u.blocked);
+
+        let blocked = admin
+            .block_user(admin_req(
+                BlockUserRequest {
+                    user_id: u.id,
+                    reason: "grpc block".into(),
+                },
+                Some(ADMIN_TOKEN),
+            ))
+            .await
+            .expect("BlockUser")
+            .into_inner();
+        assert!(blocked.blocked, "{blocked:?}");
+        assert_eq!(blocked.blocked_reason.as_deref(), Some("grpc block"));
+        assert!(blocked.blocked_at_ms.is_some(), "{blocked:?}");
+        expect_both(
+            &s,
+            creds,
+            BLOCKED,
+            &format!("{method} user blocked over gRPC"),
+        )
+        .await;
+
+        let unblocked = admin
+            .unblock_user(admin_req(
+                UnblockUserRequest { user_id: u.id },
+                Some(ADMIN_TOKEN),
+            ))
+            .await
+            .expect("UnblockUser")
+            .into_inner();
+        assert!(!unblocked.blocked, "{unblocked:?}");
+        assert_eq!(unblocked.blocked_reason, None);
+        expect_success_both(&s, creds, "fast", "unblocked over gRPC").await;
+    }
+
+    for token in [None, Some("wrong-admin-token")] {
+        let st = admin
+            .block_user(admin_req(
+                BlockUserRequest {
+                    user_id: 1,
+                    reason: "x".into(),
+                },
+                token,
+            ))
+            .await
+            .expect_err("BlockUser without the admin token");
+        assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+        let st = admin
+            .list_users(admin_req(ListUsersRequest::default(), token))
+            .await
+            .expect_err("ListUsers without the admin token");
+        assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+        let st = admin
+            .get_signup_cap(admin_req(GetSignupCapRequest {}, token))
+            .await
+            .expect_err("GetSignupCap without the admin token");
+        assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    }
+    let st = admin
+        .block_user(admin_req(
+            BlockUserRequest {
+                user_id: 987_654_321,
+                reason: "x".into(),
+            },
+            Some(ADMIN_TOKEN),
+        ))
+        .await
+        .expect_err("unknown user");
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+
+    // Pages of one.
+    let mut seen = Vec::new();
+    let mut after = 0;
+    for _ in 0..20 {
+        let page = admin
+            .list_users(admin_req(
+                ListUsersRequest {
+                    after_id: after,
+                    limit: 1,
+                },
+                Some(ADMIN_TOKEN),
+            ))
+            .await
+            .expect("ListUsers page")
+            .into_inner()
+            .users;
+        assert!(page.len() <= 1, "{page:?}");
+        let Some(u) = page.first() else { break };
+        assert!(u.id > after);
+        seen.push(u.id);
+        after = u.id;
+    }
+    assert_eq!(seen.len(), 3, "alice and two provisioned users: {seen:?}");
+
+    for i in 0..2 {
+        let c = Creds::bearer(&good_jwt(&format!("grpc-capped-{i}"))).st("capped");
+        let resp = http_chat(&s, &c, "fast", &new_request_id()).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let caps = admin
+        .get_signup_cap(admin_req(GetSignupCapRequest {}, Some(ADMIN_TOKEN)))
+        .await
+        .expect("GetSignupCap")
+        .into_inner()
+        .service_types;
+    let capped = caps
+        .iter()
+        .find(|c| c.service_type == "capped")
+        .unwrap_or_else(|| panic!("{caps:?}"));
+    assert_eq!(capped.cap_per_day, Some(5), "{capped:?}");
+    assert_eq!(capped.used_24h, 2, "{capped:?}");
+    assert_eq!(capped.remaining, Some(3), "{capped:?}");
+    assert_eq!(capped.cap_total, None, "{capped:?}");
+    assert_eq!(capped.used_total, 2, "{capped:?}");
+    let default = caps
+        .iter()
+        .find(|c| c.service_type == "default")
+        .unwrap_or_else(|| panic!("{caps:?}"));
+    assert_eq!(default.cap_per_day, None, "{default:?}");
+    assert_eq!(default.remaining, None, "uncapped: {default:?}");
     s.shutdown().await;
 }
 
@@ -1651,6 +2149,21 @@ async fn service_types_and_purposes() {
             purpose: "none",
         },
         "service type from the JWT claim",
+    )
+    .await;
+    let mut bogus = claims("claimed-bogus");
+    bogus["tg_service"] = json!("bogus-service");
+    expect_both_with(
+        &s,
+        &Creds::bearer(&jwt(Signer::Rsa1, &bogus)),
+        "fast",
+        INVALID_AUTH_REQUEST,
+        Lbl {
+            model: "fast",
+            service_type: "unknown",
+            purpose: "none",
+        },
+        "an unknown service type from the JWT claim",
     )
     .await;
     let u = user_by_external_id(&s, &jwt_external_id("claimed-restricted")).await;
@@ -2067,6 +2580,22 @@ async fn authorize_on_both_protocols() {
         (403, &json!("invalid_service_type_for_model")),
         "{e}"
     );
+    let resp = s
+        .client
+        .post(s.url("/v1/authorize"))
+        .bearer_auth(ALICE_KEY)
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    expect_http_error(resp, 400, "invalid_request").await;
+    let (st, e) = http_authorize(&s, &alice, Some(json!({"model": "no-such-model"}))).await;
+    assert_eq!(
+        (st, &e["error"]["code"]),
+        (404, &json!("model_not_found")),
+        "{e}"
+    );
     let (st, e) = http_authorize(&s, &Creds::raw("Basic eDp5"), None).await;
     assert_eq!(
         (st, &e["error"]["code"]),
@@ -2315,6 +2844,7 @@ async fn secrets_never_appear_in_logs() {
     let child = blocking(move || LoggedChild::start(&path)).await;
     let base = format!("http://{}", child.http);
     let child_http = child.http;
+    let child_grpc = child.grpc;
     let client = http_client();
     let mut grpc =
         tollgate::proto::gateway_client::GatewayClient::connect(format!("http://{}", child.grpc))
@@ -2456,13 +2986,21 @@ async fn secrets_never_appear_in_logs() {
         }
     };
     let statuses = run(calls).await;
-    let get = |name: &str| statuses.iter().find(|s| s.0 == name).unwrap();
-    assert_eq!(get("static key").1, 200, "{statuses:?}");
-    assert_eq!(
-        get("echoing upstream").1,
-        200,
-        "fell back past the echoing upstream: {statuses:?}"
-    );
+    let get = |name: &str| statuses.iter().find(|s| s.0 == name).unwrap().1;
+    for (name, want) in [
+        ("static key", 200),
+        ("made key", 200),
+        ("unknown key", 401),
+        ("valid JWT", 200),
+        ("forged JWT", 401),
+        ("expired JWT", 401),
+        ("active token", 200),
+        ("inactive token", 401),
+        ("Basic", 400),
+        ("echoing upstream", 200),
+    ] {
+        assert_eq!(get(name), want, "{name}: {statuses:?}");
+    }
 
     // The verifiers fail: a JWT with a kid the gateway must fetch, a new opaque token.
     jwks.set_mode(Mode::Status500);
@@ -2487,8 +3025,36 @@ async fn secrets_never_appear_in_logs() {
         ),
     ])
     .await;
+    for (what, h, g) in &statuses2 {
+        assert_eq!(
+            (*h, g.as_str()),
+            (503, "Unavailable/auth_system_failure"),
+            "{what}"
+        );
+    }
 
-    // Authorize and ListModels with secrets too.
+    // Authorize and ListModels with secrets too; the gRPC Admin with the right and a wrong token.
+    let (st, _) = {
+        let resp = client
+            .post(format!("{base}/v1/authorize"))
+            .bearer_auth(&valid_jwt)
+            .json(&json!({"model": "fast"}))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), ())
+    };
+    assert_eq!(st, 200);
+    let mut admin =
+        tollgate::proto::admin_client::AdminClient::connect(format!("http://{}", child_grpc))
+            .await
+            .unwrap();
+    for token in [ADMIN_TOKEN, wrong_admin] {
+        let mut req = tonic::Request::new(tollgate::proto::ListUsersRequest::default());
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let _ = admin.list_users(req).await;
+    }
     let _ = grpc
         .authorize(grpc_req(
             AuthorizeRequest::default(),
@@ -2508,8 +3074,8 @@ async fn secrets_never_appear_in_logs() {
         log.lines().count()
     );
     assert!(
-        log.contains("tollgate listening"),
-        "the log was captured:\n{log}"
+        log.contains("tollgate listening") && log.contains("user provisioned"),
+        "the log was captured, request-time lines included:\n{log}"
     );
     assert!(
         log.lines().count() > 20,

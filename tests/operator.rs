@@ -351,6 +351,21 @@ fn promtool_check_metrics(promtool: &str, scrape: &str) -> Option<String> {
     }
 }
 
+/// The pipe to promtool works: a bad exposition is rejected, a good one accepted.
+#[test]
+fn promtool_rejects_a_bad_exposition() {
+    let Some(promtool) = promtool() else { return };
+    let bad = "# TYPE tollgate_thing_milliseconds counter\ntollgate_thing_milliseconds 1\n";
+    let complaints = promtool_check_metrics(promtool, bad).expect("promtool must complain");
+    assert!(
+        complaints.contains("tollgate_thing_milliseconds"),
+        "promtool said: {complaints}"
+    );
+    let good = "# HELP tollgate_things Things done.\n# TYPE tollgate_things counter\n\
+                tollgate_things_total 1\n# EOF\n";
+    assert_eq!(promtool_check_metrics(promtool, good), None);
+}
+
 // ---------------------------------------------------------------------------------------------
 // traffic
 
@@ -529,6 +544,16 @@ async fn dashboard_queries_name_exported_metrics_and_promtool_accepts_the_scrape
     // failures: an upstream 500 (twice: the provider is marked unhealthy)
     http_chat(&s, &chat_body("broken", "b"), ALICE_KEY, None, None).await;
     http_chat(&s, &chat_body("broken", "b"), ALICE_KEY, None, None).await;
+    // Authorize over HTTP (gRPC Authorize shares the core call and the metric)
+    let resp = s
+        .client
+        .post(s.url("/v1/authorize"))
+        .bearer_auth(ALICE_KEY)
+        .json(&json!({"model": "fast"}))
+        .send()
+        .await
+        .expect("POST /v1/authorize");
+    assert_eq!(resp.status(), 200, "POST /v1/authorize");
     // a reload (this server has no file to reload from: a counted failure)
     let _ = s
         .client
@@ -663,7 +688,7 @@ fn random_call(i: usize, rng: &mut impl rand::Rng) -> Call {
         _ => (r.clone(), Some(r.clone()), Some(format!("{r}-p"))),
     };
     let stream = (i / 16) % 2 == 1;
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let mut body = chat_body(&model, &r);
         if stream {
             body["stream"] = json!(true);
@@ -770,9 +795,10 @@ fn leak_summary(lines: &[&str]) -> String {
 }
 
 /// 1000 chat requests with random model, service type and purpose strings (500 HTTP, 500
-/// gRPC, streamed and not), and random HTTP paths and gRPC methods: no random string reaches the
-/// scrape, the first half adds a small set of series (the `unknown` values), and the second
-/// half, the same kinds of requests with other random strings, adds none.
+/// gRPC, streamed and not; models unknown, under a provider whose upstream refuses them, under a
+/// mock provider that answers any name, under a provider with an allow-list): no random string
+/// reaches the scrape, the first half adds a small set of series (the `unknown` values), and the
+/// second half, the same kinds of requests with other random strings, adds none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_models_service_types_and_purposes_do_not_grow_series() {
     let opts = Opts {
@@ -805,12 +831,10 @@ async fn random_models_service_types_and_purposes_do_not_grow_series() {
     const HALF: usize = 500;
     let first: Vec<Call> = (0..HALF).map(|i| random_call(i, &mut rng)).collect();
     run_calls(&s, first).await;
-    random_endpoints(&s, 25, &mut rng).await;
     let middle = s.metrics().await;
 
     let second: Vec<Call> = (0..HALF).map(|i| random_call(i, &mut rng)).collect();
     run_calls(&s, second).await;
-    random_endpoints(&s, 25, &mut rng).await;
     let after = s.metrics().await;
 
     // Every chat request was counted (and so went through the whole path).
@@ -839,8 +863,50 @@ async fn random_models_service_types_and_purposes_do_not_grow_series() {
     );
     let total: usize = first_growth.values().sum();
     assert!(
-        total <= 200 && first_growth.values().all(|&n| n <= 40),
+        total <= 100 && first_growth.values().all(|&n| n <= 24),
         "the first {HALF} random requests added {total} series: {first_growth:#?}"
+    );
+    s.shutdown().await;
+}
+
+/// Request metrics are labelled by endpoint (HTTP route template, gRPC method): 2 x 100 random
+/// HTTP paths and 2 x 100 random gRPC methods (under a served service and under an unknown one)
+/// leave no random string in the scrape and add a fixed handful of series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_http_paths_and_grpc_methods_do_not_grow_series() {
+    let mut s = TestServer::sqlite(Opts::default()).await;
+    let mut rng = rand::rng();
+    assert_eq!(
+        http_chat(&s, &chat_body("fast", "base"), ALICE_KEY, None, None).await,
+        200
+    );
+    assert_eq!(
+        grpc_chat(&s, "fast", false, None, None).await,
+        tonic::Code::Ok
+    );
+    let before = s.metrics().await;
+    random_endpoints(&s, 50, &mut rng).await;
+    let middle = s.metrics().await;
+    random_endpoints(&s, 50, &mut rng).await;
+    let after = s.metrics().await;
+
+    let leaked = random_lines(&after);
+    assert!(
+        leaked.is_empty(),
+        "random paths or gRPC methods reached /metrics labels ({} lines); by sample name:\n{}",
+        leaked.len(),
+        leak_summary(&leaked)
+    );
+    let second_growth = growth(&middle, &after);
+    assert!(
+        second_growth.is_empty(),
+        "more random endpoints added series: {second_growth:#?}"
+    );
+    let first_growth = growth(&before, &middle);
+    let total: usize = first_growth.values().sum();
+    assert!(
+        total <= 40,
+        "random endpoints added {total} series: {first_growth:#?}"
     );
     s.shutdown().await;
 }

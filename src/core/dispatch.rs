@@ -202,6 +202,7 @@ impl Dispatch<'_> {
                         .unwrap_or_else(|| estimate_reply_usage(&req.body, &body));
                     let rec = guard.record();
                     rec.resolved_model = Some(target.resolved.clone());
+                    rec.resolved_label = Some(target.label.clone());
                     rec.usage = usage;
                     guard.finish(Reason::Success);
                     return Ok(ChatCompletion {
@@ -256,6 +257,7 @@ impl Dispatch<'_> {
                 Ok((s, first)) => {
                     self.resolved(&route, target);
                     guard.record().resolved_model = Some(target.resolved.clone());
+                    guard.record().resolved_label = Some(target.label.clone());
                     return Ok(ChatStream::new(
                         s,
                         Some(first),

@@ -561,17 +561,30 @@ impl ChatCall {
         self,
         decoded: Result<ChatRequest, Rejection>,
     ) -> Result<ChatReply, Rejection> {
-        self.run_inner(decoded).await.map_err(|(guard, rejection)| {
-            tracing::debug!(reason = rejection.reason.as_str(), message = %rejection.message, "chat request rejected");
-            guard.finish(rejection.reason);
-            rejection
-        })
+        use tracing::Instrument;
+        // Every log line of the request carries its id; stage spans time auth, policy and the
+        // upstream (their close events are logged at debug level).
+        let span = tracing::info_span!(
+            "chat",
+            request_id = %self.ctx.request_id,
+            protocol = self.ctx.protocol.as_str()
+        );
+        async move {
+            self.run_inner(decoded).await.map_err(|(guard, rejection)| {
+                tracing::debug!(reason = rejection.reason.as_str(), message = %rejection.message, "chat request rejected");
+                guard.finish(rejection.reason);
+                rejection
+            })
+        }
+        .instrument(span)
+        .await
     }
 
     async fn run_inner(
         self,
         decoded: Result<ChatRequest, Rejection>,
     ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
+        use tracing::Instrument;
         let ChatCall {
             gateway,
             runtime: rt,
@@ -595,7 +608,12 @@ impl ChatCall {
             rec.requested_model = req.model.clone();
             rec.model_label = rt.router.label(&req.model);
         }
-        let principal = match gateway.authenticate(&rt, &ctx).await {
+        let principal = match tracing::Instrument::instrument(
+            gateway.authenticate(&rt, &ctx),
+            tracing::debug_span!("auth"),
+        )
+        .await
+        {
             Ok(p) => p,
             Err(e) => return Err((guard, e)),
         };
@@ -632,6 +650,7 @@ impl ChatCall {
                 pricing: &rt.pricing,
                 config: &rt.config.budgets,
             })
+            .instrument(tracing::debug_span!("policy"))
             .await;
         let policy_headers = match admission {
             Ok(a) => {
@@ -645,12 +664,20 @@ impl ChatCall {
             request_id: &ctx.request_id,
         };
         if req.stream {
-            upstream.stream(route, req, guard).await.map(|mut s| {
+            upstream
+                .stream(route, req, guard)
+                .instrument(tracing::debug_span!("upstream"))
+                .await
+                .map(|mut s| {
                 s.set_policy_headers(policy_headers);
                 ChatReply::Stream(Box::new(s))
             })
         } else {
-            upstream.complete(route, req, guard).await.map(|mut c| {
+            upstream
+                .complete(route, req, guard)
+                .instrument(tracing::debug_span!("upstream"))
+                .await
+                .map(|mut c| {
                 c.policy_headers = policy_headers;
                 ChatReply::Complete(c)
             })

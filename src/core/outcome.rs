@@ -40,6 +40,8 @@ pub struct ChatRecord {
     pub user_id: Option<i64>,
     pub key_id: Option<i64>,
     pub resolved_model: Option<String>,
+    /// The bounded label of `resolved_model` for metrics.
+    pub resolved_label: Option<String>,
     pub usage: Usage,
     /// Computed from `pricing` and the usage when the outcome is recorded.
     pub cost_micros: i64,
@@ -80,6 +82,7 @@ impl OutcomeGuard {
                 user_id: None,
                 key_id: None,
                 resolved_model: None,
+                resolved_label: None,
                 usage: Usage::default(),
                 cost_micros: 0,
                 pricing: None,
@@ -131,7 +134,7 @@ impl OutcomeGuard {
                 protocol: r.protocol.as_str(),
             })
             .observe(elapsed.saturating_sub(r.upstream_wait).as_secs_f64());
-        if let Some(resolved) = &r.resolved_model {
+        if let Some(resolved) = &r.resolved_label {
             m.chat_latency
                 .get_or_create(&CompletionLabels {
                     model: resolved.clone(),

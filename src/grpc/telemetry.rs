@@ -40,17 +40,41 @@ pub struct GrpcTelemetry<S> {
     metrics: Arc<Metrics>,
 }
 
-/// Known method paths are labels as they are; anything else is `unknown`, so that a caller
+/// Method paths served, from the compiled descriptors: tollgate's own services, health and
+/// reflection. Constant data, computed once.
+fn served_methods() -> &'static std::collections::HashSet<String> {
+    static SERVED: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    SERVED.get_or_init(|| {
+        use prost::Message;
+        let mut out: std::collections::HashSet<String> = [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        {
+            for file in &set.file {
+                let package = file.package();
+                for service in &file.service {
+                    for method in &service.method {
+                        out.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                    }
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Served method paths are labels as they are; anything else is `unknown`, so that a caller
 /// cannot create series at will.
 fn endpoint_label(path: &str) -> String {
-    const KNOWN: &[&str] = &[
-        "/tollgate.v1.Gateway/",
-        "/tollgate.v1.Admin/",
-        "/grpc.health.v1.Health/",
-        "/grpc.reflection.v1.ServerReflection/",
-        "/grpc.reflection.v1alpha.ServerReflection/",
-    ];
-    if KNOWN.iter().any(|p| path.starts_with(p)) && path.len() < 100 {
+    if served_methods().contains(path) {
         path.to_string()
     } else {
         "unknown".to_string()

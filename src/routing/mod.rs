@@ -26,8 +26,11 @@ pub struct Target {
     pub provider: Arc<ProviderEntry>,
     /// The model name the upstream knows.
     pub model: String,
-    /// `provider/model`, as reported to callers and in success-side metrics.
+    /// `provider/model`, as reported to callers and written to the ledger.
     pub resolved: String,
+    /// The success-side metrics label: `resolved` when configured, else `provider/unknown`,
+    /// because a provider without a model list passes any name through.
+    pub label: String,
 }
 
 /// The targets for one request, in the order to try them.
@@ -162,10 +165,16 @@ impl Router {
         if model.is_empty() || entry.models.as_ref().is_some_and(|m| !m.contains(model)) {
             return None;
         }
+        let label = if self.known.contains(name) {
+            name.to_string()
+        } else {
+            format!("{provider}/unknown")
+        };
         Some(Target {
             provider: entry.clone(),
             model: model.to_string(),
             resolved: name.to_string(),
+            label,
         })
     }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod auth_servers;
+pub mod budget_util;
 pub mod process;
 pub mod upstream;
 

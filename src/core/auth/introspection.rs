@@ -498,11 +498,14 @@ mod tests {
         v.verify("short-1").await.unwrap();
         assert_eq!(server.hits(), 1);
         clock.advance(Duration::from_secs(61));
-        v.verify("short-1").await.unwrap();
-        assert_eq!(server.hits(), 2);
-        // The endpoint's exp is now behind tollgate's clock: the answer is used, not cached.
-        v.verify("short-1").await.unwrap();
-        assert_eq!(server.hits(), 3);
+        // The entry expired with the token; the endpoint is asked again. Its `exp` is now behind
+        // tollgate's clock, so its "active" is not believed, and the refusal is not cached.
+        for hits in [2, 3] {
+            let m = assert_rejected(v.verify("short-1").await, "short-1");
+            assert!(m.contains("expired"), "{m}");
+            assert_eq!(server.hits(), hits);
+        }
+        assert!(v.lock_cache().is_empty());
 
         // A TTL shorter than exp caps the entry instead.
         let mut c = cfg(&url);

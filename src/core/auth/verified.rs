@@ -32,10 +32,6 @@ impl VerifyError {
     pub(crate) fn rejected(msg: impl Into<String>) -> Self {
         VerifyError::Rejected(msg.into())
     }
-
-    pub(crate) fn unavailable(msg: impl Into<String>) -> Self {
-        VerifyError::Unavailable(msg.into())
-    }
 }
 
 /// Why an HTTP exchange with a verifier endpoint produced no usable answer. The text is meant
