@@ -19,6 +19,66 @@ use crate::upstream::key_pool::KeySnapshot;
 
 type AdminResult = Result<Response, AdminError>;
 
+/// A JSON body whose rejection is an admin error in the API's JSON shape, not axum's text.
+pub struct AdminJson<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for AdminJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AdminError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| AdminJson(v))
+            .map_err(|e| AdminError::Invalid(e.body_text()))
+    }
+}
+
+/// A path parameter whose rejection is an admin error in the API's JSON shape.
+pub struct AdminPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for AdminPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| AdminPath(v))
+            .map_err(|e| AdminError::Invalid(e.body_text()))
+    }
+}
+
+/// A query string whose rejection is an admin error in the API's JSON shape.
+pub struct AdminQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for AdminQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| AdminQuery(v))
+            .map_err(|e| AdminError::Invalid(e.body_text()))
+    }
+}
+
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let status =
@@ -101,7 +161,7 @@ struct CreateUser {
     name: Option<String>,
 }
 
-async fn create_user(State(gw): State<Arc<Gateway>>, Json(body): Json<CreateUser>) -> AdminResult {
+async fn create_user(State(gw): State<Arc<Gateway>>, AdminJson(body): AdminJson<CreateUser>) -> AdminResult {
     if body.external_id.trim().is_empty() {
         return Err(AdminError::Invalid("external_id must not be empty".into()));
     }
@@ -120,7 +180,7 @@ struct FindUser {
 }
 
 /// `?external_id=` finds one user; without it, a page of users in id order.
-async fn find_user(State(gw): State<Arc<Gateway>>, Query(q): Query<FindUser>) -> AdminResult {
+async fn find_user(State(gw): State<Arc<Gateway>>, AdminQuery(q): AdminQuery<FindUser>) -> AdminResult {
     if let Some(external_id) = q.external_id {
         let u = gw
             .store()
@@ -144,16 +204,23 @@ struct BlockUser {
 
 async fn block_user(
     State(gw): State<Arc<Gateway>>,
-    Path(id): Path<i64>,
-    body: Option<Json<BlockUser>>,
+    AdminPath(id): AdminPath<i64>,
+    body: axum::body::Bytes,
 ) -> AdminResult {
-    let reason = body.map(|Json(b)| b.reason).unwrap_or_default();
+    // The body is optional: an empty one blocks with a default reason.
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        String::new()
+    } else {
+        serde_json::from_slice::<BlockUser>(&body)
+            .map_err(|e| AdminError::Invalid(format!("bad JSON body: {e}")))?
+            .reason
+    };
     let u = gw.admin().block_user(id, &reason).await?;
     gw.forget_credentials();
     Ok(Json(user_json(&u)).into_response())
 }
 
-async fn unblock_user(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {
+async fn unblock_user(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
     let u = gw.admin().unblock_user(id).await?;
     gw.forget_credentials();
     Ok(Json(user_json(&u)).into_response())
@@ -181,7 +248,7 @@ async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     Ok(Json(json!({"service_types": data})).into_response())
 }
 
-async fn get_user(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {
+async fn get_user(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
     let u = gw
         .store()
         .get_user(id)
@@ -197,7 +264,7 @@ struct CreateKey {
     expires_at: Option<i64>,
 }
 
-async fn create_key(State(gw): State<Arc<Gateway>>, Json(body): Json<CreateKey>) -> AdminResult {
+async fn create_key(State(gw): State<Arc<Gateway>>, AdminJson(body): AdminJson<CreateKey>) -> AdminResult {
     gw.store()
         .get_user(body.user_id)
         .await?
@@ -218,12 +285,12 @@ struct ListKeys {
     user_id: i64,
 }
 
-async fn list_keys(State(gw): State<Arc<Gateway>>, Query(q): Query<ListKeys>) -> AdminResult {
+async fn list_keys(State(gw): State<Arc<Gateway>>, AdminQuery(q): AdminQuery<ListKeys>) -> AdminResult {
     let keys = gw.admin().list_keys(q.user_id).await?;
     Ok(Json(json!({"data": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
 }
 
-async fn revoke_key(State(gw): State<Arc<Gateway>>, Path(id): Path<i64>) -> AdminResult {
+async fn revoke_key(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
     let k = gw.admin().revoke_key(id).await?;
     gw.forget_credentials();
     Ok(Json(key_json(&k)).into_response())
@@ -240,7 +307,7 @@ async fn reload(State(gw): State<Arc<Gateway>>) -> AdminResult {
 
 async fn enable_upstream_key(
     State(gw): State<Arc<Gateway>>,
-    Path((provider, hint)): Path<(String, String)>,
+    AdminPath((provider, hint)): AdminPath<(String, String)>,
 ) -> AdminResult {
     let n = gw.enable_upstream_key(&provider, &hint)?;
     Ok(Json(json!({"enabled": n})).into_response())
