@@ -2015,6 +2015,77 @@ async fn sqlite_store_opens_right_after_shutdown() {
     }
 }
 
+/// What `grpcurl -plaintext HOST list` and `describe` use: server reflection lists the Gateway,
+/// Admin and health services and serves their descriptors, so no proto files are needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reflection_lists_and_describes_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let mut s = TestServer::sqlite(Opts::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.grpc_addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("reflection connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let requests = tokio_stream::iter(vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "tollgate.v1.Gateway".into(),
+        )),
+    ]);
+    let mut answers = client
+        .server_reflection_info(requests)
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let first = answers.message().await.unwrap().expect("list answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("not a service list: {first:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "tollgate.v1.Gateway",
+        "tollgate.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    let second = answers.message().await.unwrap().expect("file answer");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
+        panic!("not a descriptor: {second:?}");
+    };
+    use prost::Message;
+    let described: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .filter_map(|b| prost_types::FileDescriptorProto::decode(b.as_slice()).ok())
+        .flat_map(|f| {
+            f.service
+                .into_iter()
+                .flat_map(|s| s.method)
+                .map(|m| m.name().to_string())
+        })
+        .collect();
+    for want in ["Authorize", "Complete", "StreamComplete", "ListModels"] {
+        assert!(
+            described.iter().any(|m| m == want),
+            "{want} not described: {described:?}"
+        );
+    }
+    s.shutdown().await;
+}
+
 /// The official OpenAI Python SDK against the gateway (script by the SDK owner), when
 /// `TOLLGATE_PYTHON` names an interpreter that has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,7 +161,10 @@ struct CreateUser {
     name: Option<String>,
 }
 
-async fn create_user(State(gw): State<Arc<Gateway>>, AdminJson(body): AdminJson<CreateUser>) -> AdminResult {
+async fn create_user(
+    State(gw): State<Arc<Gateway>>,
+    AdminJson(body): AdminJson<CreateUser>,
+) -> AdminResult {
     if body.external_id.trim().is_empty() {
         return Err(AdminError::Invalid("external_id must not be empty".into()));
     }
@@ -180,7 +183,10 @@ struct FindUser {
 }
 
 /// `?external_id=` finds one user; without it, a page of users in id order.
-async fn find_user(State(gw): State<Arc<Gateway>>, AdminQuery(q): AdminQuery<FindUser>) -> AdminResult {
+async fn find_user(
+    State(gw): State<Arc<Gateway>>,
+    AdminQuery(q): AdminQuery<FindUser>,
+) -> AdminResult {
     if let Some(external_id) = q.external_id {
         let u = gw
             .store()
@@ -220,7 +226,10 @@ async fn block_user(
     Ok(Json(user_json(&u)).into_response())
 }
 
-async fn unblock_user(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
+async fn unblock_user(
+    State(gw): State<Arc<Gateway>>,
+    AdminPath(id): AdminPath<i64>,
+) -> AdminResult {
     let u = gw.admin().unblock_user(id).await?;
     gw.forget_credentials();
     Ok(Json(user_json(&u)).into_response())
@@ -264,7 +273,10 @@ struct CreateKey {
     expires_at: Option<i64>,
 }
 
-async fn create_key(State(gw): State<Arc<Gateway>>, AdminJson(body): AdminJson<CreateKey>) -> AdminResult {
+async fn create_key(
+    State(gw): State<Arc<Gateway>>,
+    AdminJson(body): AdminJson<CreateKey>,
+) -> AdminResult {
     gw.store()
         .get_user(body.user_id)
         .await?
@@ -285,7 +297,10 @@ struct ListKeys {
     user_id: i64,
 }
 
-async fn list_keys(State(gw): State<Arc<Gateway>>, AdminQuery(q): AdminQuery<ListKeys>) -> AdminResult {
+async fn list_keys(
+    State(gw): State<Arc<Gateway>>,
+    AdminQuery(q): AdminQuery<ListKeys>,
+) -> AdminResult {
     let keys = gw.admin().list_keys(q.user_id).await?;
     Ok(Json(json!({"data": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
 }
