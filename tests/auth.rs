@@ -1508,6 +1508,50 @@ async fn signup_cap_per_day_holds_across_two_replicas() {
         "the default service type has no cap",
     )
     .await;
+
+    // One new identity racing on both replicas at once: one user, one signup in all.
+    let (before_a, before_b) = (a.metrics().await, b.metrics().await);
+    let shared = Creds::bearer(&good_jwt("cap-shared-racer"));
+    let results = join_all((0..40).map(|i| {
+        let (server, mut grpc) = if i % 2 == 0 {
+            (&a, grpc_a.clone())
+        } else {
+            (&b, grpc_b.clone())
+        };
+        let c = shared.clone();
+        async move {
+            let rid = new_request_id();
+            first_request(
+                &server.client,
+                server.http,
+                &mut grpc,
+                (i / 2) % 2 == 1,
+                &c,
+                &rid,
+            )
+            .await
+        }
+    }))
+    .await;
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "one identity on two replicas: {failed:#?}"
+    );
+    assert_eq!(
+        count_users(
+            &a.db,
+            &format!("external_id = '{}'", jwt_external_id("cap-shared-racer"))
+        )
+        .await,
+        1
+    );
+    let (now_a, now_b) = (a.metrics().await, b.metrics().await);
+    assert_eq!(
+        signups(&now_a) - signups(&before_a) + signups(&now_b) - signups(&before_b),
+        1.0,
+        "one signup over both replicas"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -327,7 +327,7 @@ impl Gateway {
     ) -> Result<Principal, Rejection> {
         let rt = self.runtime();
         let result: Result<Principal, Rejection> = async {
-            let principal = self.authenticate(&rt, ctx).await?;
+            let principal = self.authenticate(&rt, ctx, &mut None).await?;
             check_blocked(&principal)?;
             if let Some(model) = model.filter(|m| !m.is_empty()) {
                 rt.router.resolve(model)?;
@@ -354,7 +354,7 @@ impl Gateway {
     /// The models and aliases this caller may use.
     pub async fn list_models(&self, ctx: &CallContext) -> Result<Vec<ModelEntry>, Rejection> {
         let rt = self.runtime();
-        let principal = self.authenticate(&rt, ctx).await?;
+        let principal = self.authenticate(&rt, ctx, &mut None).await?;
         check_blocked(&principal)?;
         let mut out = Vec::new();
         for (name, alias) in rt.router.aliases() {
@@ -397,7 +397,15 @@ impl Gateway {
         }
     }
 
-    async fn authenticate(&self, rt: &Runtime, ctx: &CallContext) -> Result<Principal, Rejection> {
+    /// Verifies the credential, settles the service type and purpose, and provisions a new
+    /// token identity. `service_type_seen` receives the service type as soon as it is known, so
+    /// that a refusal after that point is still labelled with it.
+    async fn authenticate(
+        &self,
+        rt: &Runtime,
+        ctx: &CallContext,
+        service_type_seen: &mut Option<String>,
+    ) -> Result<Principal, Rejection> {
         let started = std::time::Instant::now();
         let (method, verified) = self
             .auth
@@ -427,6 +435,7 @@ impl Gateway {
             .clone()
             .or(claimed)
             .unwrap_or_else(|| config.server.default_service_type.clone());
+        *service_type_seen = Some(service_type.clone());
         let Some(st) = config.service_type(&service_type) else {
             return Err(Rejection::new(
                 Reason::InvalidAuthRequest,
@@ -608,14 +617,22 @@ impl ChatCall {
             rec.requested_model = req.model.clone();
             rec.model_label = rt.router.label(&req.model);
         }
+        let mut service_type_seen = None;
         let principal = match tracing::Instrument::instrument(
-            gateway.authenticate(&rt, &ctx),
+            gateway.authenticate(&rt, &ctx, &mut service_type_seen),
             tracing::debug_span!("auth"),
         )
         .await
         {
             Ok(p) => p,
-            Err(e) => return Err((guard, e)),
+            Err(e) => {
+                if let Some(st) = service_type_seen {
+                    let rec = guard.record();
+                    rec.service_type_label = service_type_label(&rt, Some(&st));
+                    rec.service_type = Some(st);
+                }
+                return Err((guard, e));
+            }
         };
         {
             let rec = guard.record();
@@ -669,18 +686,18 @@ impl ChatCall {
                 .instrument(tracing::debug_span!("upstream"))
                 .await
                 .map(|mut s| {
-                s.set_policy_headers(policy_headers);
-                ChatReply::Stream(Box::new(s))
-            })
+                    s.set_policy_headers(policy_headers);
+                    ChatReply::Stream(Box::new(s))
+                })
         } else {
             upstream
                 .complete(route, req, guard)
                 .instrument(tracing::debug_span!("upstream"))
                 .await
                 .map(|mut c| {
-                c.policy_headers = policy_headers;
-                ChatReply::Complete(c)
-            })
+                    c.policy_headers = policy_headers;
+                    ChatReply::Complete(c)
+                })
         }
     }
 }
