@@ -19,20 +19,21 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the configuration comes from, and what overrides it.
+/// Where the configuration comes from, and what overrides it. Global, so that `admin`
+/// commands take them after the subcommand too.
 #[derive(Args, Debug, Clone)]
 pub struct ConfigArgs {
     /// The configuration file (TOML).
-    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    #[arg(long, short, env = "TOLLGATE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Overrides `server.http_addr`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub http_addr: Option<SocketAddr>,
     /// Overrides `server.grpc_addr`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub grpc_addr: Option<SocketAddr>,
     /// Overrides `database.url`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub database_url: Option<String>,
 }
 
@@ -261,8 +262,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::CheckConfig { file } => {
-            let config = Config::load(&file)
-                .map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+            let config =
+                Config::load(&file).map_err(|e| CliError(format!("{}: {e}", file.display())))?;
             for w in config.warnings() {
                 eprintln!("warning: {}: {w}", file.display());
             }
@@ -337,9 +338,7 @@ async fn run_budget(
             );
             println!(
                 "period: {} .. {}",
-                view.period_start
-                    .map(budget::rfc3339)
-                    .unwrap_or_default(),
+                view.period_start.map(budget::rfc3339).unwrap_or_default(),
                 view.reset_at
                     .map(budget::rfc3339)
                     .unwrap_or_else(|| "never".into())

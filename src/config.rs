@@ -98,6 +98,12 @@ pub struct BudgetsConfig {
     /// (an admin change made on another replica is seen within this time; the limit amount
     /// itself is always read from the database by the reservation).
     pub policy_cache_ms: u64,
+    /// How long settlements are gathered into one transaction (0: write each at once).
+    pub settle_batch_ms: u64,
+    /// PostgreSQL: commit reservations without waiting for their WAL flush. Faster under load
+    /// on one budget; a database crash may then forget reservations of requests in flight
+    /// (their settlements still charge the actual cost). Settlements are always durable.
+    pub fast_reservations: bool,
 }
 
 impl Default for BudgetsConfig {
@@ -106,6 +112,8 @@ impl Default for BudgetsConfig {
             reservation_ttl_secs: 900,
             sweep_interval_secs: 30,
             policy_cache_ms: 5000,
+            settle_batch_ms: 10,
+            fast_reservations: false,
         }
     }
 }

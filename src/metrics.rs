@@ -183,8 +183,8 @@ fn keys_tried_buckets() -> Histogram {
 /// Buckets for credential checks: 50 µs (cached key) to 10 s (a stalled verifier).
 fn auth_buckets() -> Histogram {
     Histogram::new([
-        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-        0.5, 1.0, 2.5, 5.0, 10.0,
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 5.0, 10.0,
     ])
 }
 

@@ -15,9 +15,7 @@ use tollgate::core::budget::{rfc3339, Period};
 use tollgate::core::pricing::micros_to_usd;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::gateway_client::GatewayClient;
-use tollgate::proto::{
-    AuthorizeRequest, GetBudgetRequest, QueryUsageRequest, SetBudgetRequest,
-};
+use tollgate::proto::{AuthorizeRequest, GetBudgetRequest, QueryUsageRequest, SetBudgetRequest};
 use tollgate::store::{ReserveOutcome, ReserveScope};
 use tonic::Code;
 
@@ -97,8 +95,8 @@ async fn ledger_cost_of(env: &BudgetEnv, request_id: &str) -> tollgate::store::L
 /// each held ~2 s by the upstream and costing exactly its reserved maximum; the budget covers
 /// exactly 10: exactly 10 succeed, 90 are `budget_exceeded`, the settled spend equals the limit
 /// and a monitor never sees it (or spend plus reservations) above it.
-async fn never_overspent(backend: Backend, instances: usize) {
-    let Some(mut env) = BudgetEnv::start(backend, instances, "").await else {
+async fn never_overspent(backend: Backend, instances: usize, extra: &str) {
+    let Some(mut env) = BudgetEnv::start(backend, instances, extra).await else {
         return;
     };
     let alice = env.alice().await;
@@ -191,7 +189,10 @@ async fn never_overspent(backend: Backend, instances: usize) {
     assert!(max_reserved <= limit);
 
     let b = settled(&env, 0, "user", alice).await;
-    assert_eq!(b["spent_micros"], limit, "settled spend equals the limit: {b}");
+    assert_eq!(
+        b["spent_micros"], limit,
+        "settled spend equals the limit: {b}"
+    );
     assert_eq!(b["remaining_micros"], 0);
     let (status, usage) = env
         .admin(
@@ -202,7 +203,10 @@ async fn never_overspent(backend: Backend, instances: usize) {
         )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(usage["total"]["cost_micros"], limit, "the ledger agrees: {usage}");
+    assert_eq!(
+        usage["total"]["cost_micros"], limit,
+        "the ledger agrees: {usage}"
+    );
     assert_eq!(usage["total"]["requests"], 10, "{usage}");
     let row = env
         .store()
@@ -212,7 +216,11 @@ async fn never_overspent(backend: Backend, instances: usize) {
         .unwrap()
         .unwrap();
     assert_eq!(
-        env.store().await.budget_reservation_count(row.id).await.unwrap(),
+        env.store()
+            .await
+            .budget_reservation_count(row.id)
+            .await
+            .unwrap(),
         0,
         "no reservation is left behind"
     );
@@ -221,12 +229,24 @@ async fn never_overspent(backend: Backend, instances: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_two_instances_100_concurrent_never_overspend() {
-    never_overspent(Backend::Postgres, 2).await;
+    never_overspent(Backend::Postgres, 2, "").await;
+}
+
+/// The same with `budgets.fast_reservations` (reservations committed without waiting for the
+/// WAL flush): exactness under concurrency does not depend on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_instances_fast_reservations_never_overspend() {
+    never_overspent(
+        Backend::Postgres,
+        2,
+        "[budgets]\nfast_reservations = true\n",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_one_instance_100_concurrent_never_overspends() {
-    never_overspent(Backend::Sqlite, 1).await;
+    never_overspent(Backend::Sqlite, 1, "").await;
 }
 
 // =============================================================================================
@@ -277,7 +297,10 @@ async fn disconnect_mid_stream_is_charged_and_released(backend: Backend) {
             }
         }
         let during = env.get_budget(0, "user", alice).await;
-        assert_eq!(during["reserved_micros"], max, "held while streaming: {during}");
+        assert_eq!(
+            during["reserved_micros"], max,
+            "held while streaming: {during}"
+        );
         assert_eq!(during["spent_micros"], 0);
         // drop reader, response and client: the connection closes
     }
@@ -297,7 +320,10 @@ async fn disconnect_mid_stream_is_charged_and_released(backend: Backend) {
         "charged for what was produced"
     );
     let after = settled(&env, 0, "user", alice).await;
-    assert_eq!(after["spent_micros"], row.cost_micros, "budget and ledger agree");
+    assert_eq!(
+        after["spent_micros"], row.cost_micros,
+        "budget and ledger agree"
+    );
     let budget = env
         .store()
         .await
@@ -388,7 +414,10 @@ async fn every_ending_settles_and_ledger_agrees(backend: Backend) {
     assert_eq!(costs[2], 0, "an upstream error costs nothing");
     assert!(costs[1] > 0 && costs[3] > 0, "{costs:?}");
     let row = store.budget_get("user", alice).await.unwrap().unwrap();
-    assert_eq!(row.reserved_micros, 0, "every reservation released: {row:?}");
+    assert_eq!(
+        row.reserved_micros, 0,
+        "every reservation released: {row:?}"
+    );
     assert_eq!(row.spent_micros, total, "budget and ledger agree: {row:?}");
     assert_eq!(store.budget_reservation_count(row.id).await.unwrap(), 0);
 }
@@ -415,7 +444,11 @@ async fn daily_period_rolls_over_at_utc_midnight() {
     let now = clock.now_ms();
     let day = 86_400_000;
     let noon = Period::Daily.start(now) + day / 2;
-    let to_noon = if noon > now { noon - now } else { noon + day - now };
+    let to_noon = if noon > now {
+        noon - now
+    } else {
+        noon + day - now
+    };
     clock.advance(Duration::from_millis(to_noon as u64));
     let midnight = Period::Daily.start(clock.now_ms()) + day;
 
@@ -459,7 +492,9 @@ async fn daily_period_rolls_over_at_utc_midnight() {
     );
 
     // Past midnight: a new day, a fresh budget.
-    clock.advance(Duration::from_millis((midnight - clock.now_ms() + 3_600_000) as u64));
+    clock.advance(Duration::from_millis(
+        (midnight - clock.now_ms() + 3_600_000) as u64,
+    ));
     let r3 = ask(3).await.unwrap();
     assert_eq!(r3.status(), 200, "a new day");
     assert_eq!(header(&r3, "x-budget-reset"), Some(rfc3339(midnight + day)));
@@ -513,7 +548,10 @@ async fn crashed_replica_reservation_expires(backend: Backend) {
         )
         .await
         .unwrap();
-    assert!(matches!(crashed, ReserveOutcome::Reserved(_)), "{crashed:?}");
+    assert!(
+        matches!(crashed, ReserveOutcome::Reserved(_)),
+        "{crashed:?}"
+    );
 
     let r = env.chat(0, ALICE_KEY, &b1).send().await.unwrap();
     assert!(
@@ -521,7 +559,10 @@ async fn crashed_replica_reservation_expires(backend: Backend) {
         "in-flight reservations, not spend: no point waiting for a period end"
     );
     let v = expect_http_error(r, 429, "budget_exceeded").await;
-    assert!(v["error"]["message"].as_str().unwrap().contains("in flight"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("in flight"));
 
     clock.advance(Duration::from_secs(120));
     let r = env.chat(0, ALICE_KEY, &b1).send().await.unwrap();
@@ -615,7 +656,10 @@ async fn user_and_key_budgets_both_hold(backend: Backend) {
     let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-budget-scope").as_deref(), Some("key"));
-    assert_eq!(header(&r, "x-budget-remaining-usd").as_deref(), Some("0.000000"));
+    assert_eq!(
+        header(&r, "x-budget-remaining-usd").as_deref(),
+        Some("0.000000")
+    );
     let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
     let v = expect_http_error(r, 429, "budget_exceeded").await;
     assert!(
@@ -626,7 +670,10 @@ async fn user_and_key_budgets_both_hold(backend: Backend) {
     let ub = settled(&env, 0, "user", alice).await;
     assert_eq!(kb["spent_micros"], max);
     assert_eq!(ub["spent_micros"], max, "the user's budget is charged too");
-    assert_eq!(ub["reserved_micros"], 0, "the refused request left nothing reserved");
+    assert_eq!(
+        ub["reserved_micros"], 0,
+        "the refused request left nothing reserved"
+    );
     env.shutdown().await;
 }
 
@@ -652,17 +699,35 @@ async fn rate_limits_rpm_tpm_http_and_grpc() {
     // RPM, alice, service type `rl`.
     let r = ask("rl", ALICE_KEY, body("b/hold", 1, 1)).await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-ratelimit-limit-requests").as_deref(), Some("2"));
-    assert_eq!(header(&r, "x-ratelimit-remaining-requests").as_deref(), Some("1"));
-    assert_eq!(header(&r, "x-ratelimit-reset-requests").as_deref(), Some("30s"));
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-requests").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-reset-requests").as_deref(),
+        Some("30s")
+    );
     let r = ask("rl", ALICE_KEY, body("b/hold", 2, 1)).await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-ratelimit-remaining-requests").as_deref(), Some("0"));
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
     let calls = env.upstream.calls();
     let r = ask("rl", ALICE_KEY, body("b/hold", 3, 1)).await.unwrap();
     assert_eq!(header(&r, "retry-after").as_deref(), Some("30"));
-    assert_eq!(header(&r, "x-ratelimit-limit-requests").as_deref(), Some("2"));
-    assert_eq!(header(&r, "x-ratelimit-remaining-requests").as_deref(), Some("0"));
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
     let reset = header(&r, "x-ratelimit-reset-requests").unwrap();
     assert!(reset == "1m0s" || reset.starts_with("59."), "{reset}");
     expect_http_error(r, 429, "rate_limited").await;
@@ -689,7 +754,11 @@ async fn rate_limits_rpm_tpm_http_and_grpc() {
             .and_then(|v| v.to_str().ok()),
         Some("0")
     );
-    assert_eq!(env.upstream.calls(), calls, "refused requests never reach the upstream");
+    assert_eq!(
+        env.upstream.calls(),
+        calls,
+        "refused requests never reach the upstream"
+    );
     clock.advance(Duration::from_secs(30));
     let r = ask("rl", ALICE_KEY, body("b/hold", 4, 1)).await.unwrap();
     assert_eq!(r.status(), 200, "one request refilled in 30 s");
@@ -721,7 +790,10 @@ async fn rate_limits_rpm_tpm_http_and_grpc() {
         let r = ask("tl", &tkey, b.clone()).await.unwrap();
         assert_eq!(r.status(), 200);
         left -= per;
-        assert_eq!(header(&r, "x-ratelimit-limit-tokens").as_deref(), Some("60"));
+        assert_eq!(
+            header(&r, "x-ratelimit-limit-tokens").as_deref(),
+            Some("60")
+        );
         assert_eq!(
             header(&r, "x-ratelimit-remaining-tokens"),
             Some(left.to_string())
@@ -756,10 +828,15 @@ async fn rate_limits_rpm_tpm_http_and_grpc() {
     assert_eq!(set["limit_micros"], Value::Null);
     let r = ask("default", &tkey, body("b/hold", 7, 1)).await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-ratelimit-limit-requests").as_deref(), Some("1"));
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("1")
+    );
     let r = ask("default", &tkey, body("b/hold", 8, 1)).await.unwrap();
     expect_http_error(r, 429, "rate_limited").await;
-    let r = ask("default", ALICE_KEY, body("b/hold", 9, 1)).await.unwrap();
+    let r = ask("default", ALICE_KEY, body("b/hold", 9, 1))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "another key is not limited");
     env.shutdown().await;
 }
@@ -778,7 +855,10 @@ async fn admin_budgets_and_usage_http_and_grpc(backend: Backend) {
 
     // The admin token guards every route.
     for (method, path) in [
-        (reqwest::Method::GET, format!("/admin/budgets?scope=user&id={alice}")),
+        (
+            reqwest::Method::GET,
+            format!("/admin/budgets?scope=user&id={alice}"),
+        ),
         (reqwest::Method::PUT, "/admin/budgets".to_string()),
         (reqwest::Method::GET, "/admin/usage".to_string()),
     ] {
@@ -793,12 +873,24 @@ async fn admin_budgets_and_usage_http_and_grpc(backend: Backend) {
     }
     // Bad requests say what is wrong.
     for (bad, status) in [
-        (json!({"scope": "team", "id": alice, "limit_usd": 1, "period": "daily"}), 400),
+        (
+            json!({"scope": "team", "id": alice, "limit_usd": 1, "period": "daily"}),
+            400,
+        ),
         (json!({"scope": "user", "id": alice, "limit_usd": 1}), 400),
-        (json!({"scope": "user", "id": alice, "limit_usd": 1, "period": "yearly"}), 400),
-        (json!({"scope": "user", "id": alice, "limit_usd": -1, "period": "daily"}), 400),
+        (
+            json!({"scope": "user", "id": alice, "limit_usd": 1, "period": "yearly"}),
+            400,
+        ),
+        (
+            json!({"scope": "user", "id": alice, "limit_usd": -1, "period": "daily"}),
+            400,
+        ),
         (json!({"scope": "user", "id": alice, "rpm": 0}), 400),
-        (json!({"scope": "user", "id": 987_654, "limit_usd": 1, "period": "daily"}), 404),
+        (
+            json!({"scope": "user", "id": 987_654, "limit_usd": 1, "period": "daily"}),
+            404,
+        ),
         (json!({"scope": "key", "id": 987_654, "rpm": 5}), 404),
     ] {
         let (s, v) = env
@@ -831,16 +923,26 @@ async fn admin_budgets_and_usage_http_and_grpc(backend: Backend) {
     let b1 = body("b/hold", 1, 10);
     let b2 = body("b/hold", 2, 20);
     for b in [&b1, &b2] {
-        assert_eq!(env.chat(0, ALICE_KEY, b).send().await.unwrap().status(), 200);
+        assert_eq!(
+            env.chat(0, ALICE_KEY, b).send().await.unwrap().status(),
+            200
+        );
     }
-    let r = env.chat(0, ALICE_KEY, &body("b/fail", 3, 10)).send().await.unwrap();
+    let r = env
+        .chat(0, ALICE_KEY, &body("b/fail", 3, 10))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     let cost = hold_cost(&b1) + hold_cost(&b2);
     let after = settled(&env, 0, "user", alice).await;
     assert_eq!(after["spent_micros"], cost);
     assert_eq!(after["remaining_micros"], 1_500_000 - cost);
-    let spend = metric_value(&metrics_text(&env, 0).await, "tollgate_spend_usd_total", &[("model", "b/hold")])
-        - metric_value(&before, "tollgate_spend_usd_total", &[("model", "b/hold")]);
+    let spend = metric_value(
+        &metrics_text(&env, 0).await,
+        "tollgate_spend_usd_total",
+        &[("model", "b/hold")],
+    ) - metric_value(&before, "tollgate_spend_usd_total", &[("model", "b/hold")]);
     assert!(
         (spend - cost as f64 / 1e6).abs() < 1e-9,
         "spend_usd_total{{model=b/hold}} grew by {spend}"
@@ -876,7 +978,10 @@ async fn admin_budgets_and_usage_http_and_grpc(backend: Backend) {
     assert_eq!(v["total"]["cost_micros"], cost);
     let keys = env.store().await.list_api_keys(alice).await.unwrap();
     let key_id = keys[0].id;
-    let v = usage(format!("key_id={key_id}&model=b/hold&from=2020-01-01&to=2100-01-01T00:00:00Z")).await;
+    let v = usage(format!(
+        "key_id={key_id}&model=b/hold&from=2020-01-01&to=2100-01-01T00:00:00Z"
+    ))
+    .await;
     assert_eq!(v["total"]["cost_micros"], cost, "{v}");
     let v = usage(format!("user_id={alice}&from={}", now_ms() + 3_600_000)).await;
     assert_eq!(v["total"]["requests"], 0, "{v}");
@@ -934,7 +1039,10 @@ async fn admin_budgets_and_usage_http_and_grpc(backend: Backend) {
     assert_eq!(set.scope, "key");
     assert_eq!(set.limit_micros, Some(250_000));
     assert_eq!(set.period.as_deref(), Some("12h"));
-    assert_eq!(set.reset_at_ms.unwrap() - set.period_start_ms.unwrap(), 12 * 3_600_000);
+    assert_eq!(
+        set.reset_at_ms.unwrap() - set.period_start_ms.unwrap(),
+        12 * 3_600_000
+    );
     assert_eq!(set.tpm, Some(5000));
     let bad = admin
         .set_budget(grpc_admin(
@@ -974,7 +1082,11 @@ async fn admin_budgets_and_usage_http_and_grpc(backend: Backend) {
     assert_eq!(cleared["explicit"], false);
     assert_eq!(cleared["rpm"], Value::Null);
     let r = env.chat(0, ALICE_KEY, &b1).send().await.unwrap();
-    assert_eq!(r.status(), 200, "no budget of its own and no default: unlimited");
+    assert_eq!(
+        r.status(),
+        200,
+        "no budget of its own and no default: unlimited"
+    );
     assert_eq!(
         header(&r, "x-budget-scope").as_deref(),
         Some("key"),
@@ -996,7 +1108,6 @@ async fn metrics_text(env: &BudgetEnv, i: usize) -> String {
 
 /// Authorize (gRPC and HTTP) reports the budget left: the least of the user's and the key's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "until Gateway::authorize sets the principal's remaining budget from Gateway::remaining_budget"]
 async fn authorize_reports_remaining_budget() {
     let mut env = BudgetEnv::start_on(TestDb::sqlite(), 1, "").await;
     let alice = env.alice().await;
@@ -1010,9 +1121,20 @@ async fn authorize_reports_remaining_budget() {
             None,
         );
         let mut g = g.clone();
-        async move { g.authorize(req).await.unwrap().into_inner().principal.unwrap() }
+        async move {
+            g.authorize(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .principal
+                .unwrap()
+        }
     };
-    assert_eq!(authorize(&mut g).await.remaining_budget_micros, None, "no budget");
+    assert_eq!(
+        authorize(&mut g).await.remaining_budget_micros,
+        None,
+        "no budget"
+    );
     env.put_budget(
         0,
         json!({"scope": "user", "id": alice, "limit_usd": 1, "period": "daily"}),
@@ -1023,7 +1145,10 @@ async fn authorize_reports_remaining_budget() {
         Some(1_000_000)
     );
     let b = body("b/hold", 1, 10);
-    assert_eq!(env.chat(0, ALICE_KEY, &b).send().await.unwrap().status(), 200);
+    assert_eq!(
+        env.chat(0, ALICE_KEY, &b).send().await.unwrap().status(),
+        200
+    );
     settled(&env, 0, "user", alice).await;
     assert_eq!(
         authorize(&mut g).await.remaining_budget_micros,
@@ -1039,7 +1164,11 @@ async fn authorize_reports_remaining_budget() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["remaining_budget_micros"], 1_000_000 - hold_cost(&b), "{v}");
+    assert_eq!(
+        v["remaining_budget_micros"],
+        1_000_000 - hold_cost(&b),
+        "{v}"
+    );
     env.shutdown().await;
 }
 
@@ -1069,7 +1198,11 @@ async fn cli_budget_set_and_get() {
     ))
     .await;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("budget: $2.500000 weekly"), "{stdout}");
     assert!(stdout.contains("rpm: 30"), "{stdout}");
     let b = env.get_budget(0, "user", alice).await;
@@ -1091,8 +1224,12 @@ async fn cli_budget_set_and_get() {
 /// `check-config` warns about unpriced models named in aliases and providers' model lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpriced_models_are_refused_when_configured() {
-    let mut env =
-        BudgetEnv::start_on(TestDb::sqlite(), 1, "[pricing_policy]\nunpriced = \"refuse\"\n").await;
+    let mut env = BudgetEnv::start_on(
+        TestDb::sqlite(),
+        1,
+        "[pricing_policy]\nunpriced = \"refuse\"\n",
+    )
+    .await;
     let r = env
         .chat(0, ALICE_KEY, &body("b/unpriced", 1, 5))
         .send()
@@ -1100,7 +1237,11 @@ async fn unpriced_models_are_refused_when_configured() {
         .unwrap();
     let v = expect_http_error(r, 404, "model_not_found").await;
     assert!(v["error"]["message"].as_str().unwrap().contains("no price"));
-    let r = env.chat(0, ALICE_KEY, &body("b/hold", 1, 5)).send().await.unwrap();
+    let r = env
+        .chat(0, ALICE_KEY, &body("b/hold", 1, 5))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     let config = tollgate::config::Config::from_toml_str(&env.config_text).unwrap();
@@ -1131,6 +1272,9 @@ async fn unpriced_models_are_refused_when_configured() {
     .await;
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("warning:") && stderr.contains("up/stream"), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("up/stream"),
+        "{stderr}"
+    );
     env.shutdown().await;
 }

@@ -219,9 +219,7 @@ impl Admin {
         for name in names {
             let st = config.service_type(&name).unwrap_or_default();
             let used = self.store.signup_usage(&name, now_ms).await?;
-            let remaining = |cap: Option<u64>, used: i64| {
-                cap.map(|c| (c as i64 - used).max(0))
-            };
+            let remaining = |cap: Option<u64>, used: i64| cap.map(|c| (c as i64 - used).max(0));
             let remaining = match (
                 remaining(st.signup_cap_per_day, used.used_24h),
                 remaining(st.signup_cap_total, used.used_total),

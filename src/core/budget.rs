@@ -236,7 +236,9 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    let bad = || format!("{s:?} is not a time: use unix milliseconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ");
+    let bad = || {
+        format!("{s:?} is not a time: use unix milliseconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ")
+    };
     let num = |a: usize, b: usize| -> Result<i64, String> {
         s.get(a..b)
             .filter(|t| t.bytes().all(|c| c.is_ascii_digit()))
@@ -302,6 +304,18 @@ struct Shared {
     /// for them (they can only free budget) before it answers `budget_exceeded`.
     pending: Mutex<HashMap<ScopeKey, u32>>,
     settled: Notify,
+    /// SQLite has one writer at a time, and a writer that finds the database locked sleeps in
+    /// its busy handler for milliseconds: this process's budget writes take turns here instead.
+    sqlite_writes: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    async fn write_turn(&self, store: &Store) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match store {
+            Store::Sqlite { .. } => Some(self.sqlite_writes.lock().await),
+            Store::Postgres { .. } => None,
+        }
+    }
 }
 
 /// Budgets and rate limits: one per process, outliving configuration reloads.
@@ -354,7 +368,13 @@ impl std::fmt::Debug for HoldSlot {
 impl HoldSlot {
     /// Settles the request: corrects its rate-limit charge and, if it reserved budget, queues
     /// the settlement together with `ledger_row`; otherwise the row goes to `ledger`.
-    pub fn settle(&self, cost_micros: i64, usage: &Usage, ledger_row: NewLedgerRow, ledger: &Ledger) {
+    pub fn settle(
+        &self,
+        cost_micros: i64,
+        usage: &Usage,
+        ledger_row: NewLedgerRow,
+        ledger: &Ledger,
+    ) {
         let hold = self.0.lock().ok().and_then(|mut h| h.take());
         match hold {
             Some(h) => h.settle(cost_micros, usage, ledger_row, ledger),
@@ -483,6 +503,7 @@ impl Budgets {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             settled: Notify::new(),
+            sqlite_writes: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(writer(
             store.clone(),
@@ -490,6 +511,7 @@ impl Budgets {
             rx,
             shared.clone(),
             Duration::from_secs(config.sweep_interval_secs.max(1)),
+            Duration::from_millis(config.settle_batch_ms),
         ));
         Arc::new(Budgets {
             store,
@@ -638,6 +660,22 @@ impl Budgets {
     /// unpriced model under `pricing_policy.unpriced = "refuse"`).
     pub async fn admit(self: &Arc<Self>, a: AdmitArgs<'_>) -> Result<Admission, Rejection> {
         let now = self.clock.now_ms();
+        // A model without a price, where those are refused.
+        if let Some(t) = a
+            .route
+            .targets
+            .iter()
+            .find(|t| a.pricing.refuses(&t.resolved))
+        {
+            return Err(Rejection::new(
+                Reason::ModelNotFound,
+                format!(
+                    "`{}` has no price and unpriced models are refused here",
+                    t.resolved
+                ),
+            )
+            .with_param("model"));
+        }
         let identity = &a.principal.identity;
         let ukey = (ScopeKind::User, identity.user_id);
         let kkey = identity.key_id.map(|k| (ScopeKind::Key, k));
@@ -664,6 +702,14 @@ impl Budgets {
                 rate_scopes.push((k, p.limits));
             }
         }
+        let mut applied = Self::applied((ukey, &upol), kkey.zip(kpol.as_ref()), a.service_type);
+        if rate_scopes.is_empty() && applied.is_empty() {
+            // Nothing to count or reserve: no estimate, no database.
+            return Ok(Admission {
+                hold: HoldSlot::default(),
+                headers: Vec::new(),
+            });
+        }
         let prompt = estimate_prompt_tokens(&a.request.body);
         let max_tokens = a.request.max_tokens();
         let mut headers = Vec::new();
@@ -679,7 +725,8 @@ impl Budgets {
                     Some(charge)
                 }
                 Err(d) => {
-                    let secs = d.retry_after.as_secs() + u64::from(d.retry_after.subsec_nanos() > 0);
+                    let secs =
+                        d.retry_after.as_secs() + u64::from(d.retry_after.subsec_nanos() > 0);
                     let mut r = Rejection::new(
                         Reason::RateLimited,
                         format!(
@@ -715,11 +762,6 @@ impl Budgets {
             }
         };
 
-        let mut applied = Self::applied(
-            (ukey, &upol),
-            kkey.zip(kpol.as_ref()),
-            a.service_type,
-        );
         if applied.is_empty() || max_cost == 0 {
             return Ok(Admission {
                 hold: self.hold(None, rate),
@@ -757,6 +799,7 @@ impl Budgets {
                     now,
                     now.saturating_add(ttl_ms),
                     applied.clone(),
+                    !a.config.fast_reservations,
                 )
                 .await;
             let outcome = match outcome {
@@ -848,7 +891,11 @@ impl Budgets {
         ))
     }
 
-    fn hold(self: &Arc<Self>, reservation: Option<Reservation>, rate: Option<RateCharge>) -> HoldSlot {
+    fn hold(
+        self: &Arc<Self>,
+        reservation: Option<Reservation>,
+        rate: Option<RateCharge>,
+    ) -> HoldSlot {
         if reservation.is_none() && rate.is_none() {
             return HoldSlot::default();
         }
@@ -872,14 +919,25 @@ impl Budgets {
         now: i64,
         expires_at: i64,
         applied: Vec<Applied>,
+        durable: bool,
     ) -> Result<ReserveOutcome, StoreError> {
         let (tx, rx) = oneshot::channel();
         let engine = self.clone();
         tokio::spawn(async move {
+            let turn = engine.shared.write_turn(&engine.store).await;
             let result = engine
                 .store
-                .budget_reserve(&scopes, amount, &reservation_id, &request_id, now, expires_at)
+                .budget_reserve_with(
+                    &scopes,
+                    amount,
+                    &reservation_id,
+                    &request_id,
+                    now,
+                    expires_at,
+                    durable,
+                )
                 .await;
+            drop(turn);
             if let Err(Ok(ReserveOutcome::Reserved(rows))) = tx.send(result) {
                 let now = engine.clock.now_ms();
                 let keys = applied.iter().map(|a| a.key).collect();
@@ -904,7 +962,9 @@ impl Budgets {
         });
         match rx.await {
             Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable("budget reservation task failed".into())),
+            Err(_) => Err(StoreError::Unavailable(
+                "budget reservation task failed".into(),
+            )),
         }
     }
 
@@ -971,14 +1031,16 @@ impl Budgets {
                 self.wait_settled(ap.key, Duration::from_secs(2)).await;
                 return Ok(Step::Retry);
             }
-            if row.reserved_micros > 0
-                && self
+            if row.reserved_micros > 0 {
+                let turn = self.shared.write_turn(&self.store).await;
+                let released = self
                     .store
                     .budget_release_expired(Some(row.id), self.clock.now_ms(), 1000)
-                    .await?
-                    > 0
-            {
-                return Ok(Step::Retry);
+                    .await;
+                drop(turn);
+                if released? > 0 {
+                    return Ok(Step::Retry);
+                }
             }
             return Ok(Step::Exceeded(row));
         }
@@ -1095,6 +1157,7 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     sweep: Duration,
+    linger: Duration,
 ) {
     let mut tick = tokio::time::interval(sweep);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1106,7 +1169,10 @@ async fn writer(
                 None => break,
             },
             _ = tick.tick() => {
-                match store.budget_release_expired(None, clock.now_ms(), 500).await {
+                let turn = shared.write_turn(&store).await;
+                let released = store.budget_release_expired(None, clock.now_ms(), 500).await;
+                drop(turn);
+                match released {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(released = n, "released expired budget reservations"),
                     Err(e) => tracing::warn!(error = %e, "expired reservation sweep failed"),
@@ -1117,6 +1183,9 @@ async fn writer(
         let mut batch = Vec::new();
         let mut keys = Vec::new();
         let mut waiting = Vec::new();
+        // Gather for up to `linger` (one transaction for many settlements), less when a flush
+        // is asked for or the batch is full.
+        let deadline = tokio::time::Instant::now() + linger;
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
@@ -1126,12 +1195,21 @@ async fn writer(
                 }
                 Command::Flush(done) => waiting.push(done),
             }
-            if batch.len() >= 500 {
+            if batch.len() >= 500 || !waiting.is_empty() {
                 break;
             }
-            next = rx.try_recv().ok();
+            next = match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(_) => tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
         }
-        write_with_retry(&store, &clock, &batch).await;
+        {
+            let _turn = shared.write_turn(&store).await;
+            write_with_retry(&store, &clock, &batch).await;
+        }
         if let Ok(mut p) = shared.pending.lock() {
             for k in keys {
                 if let Some(n) = p.get_mut(&k) {
@@ -1170,7 +1248,12 @@ async fn write_with_retry(store: &Store, clock: &Clock, batch: &[Settlement]) {
 // admin operations (also used by the CLI, which has a store but no server)
 
 /// A scope's budget and rate limits as stored.
-pub async fn view(store: &Store, now: i64, scope: ScopeKind, id: i64) -> Result<BudgetView, StoreError> {
+pub async fn view(
+    store: &Store,
+    now: i64,
+    scope: ScopeKind,
+    id: i64,
+) -> Result<BudgetView, StoreError> {
     let (row, limits) = store.budget_policy(scope.as_str(), id).await?;
     let mut v = BudgetView {
         scope,
@@ -1183,8 +1266,14 @@ pub async fn view(store: &Store, now: i64, scope: ScopeKind, id: i64) -> Result<
         spent_micros: 0,
         reserved_micros: 0,
         remaining_micros: None,
-        rpm: limits.as_ref().and_then(|l| l.rpm).and_then(|v| u64::try_from(v).ok()),
-        tpm: limits.as_ref().and_then(|l| l.tpm).and_then(|v| u64::try_from(v).ok()),
+        rpm: limits
+            .as_ref()
+            .and_then(|l| l.rpm)
+            .and_then(|v| u64::try_from(v).ok()),
+        tpm: limits
+            .as_ref()
+            .and_then(|l| l.tpm)
+            .and_then(|v| u64::try_from(v).ok()),
     };
     if let Some(r) = row {
         let period = Period::parse(&r.period).ok();
@@ -1204,13 +1293,21 @@ pub async fn view(store: &Store, now: i64, scope: ScopeKind, id: i64) -> Result<
 }
 
 /// Sets a scope's budget and rate limits; the user or key must exist.
-pub async fn set(store: &Store, now: i64, u: &BudgetUpdate) -> Result<BudgetView, BudgetAdminError> {
+pub async fn set(
+    store: &Store,
+    now: i64,
+    u: &BudgetUpdate,
+) -> Result<BudgetView, BudgetAdminError> {
     let exists = match u.scope {
         ScopeKind::User => store.get_user(u.id).await?.is_some(),
         ScopeKind::Key => store.api_key_exists(u.id).await?,
     };
     if !exists {
-        return Err(BudgetAdminError::NotFound(format!("{} {}", u.scope.as_str(), u.id)));
+        return Err(BudgetAdminError::NotFound(format!(
+            "{} {}",
+            u.scope.as_str(),
+            u.id
+        )));
     }
     for (name, v) in [("rpm", u.rpm), ("tpm", u.tpm)] {
         if v == Some(0) || v.is_some_and(|v| v > i64::MAX as u64) {
@@ -1222,10 +1319,19 @@ pub async fn set(store: &Store, now: i64, u: &BudgetUpdate) -> Result<BudgetView
     match &u.budget {
         Some((limit, period)) => {
             if *limit < 0 {
-                return Err(BudgetAdminError::Invalid("limit_usd may not be negative".into()));
+                return Err(BudgetAdminError::Invalid(
+                    "limit_usd may not be negative".into(),
+                ));
             }
             store
-                .budget_set(u.scope.as_str(), u.id, *limit, &period.name(), period.start(now), now)
+                .budget_set(
+                    u.scope.as_str(),
+                    u.id,
+                    *limit,
+                    &period.name(),
+                    period.start(now),
+                    now,
+                )
                 .await?;
         }
         None => {
@@ -1264,7 +1370,9 @@ impl BudgetUpdate {
         };
         for (name, v) in [("rpm", rpm), ("tpm", tpm)] {
             if v == Some(0) || v.is_some_and(|v| v > i64::MAX as u64) {
-                return Err(format!("{name} must be above 0 (leave it out for no limit)"));
+                return Err(format!(
+                    "{name} must be above 0 (leave it out for no limit)"
+                ));
             }
         }
         Ok(BudgetUpdate {
@@ -1280,7 +1388,9 @@ impl BudgetUpdate {
 /// A limit in USD as micro-dollars, checked.
 pub fn limit_from_usd(usd: f64) -> Result<i64, String> {
     if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
-        return Err(format!("limit_usd must be a number from 0 to 1e9, not {usd}"));
+        return Err(format!(
+            "limit_usd must be a number from 0 to 1e9, not {usd}"
+        ));
     }
     Ok(super::pricing::usd_to_micros(usd))
 }
@@ -1299,7 +1409,11 @@ impl Gateway {
     }
 
     /// A scope's budget and rate limits (admin).
-    pub async fn get_budget(&self, scope: ScopeKind, id: i64) -> Result<BudgetView, BudgetAdminError> {
+    pub async fn get_budget(
+        &self,
+        scope: ScopeKind,
+        id: i64,
+    ) -> Result<BudgetView, BudgetAdminError> {
         Ok(self.budgets().view(scope, id).await?)
     }
 
@@ -1354,16 +1468,31 @@ mod tests {
         assert_eq!(Period::Weekly.start(now), at("2026-11-23"));
         assert_eq!(Period::Weekly.end(at("2026-11-23")), Some(at("2026-11-30")));
         assert_eq!(Period::Monthly.start(now), at("2026-11-01"));
-        assert_eq!(Period::Monthly.end(at("2026-11-01")), Some(at("2026-12-01")));
-        assert_eq!(Period::Monthly.end(at("2026-12-01")), Some(at("2027-01-01")));
-        assert_eq!(Period::Monthly.start(at("2024-02-29T23:59:59Z")), at("2024-02-01"));
-        assert_eq!(Period::Monthly.end(at("2024-02-01")), Some(at("2024-03-01")));
-        assert_eq!(Period::Every(12 * 3_600_000).start(now), at("2026-11-27T12:00:00Z"));
+        assert_eq!(
+            Period::Monthly.end(at("2026-11-01")),
+            Some(at("2026-12-01"))
+        );
+        assert_eq!(
+            Period::Monthly.end(at("2026-12-01")),
+            Some(at("2027-01-01"))
+        );
+        assert_eq!(
+            Period::Monthly.start(at("2024-02-29T23:59:59Z")),
+            at("2024-02-01")
+        );
+        assert_eq!(
+            Period::Monthly.end(at("2024-02-01")),
+            Some(at("2024-03-01"))
+        );
+        assert_eq!(
+            Period::Every(12 * 3_600_000).start(now),
+            at("2026-11-27T12:00:00Z")
+        );
         assert_eq!(Period::Total.start(now), 0);
         assert_eq!(Period::Total.end(0), None);
         assert_eq!(rfc3339(at("2026-11-28")), "2026-11-28T00:00:00Z");
         assert_eq!(rfc3339(now), "2026-11-27T15:04:05Z");
-        assert!(T > 0);
+        const { assert!(T > 0) };
     }
 
     #[test]

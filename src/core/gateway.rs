@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use super::admin::{verify_admin_token, Admin, AdminError};
 use super::auth::{Authenticator, Credential, Identity, Verifiers};
-use super::provision::Provisioner;
 use super::chat::ChatRequest;
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
 use super::outcome::{OutcomeGuard, Recorder};
+use super::provision::Provisioner;
 use super::stream::ChatStream;
 use super::{CallContext, Reason, Rejection};
 use crate::config::{Config, Overrides, ServiceTypeConfig};
@@ -61,6 +61,9 @@ pub struct Principal {
     pub service_type: String,
     pub purpose: Option<String>,
     pub allowed_models: Vec<String>,
+    /// What the tightest budget leaves this period, in micro-dollars; set by `authorize`
+    /// (`None`: no budget applies, or not asked).
+    pub remaining_budget_micros: Option<i64>,
 }
 
 /// One provider as operators see it.
@@ -124,10 +127,7 @@ impl Gateway {
         Gateway {
             runtime: RwLock::new(Arc::new(runtime)),
             auth: Authenticator::new(parts.store.clone(), ttl),
-            provisioner: Provisioner::new(
-                parts.store.clone(),
-                identity_ttl,
-            ),
+            provisioner: Provisioner::new(parts.store.clone(), identity_ttl),
             store: parts.store,
             recorder: Recorder {
                 metrics: parts.metrics,
@@ -327,12 +327,14 @@ impl Gateway {
     ) -> Result<Principal, Rejection> {
         let rt = self.runtime();
         let result: Result<Principal, Rejection> = async {
-            let principal = self.authenticate(&rt, ctx, &mut None).await?;
+            let mut principal = self.authenticate(&rt, ctx, &mut None).await?;
             check_blocked(&principal)?;
             if let Some(model) = model.filter(|m| !m.is_empty()) {
                 rt.router.resolve(model)?;
                 check_model_allowed(&principal, model)?;
             }
+            // Reported, not enforced: a free model still works with nothing left.
+            principal.remaining_budget_micros = self.remaining_budget(&principal).await?;
             Ok(principal)
         }
         .await;
@@ -472,6 +474,7 @@ impl Gateway {
             service_type,
             purpose,
             allowed_models: st.models.clone(),
+            remaining_budget_micros: None,
         })
     }
 }

@@ -226,10 +226,7 @@ mod tests {
         );
         let pricing = Pricing::from_config(&config);
         // cheap: 10 * 1 + 100 (model cap) * 2 = 210; dear: 10 * 10 + 500 * 20 = 10100.
-        assert_eq!(
-            pricing.max_cost_micros(["a/cheap"], 10, Some(500)),
-            Ok(210)
-        );
+        assert_eq!(pricing.max_cost_micros(["a/cheap"], 10, Some(500)), Ok(210));
         assert_eq!(
             pricing.max_cost_micros(["a/cheap", "a/dear", "a/free"], 10, Some(500)),
             Ok(10_100)

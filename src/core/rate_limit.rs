@@ -144,13 +144,15 @@ impl RateLimiter {
         now: i64,
         scopes: &[(ScopeKey, Limits)],
         tokens: u64,
-    ) -> Result<(RateCharge, Vec<(&'static str, String)>), RateDenial> {
+    ) -> Result<(RateCharge, crate::core::reason::PolicyHeaders), RateDenial> {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 100_000 {
             // Full buckets are the same as no bucket: forget them.
             map.retain(|_, b| {
                 let full = |x: &Option<Bucket>| {
-                    x.is_none_or(|b| b.level + (now - b.at_ms) as f64 * b.limit / 60_000.0 >= b.limit)
+                    x.is_none_or(|b| {
+                        b.level + (now - b.at_ms) as f64 * b.limit / 60_000.0 >= b.limit
+                    })
                 };
                 !(full(&b.requests) && full(&b.tokens))
             });
@@ -163,7 +165,11 @@ impl RateLimiter {
             sync(&mut entry.tokens, limits.tpm, now);
             if let (Some(b), Some(limit)) = (&entry.requests, limits.rpm) {
                 let wait = b.wait_ms(1.0);
-                if wait > 0 && denial.as_ref().is_none_or(|d| d.retry_after.as_millis() < wait as u128) {
+                if wait > 0
+                    && denial
+                        .as_ref()
+                        .is_none_or(|d| d.retry_after.as_millis() < wait as u128)
+                {
                     denial = Some(RateDenial {
                         what: "requests",
                         limit,
@@ -175,7 +181,11 @@ impl RateLimiter {
             if let (Some(b), Some(limit)) = (&entry.tokens, limits.tpm) {
                 let need = (tokens as f64).min(b.limit);
                 let wait = b.wait_ms(need);
-                if wait > 0 && denial.as_ref().is_none_or(|d| d.retry_after.as_millis() < wait as u128) {
+                if wait > 0
+                    && denial
+                        .as_ref()
+                        .is_none_or(|d| d.retry_after.as_millis() < wait as u128)
+                {
                     denial = Some(RateDenial {
                         what: "tokens",
                         limit,
@@ -303,7 +313,10 @@ mod tests {
         let t0 = 1_000_000;
         for i in 0..3 {
             let (_, h) = rl.admit(t0, &scopes, 0).expect("within rpm");
-            assert_eq!(header(&h, headers::REMAINING_REQUESTS), Some(&*(2 - i).to_string()));
+            assert_eq!(
+                header(&h, headers::REMAINING_REQUESTS),
+                Some(&*(2 - i).to_string())
+            );
         }
         let d = rl.admit(t0, &scopes, 0).unwrap_err();
         assert_eq!(d.what, "requests");

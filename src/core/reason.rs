@@ -193,7 +193,7 @@ pub struct Rejection {
     pub retry_after: Option<Duration>,
     /// Policy headers to send with the error (`x-ratelimit-*`, `x-budget-*`): HTTP response
     /// headers, gRPC trailing metadata.
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: PolicyHeaders,
 }
 
 impl Rejection {
@@ -231,6 +231,9 @@ impl Rejection {
         Self::new(Reason::InternalError, "internal error")
     }
 }
+
+/// Response headers a policy stage adds (budget and rate-limit state), name and value.
+pub type PolicyHeaders = Vec<(&'static str, String)>;
 
 #[cfg(test)]
 mod tests {

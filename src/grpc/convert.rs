@@ -205,7 +205,7 @@ impl From<Principal> for proto::Principal {
             purpose: p.purpose,
             allowed_models: p.allowed_models,
             key_id: p.identity.key_id,
-            remaining_budget_micros: None,
+            remaining_budget_micros: p.remaining_budget_micros,
         }
     }
 }

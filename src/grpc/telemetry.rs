@@ -56,8 +56,7 @@ fn served_methods() -> &'static std::collections::HashSet<String> {
         .into_iter()
         .map(String::from)
         .collect();
-        if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
-        {
+        if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET) {
             for file in &set.file {
                 let package = file.package();
                 for service in &file.service {

@@ -16,14 +16,13 @@ use super::{context, headers};
 use crate::core::{Gateway, Principal, Reason, Rejection};
 
 /// Decodes the optional `{"model": ...}` body, makes one core call, encodes the principal.
-pub async fn authorize(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn authorize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
     let ctx = context(&headers);
     let limit = gw.runtime().config.server.max_body_bytes;
-    let model = match read_body(&headers, body, limit).await.and_then(|b| model_of(&b)) {
+    let model = match read_body(&headers, body, limit)
+        .await
+        .and_then(|b| model_of(&b))
+    {
         Ok(m) => m,
         Err(e) => return error_response(&e),
     };
@@ -61,6 +60,6 @@ fn principal_json(p: &Principal) -> Value {
         "purpose": p.purpose,
         "allowed_models": p.allowed_models,
         "key_id": p.identity.key_id,
-        "remaining_budget_micros": Value::Null,
+        "remaining_budget_micros": p.remaining_budget_micros,
     })
 }

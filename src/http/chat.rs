@@ -56,7 +56,11 @@ fn set_header(resp: &mut Response, name: &'static str, value: &str) {
 
 /// Reads the body, refusing it before reading when `Content-Length` is over the limit and while
 /// reading when it grows past it.
-pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Rejection> {
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, Rejection> {
     let too_large = || {
         Rejection::new(
             Reason::PayloadTooLarge,

@@ -18,7 +18,7 @@ use super::schema::{budget_reservations, budgets, rate_limits, usage_ledger};
 use super::{with_conn, NewLedgerRow, Store, StoreError};
 
 /// A budget as stored.
-#[derive(Debug, Clone, Queryable, Selectable, PartialEq, Eq)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable, PartialEq, Eq)]
 #[diesel(table_name = budgets)]
 pub struct BudgetRow {
     pub id: i64,
@@ -133,6 +133,251 @@ pub struct ModelUsage {
     pub cost_micros: i64,
 }
 
+/// Per budget of a batch of settlements: the cost to add, and the period it belongs to.
+fn per_budget(batch: &[Settlement]) -> std::collections::BTreeMap<i64, (i64, String, i64)> {
+    let mut per = std::collections::BTreeMap::<i64, (i64, String, i64)>::new();
+    for s in batch {
+        for part in &s.parts {
+            let e =
+                per.entry(part.budget_id)
+                    .or_insert((0, part.period.clone(), part.period_start));
+            e.0 += s.cost_micros;
+            if part.period_start > e.2 {
+                e.1 = part.period.clone();
+                e.2 = part.period_start;
+            }
+        }
+    }
+    per
+}
+
+/// The SQLite versions of the hot writes, each one transaction in one blocking call (sync
+/// diesel; the same statements as the async versions).
+mod sqlite_sync {
+    use diesel::prelude::*;
+    use diesel::sqlite::SqliteConnection;
+
+    use super::{per_budget, BudgetRow, ReserveOutcome, ReserveScope, Settlement, TxError};
+    use crate::store::schema::{budget_reservations, budgets, usage_ledger};
+
+    pub fn reserve(
+        c: &mut SqliteConnection,
+        scopes: &[ReserveScope],
+        amount: i64,
+        reservation_id: &str,
+        request_id: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> QueryResult<ReserveOutcome> {
+        let result = c.immediate_transaction::<_, TxError, _>(|c| {
+            let mut rows = Vec::with_capacity(scopes.len());
+            for (i, s) in scopes.iter().enumerate() {
+                let row = diesel::update(budgets::table)
+                    .filter(budgets::scope.eq(s.scope))
+                    .filter(budgets::subject_id.eq(s.subject_id))
+                    .filter(budgets::explicit.eq(s.explicit))
+                    .filter(
+                        budgets::explicit
+                            .eq(true)
+                            .or(budgets::limit_micros.eq(s.default_limit.unwrap_or(-1))),
+                    )
+                    .filter(budgets::period.eq(&s.period))
+                    .filter(budgets::period_start.eq(s.period_start))
+                    .filter(
+                        (budgets::spent_micros + budgets::reserved_micros + amount)
+                            .le(budgets::limit_micros),
+                    )
+                    .set((
+                        budgets::reserved_micros.eq(budgets::reserved_micros + amount),
+                        budgets::updated_at.eq(now),
+                    ))
+                    .returning(BudgetRow::as_returning())
+                    .get_result(c)
+                    .optional()?;
+                match row {
+                    Some(r) => rows.push(r),
+                    None => return Err(TxError::Missed(i)),
+                }
+            }
+            for r in &rows {
+                diesel::insert_into(budget_reservations::table)
+                    .values((
+                        budget_reservations::id.eq(reservation_id),
+                        budget_reservations::budget_id.eq(r.id),
+                        budget_reservations::request_id.eq(request_id),
+                        budget_reservations::amount_micros.eq(amount),
+                        budget_reservations::created_at.eq(now),
+                        budget_reservations::expires_at.eq(expires_at),
+                    ))
+                    .execute(c)?;
+            }
+            Ok(rows)
+        });
+        match result {
+            Ok(rows) => Ok(ReserveOutcome::Reserved(rows)),
+            Err(TxError::Missed(i)) => Ok(ReserveOutcome::Missed(i)),
+            Err(TxError::Db(e)) => Err(e),
+        }
+    }
+
+    pub fn settle(c: &mut SqliteConnection, batch: &[Settlement], now: i64) -> QueryResult<()> {
+        let per = per_budget(batch);
+        c.immediate_transaction(|c| {
+            for s in batch {
+                if let Some(row) = &s.ledger {
+                    diesel::insert_into(usage_ledger::table)
+                        .values(row)
+                        .execute(c)?;
+                }
+            }
+            let mut held = std::collections::BTreeMap::<i64, i64>::new();
+            let ids: Vec<&str> = batch.iter().map(|s| s.reservation_id.as_str()).collect();
+            for chunk in ids.chunks(500) {
+                let released: Vec<(i64, i64)> = diesel::delete(
+                    budget_reservations::table
+                        .filter(budget_reservations::id.eq_any(chunk.iter().copied())),
+                )
+                .returning((
+                    budget_reservations::budget_id,
+                    budget_reservations::amount_micros,
+                ))
+                .load(c)?;
+                for (budget, amount) in released {
+                    *held.entry(budget).or_default() += amount;
+                }
+            }
+            for (budget, (cost, period, period_start)) in &per {
+                diesel::update(budgets::table)
+                    .filter(budgets::id.eq(*budget))
+                    .filter(budgets::period.eq(period))
+                    .filter(budgets::period_start.lt(*period_start))
+                    .set((
+                        budgets::period_start.eq(*period_start),
+                        budgets::spent_micros.eq(0),
+                    ))
+                    .execute(c)?;
+                let give_back = held.get(budget).copied().unwrap_or(0);
+                diesel::update(budgets::table.filter(budgets::id.eq(*budget)))
+                    .set((
+                        budgets::spent_micros.eq(budgets::spent_micros + *cost),
+                        budgets::reserved_micros.eq(budgets::reserved_micros - give_back),
+                        budgets::updated_at.eq(now),
+                    ))
+                    .execute(c)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Ledger rows written with a settlement: many rows a statement where the backend can.
+trait LedgerRows {
+    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()>;
+}
+
+impl LedgerRows for diesel_async::AsyncPgConnection {
+    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+        // 16 parameters a row; PostgreSQL takes at most 65535 in one statement.
+        for chunk in rows.chunks(1000) {
+            diesel::insert_into(usage_ledger::table)
+                .values(chunk)
+                .execute(self)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl LedgerRows
+    for diesel_async::sync_connection_wrapper::SyncConnectionWrapper<
+        diesel::sqlite::SqliteConnection,
+    >
+{
+    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+        // SQLite cannot take diesel's multi-row insert with nullable columns; one transaction
+        // still makes the batch a single write.
+        for row in rows {
+            diesel::insert_into(usage_ledger::table)
+                .values(row)
+                .execute(self)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// [`Store::budget_reserve`] for one scope on PostgreSQL, as one statement (reservation
+/// row and budget update together), written out so that it is a cacheable prepared statement
+/// (diesel's `sql_query` is prepared anew each time: one more round trip).
+struct PgReserveOne<'a> {
+    s: &'a ReserveScope,
+    default_limit: i64,
+    amount: i64,
+    now: i64,
+    reservation_id: &'a str,
+    request_id: &'a str,
+    expires_at: i64,
+    durable: bool,
+}
+
+impl diesel::query_builder::QueryId for PgReserveOne<'_> {
+    type QueryId = PgReserveOne<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for PgReserveOne<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PgReserveOne<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        use diesel::sql_types::{Bool, Text};
+        out.push_sql("WITH u AS (UPDATE budgets SET reserved_micros = reserved_micros + ");
+        out.push_bind_param::<BigInt, _>(&self.amount)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(" WHERE scope = ");
+        out.push_bind_param::<Text, _>(&self.s.scope)?;
+        out.push_sql(" AND subject_id = ");
+        out.push_bind_param::<BigInt, _>(&self.s.subject_id)?;
+        out.push_sql(" AND explicit = ");
+        out.push_bind_param::<Bool, _>(&self.s.explicit)?;
+        out.push_sql(" AND (explicit OR limit_micros = ");
+        out.push_bind_param::<BigInt, _>(&self.default_limit)?;
+        out.push_sql(") AND period = ");
+        out.push_bind_param::<Text, _>(&self.s.period)?;
+        out.push_sql(" AND period_start = ");
+        out.push_bind_param::<BigInt, _>(&self.s.period_start)?;
+        out.push_sql(" AND spent_micros + reserved_micros + ");
+        out.push_bind_param::<BigInt, _>(&self.amount)?;
+        out.push_sql(
+            " <= limit_micros RETURNING *), r AS (INSERT INTO budget_reservations \
+             (id, budget_id, request_id, amount_micros, created_at, expires_at) SELECT ",
+        );
+        out.push_bind_param::<Text, _>(&self.reservation_id)?;
+        out.push_sql(", id, ");
+        out.push_bind_param::<Text, _>(&self.request_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.amount)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.expires_at)?;
+        // Without durability, this transaction alone commits without waiting for the WAL flush.
+        out.push_sql(" FROM u), c AS (SELECT set_config('synchronous_commit', CASE WHEN ");
+        out.push_bind_param::<Bool, _>(&self.durable)?;
+        out.push_sql(
+            " THEN current_setting('synchronous_commit') ELSE 'off' END, true) AS sc) \
+             SELECT u.id, u.scope, u.subject_id, u.explicit, u.limit_micros, u.period, \
+             u.period_start, u.spent_micros, u.reserved_micros, u.updated_at FROM u, c",
+        );
+        Ok(())
+    }
+}
+
 enum TxError {
     Db(diesel::result::Error),
     Missed(usize),
@@ -145,7 +390,11 @@ impl From<diesel::result::Error> for TxError {
 }
 
 impl Store {
-    /// Reserves `amount` in every scope at once, or in none.
+    /// Reserves `amount` in every scope at once, or in none. The reservation rows are written
+    /// first (they lock nothing but a key share of the budget rows); the budget rows are then
+    /// updated in id order, so that the row locks are held only until the commit and are taken
+    /// in the same order by every transaction (no deadlocks with settlements or other
+    /// replicas).
     #[allow(clippy::too_many_arguments)]
     pub async fn budget_reserve(
         &self,
@@ -156,13 +405,123 @@ impl Store {
         now: i64,
         expires_at: i64,
     ) -> Result<ReserveOutcome, StoreError> {
+        self.budget_reserve_with(
+            scopes,
+            amount,
+            reservation_id,
+            request_id,
+            now,
+            expires_at,
+            true,
+        )
+        .await
+    }
+
+    /// [`Store::budget_reserve`]; with `durable` false, PostgreSQL commits the reservation
+    /// without waiting for its WAL flush (`synchronous_commit = off` for that transaction only).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn budget_reserve_with(
+        &self,
+        scopes: &[ReserveScope],
+        amount: i64,
+        reservation_id: &str,
+        request_id: &str,
+        now: i64,
+        expires_at: i64,
+        durable: bool,
+    ) -> Result<ReserveOutcome, StoreError> {
+        use diesel::sql_types::Text;
+        use diesel::IntoSql;
+        if let (Store::Postgres { pool, .. }, [s]) = (self, scopes) {
+            // One scope on PostgreSQL: one statement, one round trip, the row lock held only
+            // for its own execution.
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let row: Option<BudgetRow> = PgReserveOne {
+                s,
+                default_limit: s.default_limit.unwrap_or(-1),
+                amount,
+                now,
+                reservation_id,
+                request_id,
+                expires_at,
+                durable,
+            }
+            .get_result(&mut *conn)
+            .await
+            .optional()?;
+            return Ok(match row {
+                Some(r) => ReserveOutcome::Reserved(vec![r]),
+                None => ReserveOutcome::Missed(0),
+            });
+        }
+        if let Store::Sqlite { pool, .. } = self {
+            // SQLite: the whole transaction in one blocking call, taking the write lock at its
+            // start (BEGIN IMMEDIATE), instead of a thread hop per statement.
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let (scopes, rid, req) = (
+                scopes.to_vec(),
+                reservation_id.to_string(),
+                request_id.to_string(),
+            );
+            return Ok(conn
+                .spawn_blocking(move |c| {
+                    sqlite_sync::reserve(c, &scopes, amount, &rid, &req, now, expires_at)
+                })
+                .await?);
+        }
+        let relaxed = !durable && matches!(self, Store::Postgres { .. });
         let result = with_conn!(self, conn => {
             conn.transaction::<_, TxError, _>(async |conn| {
-                let mut rows = Vec::with_capacity(scopes.len());
+                if relaxed {
+                    diesel::sql_query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                let mut order = Vec::with_capacity(scopes.len());
                 for (i, s) in scopes.iter().enumerate() {
+                    let budget: Option<i64> = diesel::insert_into(budget_reservations::table)
+                        .values(
+                            budgets::table
+                                .filter(budgets::scope.eq(s.scope))
+                                .filter(budgets::subject_id.eq(s.subject_id))
+                                .select((
+                                    reservation_id.into_sql::<Text>(),
+                                    budgets::id,
+                                    request_id.into_sql::<Text>(),
+                                    amount.into_sql::<BigInt>(),
+                                    now.into_sql::<BigInt>(),
+                                    expires_at.into_sql::<BigInt>(),
+                                )),
+                        )
+                        .into_columns((
+                            budget_reservations::id,
+                            budget_reservations::budget_id,
+                            budget_reservations::request_id,
+                            budget_reservations::amount_micros,
+                            budget_reservations::created_at,
+                            budget_reservations::expires_at,
+                        ))
+                        .returning(budget_reservations::budget_id)
+                        .get_result(&mut *conn)
+                        .await
+                        .optional()?;
+                    match budget {
+                        Some(b) => order.push((b, i)),
+                        None => return Err(TxError::Missed(i)),
+                    }
+                }
+                order.sort_unstable();
+                let mut rows: Vec<Option<BudgetRow>> = vec![None; scopes.len()];
+                for (budget, i) in order {
+                    let s = &scopes[i];
                     let row = diesel::update(budgets::table)
-                        .filter(budgets::scope.eq(s.scope))
-                        .filter(budgets::subject_id.eq(s.subject_id))
+                        .filter(budgets::id.eq(budget))
                         .filter(budgets::explicit.eq(s.explicit))
                         .filter(
                             budgets::explicit
@@ -184,24 +543,11 @@ impl Store {
                         .await
                         .optional()?;
                     match row {
-                        Some(r) => rows.push(r),
+                        Some(r) => rows[i] = Some(r),
                         None => return Err(TxError::Missed(i)),
                     }
                 }
-                for r in &rows {
-                    diesel::insert_into(budget_reservations::table)
-                        .values(NewReservation {
-                            id: reservation_id,
-                            budget_id: r.id,
-                            request_id,
-                            amount_micros: amount,
-                            created_at: now,
-                            expires_at,
-                        })
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                Ok(rows)
+                Ok(rows.into_iter().flatten().collect::<Vec<_>>())
             })
             .await
         });
@@ -370,6 +716,7 @@ impl Store {
                                 .await?
                         }
                     };
+                    let mut give_back = std::collections::BTreeMap::<i64, i64>::new();
                     let mut released = 0;
                     for (id, budget) in expired {
                         // Deleted here or by a settlement racing us: whoever deletes the row
@@ -385,15 +732,19 @@ impl Store {
                         .await
                         .optional()?;
                         if let Some(amount) = amount {
-                            diesel::update(budgets::table.filter(budgets::id.eq(budget)))
-                                .set((
-                                    budgets::reserved_micros.eq(budgets::reserved_micros - amount),
-                                    budgets::updated_at.eq(now),
-                                ))
-                                .execute(&mut *conn)
-                                .await?;
+                            *give_back.entry(budget).or_default() += amount;
                             released += 1;
                         }
+                    }
+                    // Budget rows last and in id order: locks held briefly, in one order.
+                    for (budget, amount) in give_back {
+                        diesel::update(budgets::table.filter(budgets::id.eq(budget)))
+                            .set((
+                                budgets::reserved_micros.eq(budgets::reserved_micros - amount),
+                                budgets::updated_at.eq(now),
+                            ))
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(released)
                 })
@@ -401,52 +752,66 @@ impl Store {
         })
     }
 
-    /// Writes settlements (and their ledger rows) in one transaction: each reservation row is
-    /// deleted and its amount given back (unless it already expired and was released), the
-    /// period is rolled over if it ended while the request ran, and the actual cost is added.
+    /// Writes settlements (and their ledger rows) in one transaction: the reservation rows are
+    /// deleted and their amounts given back (unless they already expired and were released),
+    /// a period that ended while a request ran is rolled over, and the actual costs are added.
+    /// Each budget row is updated once per batch, last, in id order.
     pub async fn budget_settle(&self, batch: &[Settlement], now: i64) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        if let Store::Sqlite { pool, .. } = self {
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let batch = batch.to_vec();
+            return Ok(conn
+                .spawn_blocking(move |c| sqlite_sync::settle(c, &batch, now))
+                .await?);
+        }
+        let per = per_budget(batch);
+        let ids: Vec<&str> = batch.iter().map(|s| s.reservation_id.as_str()).collect();
+        let ledger: Vec<NewLedgerRow> = batch.iter().filter_map(|s| s.ledger.clone()).collect();
         with_conn!(self, conn => {
             conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                for s in batch {
-                    if let Some(row) = &s.ledger {
-                        diesel::insert_into(usage_ledger::table)
-                            .values(row)
-                            .execute(&mut *conn)
-                            .await?;
+                LedgerRows::insert_rows(&mut *conn, &ledger).await?;
+                let mut held = std::collections::BTreeMap::<i64, i64>::new();
+                for chunk in ids.chunks(1000) {
+                    let released: Vec<(i64, i64)> = diesel::delete(
+                        budget_reservations::table
+                            .filter(budget_reservations::id.eq_any(chunk.iter().copied())),
+                    )
+                    .returning((
+                        budget_reservations::budget_id,
+                        budget_reservations::amount_micros,
+                    ))
+                    .load(&mut *conn)
+                    .await?;
+                    for (budget, amount) in released {
+                        *held.entry(budget).or_default() += amount;
                     }
-                    for part in &s.parts {
-                        let held: Option<i64> = diesel::delete(
-                            budget_reservations::table
-                                .filter(budget_reservations::id.eq(&s.reservation_id))
-                                .filter(budget_reservations::budget_id.eq(part.budget_id)),
-                        )
-                        .returning(budget_reservations::amount_micros)
-                        .get_result(&mut *conn)
-                        .await
-                        .optional()?;
-                        diesel::update(budgets::table)
-                            .filter(budgets::id.eq(part.budget_id))
-                            .filter(budgets::period.eq(&part.period))
-                            .filter(budgets::period_start.lt(part.period_start))
-                            .set((
-                                budgets::period_start.eq(part.period_start),
-                                budgets::spent_micros.eq(0),
-                            ))
-                            .execute(&mut *conn)
-                            .await?;
-                        diesel::update(budgets::table.filter(budgets::id.eq(part.budget_id)))
-                            .set((
-                                budgets::spent_micros.eq(budgets::spent_micros + s.cost_micros),
-                                budgets::reserved_micros
-                                    .eq(budgets::reserved_micros - held.unwrap_or(0)),
-                                budgets::updated_at.eq(now),
-                            ))
-                            .execute(&mut *conn)
-                            .await?;
-                    }
+                }
+                for (budget, (cost, period, period_start)) in &per {
+                    diesel::update(budgets::table)
+                        .filter(budgets::id.eq(*budget))
+                        .filter(budgets::period.eq(period))
+                        .filter(budgets::period_start.lt(*period_start))
+                        .set((
+                            budgets::period_start.eq(*period_start),
+                            budgets::spent_micros.eq(0),
+                        ))
+                        .execute(&mut *conn)
+                        .await?;
+                    let give_back = held.get(budget).copied().unwrap_or(0);
+                    diesel::update(budgets::table.filter(budgets::id.eq(*budget)))
+                        .set((
+                            budgets::spent_micros.eq(budgets::spent_micros + *cost),
+                            budgets::reserved_micros.eq(budgets::reserved_micros - give_back),
+                            budgets::updated_at.eq(now),
+                        ))
+                        .execute(&mut *conn)
+                        .await?;
                 }
                 Ok(())
             })
@@ -509,7 +874,12 @@ impl Store {
 
     /// Removes a scope's own budget (admin): a user falls back to the service type's default.
     /// What was spent stays on the row.
-    pub async fn budget_clear(&self, scope: &str, subject_id: i64, now: i64) -> Result<bool, StoreError> {
+    pub async fn budget_clear(
+        &self,
+        scope: &str,
+        subject_id: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         with_conn!(self, conn => {
             let n = diesel::update(budgets::table)
                 .filter(budgets::scope.eq(scope))

@@ -183,9 +183,10 @@ fn async_stream(
         let _ = tx.send(usage_chunk(prompt, first + 20)).await;
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
-    futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok(b), rx))
-    })
+    futures_util::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
+    )
 }
 
 /// The configuration of a budget test gateway: the standard test configuration with every
