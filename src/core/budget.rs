@@ -1423,13 +1423,34 @@ impl Gateway {
         self.budgets().set(update).await
     }
 
-    /// Spend and tokens per resolved model (admin).
-    pub async fn query_usage(
-        &self,
-        filter: &UsageFilter,
-    ) -> Result<Vec<crate::store::ModelUsage>, BudgetAdminError> {
-        Ok(self.store().usage_by_model(filter).await?)
+    /// Spend and tokens per resolved model, and their sum (admin).
+    pub async fn query_usage(&self, filter: &UsageFilter) -> Result<UsageReport, BudgetAdminError> {
+        let models = self.store().usage_by_model(filter).await?;
+        let mut total = UsageTotal::default();
+        for m in &models {
+            total.requests += m.requests;
+            total.prompt_tokens += m.prompt_tokens;
+            total.completion_tokens += m.completion_tokens;
+            total.cost_micros += m.cost_micros;
+        }
+        Ok(UsageReport { models, total })
     }
+}
+
+/// What the usage query answers: per resolved model, and the sum of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReport {
+    pub models: Vec<crate::store::ModelUsage>,
+    pub total: UsageTotal,
+}
+
+/// Requests, tokens and spend summed over the models of a usage report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotal {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: i64,
 }
 
 #[cfg(test)]

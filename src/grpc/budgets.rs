@@ -63,20 +63,22 @@ pub async fn query_usage(
         from: r.from_ms,
         to: r.to_ms,
     };
-    let rows = gw.query_usage(&filter).await?;
-    let mut out = proto::QueryUsageResponse::default();
-    for m in rows {
-        out.total_requests += m.requests;
-        out.total_prompt_tokens += m.prompt_tokens;
-        out.total_completion_tokens += m.completion_tokens;
-        out.total_cost_micros += m.cost_micros;
-        out.models.push(proto::ModelUsage {
-            model: m.model,
-            requests: m.requests,
-            prompt_tokens: m.prompt_tokens,
-            completion_tokens: m.completion_tokens,
-            cost_micros: m.cost_micros,
-        });
-    }
-    Ok(out)
+    let report = gw.query_usage(&filter).await?;
+    Ok(proto::QueryUsageResponse {
+        total_requests: report.total.requests,
+        total_prompt_tokens: report.total.prompt_tokens,
+        total_completion_tokens: report.total.completion_tokens,
+        total_cost_micros: report.total.cost_micros,
+        models: report
+            .models
+            .into_iter()
+            .map(|m| proto::ModelUsage {
+                model: m.model,
+                requests: m.requests,
+                prompt_tokens: m.prompt_tokens,
+                completion_tokens: m.completion_tokens,
+                cost_micros: m.cost_micros,
+            })
+            .collect(),
+    })
 }

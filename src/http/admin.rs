@@ -17,7 +17,8 @@ use crate::core::Gateway;
 use crate::store::{ApiKey, User};
 use crate::upstream::key_pool::KeySnapshot;
 
-type AdminResult = Result<Response, AdminError>;
+/// What an admin handler answers.
+pub(super) type AdminResult = Result<Response, AdminError>;
 
 /// A JSON body whose rejection is an admin error in the API's JSON shape, not axum's text.
 pub struct AdminJson<T>(pub T);
@@ -107,7 +108,12 @@ pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
 }
 
-async fn require_admin(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+/// Refuses requests without the admin token, in the admin error shape.
+pub(super) async fn require_admin(
+    State(gw): State<Arc<Gateway>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let auth = req
         .headers()
         .get(http::header::AUTHORIZATION)

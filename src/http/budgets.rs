@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
@@ -17,7 +16,7 @@ use crate::core::pricing::micros_to_usd;
 use crate::core::Gateway;
 use crate::store::UsageFilter;
 
-type AdminResult = Result<Response, AdminError>;
+use super::admin::{require_admin, AdminJson, AdminQuery, AdminResult};
 
 /// The routes, each behind the admin-token check.
 pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
@@ -25,17 +24,6 @@ pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .route("/admin/budgets", get(get_budget).put(put_budget))
         .route("/admin/usage", get(usage))
         .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
-}
-
-async fn require_admin(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
-    let auth = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match gw.check_admin(auth) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 /// A budget as JSON: exact micro-dollars, and USD as decimal strings.
@@ -68,7 +56,10 @@ struct Which {
     id: i64,
 }
 
-async fn get_budget(State(gw): State<Arc<Gateway>>, Query(q): Query<Which>) -> AdminResult {
+async fn get_budget(
+    State(gw): State<Arc<Gateway>>,
+    AdminQuery(q): AdminQuery<Which>,
+) -> AdminResult {
     let scope = ScopeKind::parse(&q.scope).map_err(AdminError::Invalid)?;
     let v = gw.get_budget(scope, q.id).await?;
     Ok(Json(budget_json(&v)).into_response())
@@ -108,9 +99,8 @@ fn usd<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
 
 async fn put_budget(
     State(gw): State<Arc<Gateway>>,
-    body: Result<Json<PutBudget>, axum::extract::rejection::JsonRejection>,
+    AdminJson(b): AdminJson<PutBudget>,
 ) -> AdminResult {
-    let Json(b) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
     let update = BudgetUpdate::parse(
         &b.scope,
         b.id,
@@ -135,7 +125,10 @@ struct UsageQuery {
 
 /// `GET /admin/usage`: spend and tokens per resolved model of the requests that started in
 /// `[from, to)` (unix ms, `YYYY-MM-DD` or RFC 3339 UTC), for a user, a key and/or a model.
-async fn usage(State(gw): State<Arc<Gateway>>, Query(q): Query<UsageQuery>) -> AdminResult {
+async fn usage(
+    State(gw): State<Arc<Gateway>>,
+    AdminQuery(q): AdminQuery<UsageQuery>,
+) -> AdminResult {
     let time = |t: &Option<String>| -> Result<Option<i64>, AdminError> {
         t.as_deref()
             .filter(|s| !s.is_empty())
@@ -150,15 +143,12 @@ async fn usage(State(gw): State<Arc<Gateway>>, Query(q): Query<UsageQuery>) -> A
         from: time(&q.from)?,
         to: time(&q.to)?,
     };
-    let rows = gw.query_usage(&filter).await?;
-    let (mut requests, mut prompt, mut completion, mut cost) = (0i64, 0i64, 0i64, 0i64);
-    let models: Vec<Value> = rows
+    let report = gw.query_usage(&filter).await?;
+    let total = &report.total;
+    let models: Vec<Value> = report
+        .models
         .iter()
         .map(|m| {
-            requests += m.requests;
-            prompt += m.prompt_tokens;
-            completion += m.completion_tokens;
-            cost += m.cost_micros;
             json!({
                 "model": m.model,
                 "requests": m.requests,
@@ -177,11 +167,11 @@ async fn usage(State(gw): State<Arc<Gateway>>, Query(q): Query<UsageQuery>) -> A
         "to": filter.to,
         "models": models,
         "total": {
-            "requests": requests,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "cost_micros": cost,
-            "spend_usd": micros_to_usd(cost),
+            "requests": total.requests,
+            "prompt_tokens": total.prompt_tokens,
+            "completion_tokens": total.completion_tokens,
+            "cost_micros": total.cost_micros,
+            "spend_usd": micros_to_usd(total.cost_micros),
         },
     }))
     .into_response())

@@ -160,46 +160,26 @@ impl Store {
         service_type: &str,
         now_ms: i64,
     ) -> Result<SignupUsage, StoreError> {
-        let total_of = |rows: Vec<Count>| rows.into_iter().next().map(|c| c.n).unwrap_or(0);
-        let (day, total) = match self {
-            Store::Sqlite { pool, .. } => {
-                let mut conn = pool
-                    .get()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                let day: Vec<Count> = diesel::sql_query(COUNT_SQLITE)
-                    .bind::<Text, _>(service_type)
-                    .bind::<BigInt, _>(now_ms - DAY_MS)
-                    .load(&mut *conn)
-                    .await?;
-                let total: Vec<Count> = diesel::sql_query(COUNT_SQLITE)
-                    .bind::<Text, _>(service_type)
-                    .bind::<BigInt, _>(i64::MIN)
-                    .load(&mut *conn)
-                    .await?;
-                (day, total)
-            }
-            Store::Postgres { pool, .. } => {
-                let mut conn = pool
-                    .get()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                let day: Vec<Count> = diesel::sql_query(COUNT_POSTGRES)
-                    .bind::<Text, _>(service_type)
-                    .bind::<BigInt, _>(now_ms - DAY_MS)
-                    .load(&mut *conn)
-                    .await?;
-                let total: Vec<Count> = diesel::sql_query(COUNT_POSTGRES)
-                    .bind::<Text, _>(service_type)
-                    .bind::<BigInt, _>(i64::MIN)
-                    .load(&mut *conn)
-                    .await?;
-                (day, total)
-            }
+        let sql = match self {
+            Store::Sqlite { .. } => COUNT_SQLITE,
+            Store::Postgres { .. } => COUNT_POSTGRES,
         };
-        Ok(SignupUsage {
-            used_24h: total_of(day),
-            used_total: total_of(total),
+        let first = |rows: Vec<Count>| rows.into_iter().next().map(|c| c.n).unwrap_or(0);
+        super::with_conn!(self, conn => {
+            let day: Vec<Count> = diesel::sql_query(sql)
+                .bind::<Text, _>(service_type)
+                .bind::<BigInt, _>(now_ms - DAY_MS)
+                .load(conn)
+                .await?;
+            let total: Vec<Count> = diesel::sql_query(sql)
+                .bind::<Text, _>(service_type)
+                .bind::<BigInt, _>(i64::MIN)
+                .load(conn)
+                .await?;
+            Ok(SignupUsage {
+                used_24h: first(day),
+                used_total: first(total),
+            })
         })
     }
 
