@@ -2,16 +2,18 @@
 //! and a gRPC API, with authentication, routing, upstream key pools and exactly-once outcome
 //! accounting.
 
+pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod proto;
+pub mod providers;
 pub mod routing;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod upstream;

@@ -380,8 +380,8 @@ impl Default for Metrics {
     }
 }
 
-impl crate::upstream::KeyPoolObserver for Metrics {
-    fn transition(&self, provider: &str, reason: crate::upstream::key_pool::TransitionReason) {
+impl crate::providers::KeyPoolObserver for Metrics {
+    fn transition(&self, provider: &str, reason: crate::providers::key_pool::TransitionReason) {
         self.key_pool_transitions
             .get_or_create(&KeyEventLabels {
                 provider: provider.to_string(),
@@ -390,7 +390,7 @@ impl crate::upstream::KeyPoolObserver for Metrics {
             .inc();
     }
 
-    fn exhausted(&self, provider: &str, outcome: crate::upstream::key_pool::ExhaustionOutcome) {
+    fn exhausted(&self, provider: &str, outcome: crate::providers::key_pool::ExhaustionOutcome) {
         self.key_pool_exhaustions
             .get_or_create(&ExhaustionLabels {
                 provider: provider.to_string(),

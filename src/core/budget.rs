@@ -34,12 +34,12 @@ use super::rate_limit::{Limits, RateCharge, RateLimiter};
 use super::{Reason, Rejection};
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ServiceTypeConfig};
+use crate::providers::{estimate_prompt_tokens, Usage};
 use crate::routing::Route;
 use crate::store::{
     BudgetRow, NewLedgerRow, ReserveOutcome, ReserveScope, SettlePart, Settlement, Store,
     StoreError, UsageFilter,
 };
-use crate::upstream::{estimate_prompt_tokens, Usage};
 
 /// Budget response headers (on success and on `budget_exceeded`).
 pub mod headers {

@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use super::{Reason, Rejection};
-use crate::upstream::JsonObject;
+use crate::providers::JsonObject;
 
 /// A validated chat-completions request. The whole body is kept so that fields tollgate does
 /// not read (tools, response_format, seed, ...) reach the upstream untouched.

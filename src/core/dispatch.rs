@@ -12,8 +12,8 @@ use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
 use super::{Reason, Rejection};
 use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
+use crate::providers::{estimate_prompt_tokens, JsonObject, UpstreamError, UpstreamRequest, Usage};
 use crate::routing::{Route, Target};
-use crate::upstream::{estimate_prompt_tokens, JsonObject, UpstreamError, UpstreamRequest, Usage};
 
 /// One request's upstream stage.
 pub(crate) struct Dispatch<'a> {
@@ -355,7 +355,8 @@ fn estimate_reply_usage(request: &JsonObject, reply: &JsonObject) -> Usage {
         .unwrap_or(0);
     Usage {
         prompt_tokens: estimate_prompt_tokens(request),
-        completion_tokens: crate::upstream::estimate_tokens(chars),
+        completion_tokens: crate::providers::estimate_tokens(chars),
         cached_prompt_tokens: 0,
+        cache_creation_tokens: 0,
     }
 }

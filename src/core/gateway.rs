@@ -16,10 +16,10 @@ use super::stream::ChatStream;
 use super::{CallContext, Reason, Rejection};
 use crate::config::{Config, Overrides, ServiceTypeConfig};
 use crate::metrics::Metrics;
+use crate::providers::key_pool::KeySnapshot;
+use crate::providers::{JsonObject, Usage};
 use crate::routing::{model_allowed, ProviderDeps, Router};
 use crate::store::Store;
-use crate::upstream::key_pool::KeySnapshot;
-use crate::upstream::{JsonObject, Usage};
 
 /// What a configuration becomes at run time; swapped whole on reload so that a request keeps
 /// the one it started with.

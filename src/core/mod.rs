@@ -12,14 +12,13 @@ pub mod outcome;
 pub mod pricing;
 mod provision;
 pub mod rate_limit;
-pub mod reason;
 mod stream;
 
+pub use crate::error::{GrpcCode, Outcome, Reason, Rejection};
 pub use gateway::{
     ChatCall, ChatCompletion, ChatReply, ConfigSource, Gateway, GatewayParts, ModelEntry,
     Principal, ProviderStatus, Runtime,
 };
-pub use reason::{GrpcCode, Outcome, Reason, Rejection};
 pub use stream::{ChatChunk, ChatStream};
 
 /// Which wire a request came in on.

@@ -12,8 +12,8 @@ use crate::core::ledger::Ledger;
 use crate::metrics::{
     ChatLabels, CompletionLabels, Metrics, ModelLabels, ProtocolLabels, TokenLabels,
 };
+use crate::providers::Usage;
 use crate::store::{now_ms, NewLedgerRow};
-use crate::upstream::Usage;
 
 /// What a guard needs to record: the shared sinks.
 #[derive(Clone)]

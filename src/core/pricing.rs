@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::config::{Config, UnpricedPolicy};
-use crate::upstream::Usage;
+use crate::providers::Usage;
 
 /// Pico-dollars in a micro-dollar.
 const PICO_PER_MICRO: u128 = 1_000_000;
@@ -151,6 +151,7 @@ impl Pricing {
                 prompt_tokens,
                 completion_tokens: self.max_output_tokens(resolved, max_tokens),
                 cached_prompt_tokens: 0,
+                cache_creation_tokens: 0,
             };
             max = max.max(price.cost_micros(&usage));
         }
@@ -167,6 +168,7 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: c,
             cached_prompt_tokens: cached,
+            cache_creation_tokens: 0,
         }
     }
 

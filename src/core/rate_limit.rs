@@ -144,7 +144,7 @@ impl RateLimiter {
         now: i64,
         scopes: &[(ScopeKey, Limits)],
         tokens: u64,
-    ) -> Result<(RateCharge, crate::core::reason::PolicyHeaders), RateDenial> {
+    ) -> Result<(RateCharge, crate::error::PolicyHeaders), RateDenial> {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 100_000 {
             // Full buckets are the same as no bucket: forget them.

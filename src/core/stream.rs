@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::dispatch::upstream_reason;
 use super::outcome::OutcomeGuard;
 use super::{Reason, Rejection};
-use crate::upstream::{estimate_tokens, JsonObject, UpstreamStream, Usage};
+use crate::providers::{estimate_tokens, JsonObject, UpstreamStream, Usage};
 
 /// One chunk for the caller: an OpenAI `chat.completion.chunk` object.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl ChatChunk {
 
     /// Usage, on the usage chunk.
     pub fn usage(&self) -> Option<Usage> {
-        self.value.get("usage").and_then(Usage::from_json)
+        self.value.get("usage").and_then(Usage::from_openai)
     }
 
     fn first_choice(&self) -> Option<&Value> {
@@ -110,6 +110,7 @@ impl ChatStream {
             prompt_tokens: self.prompt_estimate,
             completion_tokens: estimate_tokens(self.content_chars),
             cached_prompt_tokens: 0,
+            cache_creation_tokens: 0,
         })
     }
 
@@ -127,7 +128,7 @@ impl ChatStream {
     /// Rewrites and inspects one upstream chunk; `None` when it is not for the caller.
     fn accept(&mut self, mut chunk: JsonObject) -> Option<ChatChunk> {
         chunk.insert("model".into(), Value::String(self.resolved.clone()));
-        if let Some(u) = chunk.get("usage").and_then(Usage::from_json) {
+        if let Some(u) = chunk.get("usage").and_then(Usage::from_openai) {
             self.reported = Some(u);
         }
         let choices = chunk.get("choices").and_then(Value::as_array);

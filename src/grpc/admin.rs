@@ -8,8 +8,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::core::admin::AdminError;
 use crate::core::Gateway;
 use crate::proto;
+use crate::providers::key_pool::KeySnapshot;
 use crate::store::{ApiKey, User};
-use crate::upstream::key_pool::KeySnapshot;
 
 /// The Admin service over the core.
 pub struct AdminService {

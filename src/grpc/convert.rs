@@ -8,7 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::core::chat::ChatRequest;
 use crate::core::{ChatChunk, ChatCompletion, GrpcCode, ModelEntry, Principal, Rejection};
 use crate::proto;
-use crate::upstream::{JsonObject, Usage};
+use crate::providers::{JsonObject, Usage};
 
 /// The `domain` of every `ErrorInfo`.
 const ERROR_DOMAIN: &str = "tollgate";

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 
 use crate::core::admin::AdminError;
 use crate::core::Gateway;
+use crate::providers::key_pool::KeySnapshot;
 use crate::store::{ApiKey, User};
-use crate::upstream::key_pool::KeySnapshot;
 
 /// What an admin handler answers.
 pub(super) type AdminResult = Result<Response, AdminError>;

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::core::{Reason, Rejection};
-use crate::upstream::Provider;
+use crate::error::{Reason, Rejection};
+use crate::providers::Provider;
 use health::{HealthRegistry, HealthSettings, ProviderHealth};
 
 /// A configured provider and the models it admits.
@@ -43,7 +43,7 @@ pub struct Route {
 #[derive(Clone)]
 pub struct ProviderDeps {
     pub clock: crate::clock::Clock,
-    pub observer: Arc<dyn crate::upstream::KeyPoolObserver>,
+    pub observer: Arc<dyn crate::providers::KeyPoolObserver>,
     pub health: Arc<HealthRegistry>,
 }
 
@@ -60,7 +60,7 @@ impl ProviderDeps {
         Self {
             health: Arc::new(HealthRegistry::new(clock.clone(), Arc::new(QuietHealth))),
             clock,
-            observer: Arc::new(crate::upstream::key_pool::NoObserver),
+            observer: Arc::new(crate::providers::key_pool::NoObserver),
         }
     }
 }

@@ -172,7 +172,7 @@ impl OpenAiProvider {
                 "no `choices` in the answer".into(),
             ));
         }
-        let usage = body.get("usage").and_then(Usage::from_json);
+        let usage = body.get("usage").and_then(Usage::from_openai);
         Ok(UpstreamReply { body, usage })
     }
 

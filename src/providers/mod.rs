@@ -20,43 +20,7 @@ pub use key_pool::{KeyPool, KeyPoolObserver};
 /// A JSON object (an OpenAI request body, response or chunk).
 pub type JsonObject = Map<String, Value>;
 
-/// Token counts reported by (or, failing that, estimated for) an upstream call.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Of `prompt_tokens`, those the upstream served from its prompt cache
-    /// (`prompt_tokens_details.cached_tokens`), priced at the cached-input price.
-    pub cached_prompt_tokens: u64,
-}
-
-impl Usage {
-    /// Reads an OpenAI `usage` object.
-    pub fn from_json(v: &Value) -> Option<Usage> {
-        let o = v.as_object()?;
-        Some(Usage {
-            prompt_tokens: o.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-            completion_tokens: o
-                .get("completion_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            cached_prompt_tokens: o
-                .get("prompt_tokens_details")
-                .and_then(|d| d.get("cached_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-        })
-    }
-
-    /// An OpenAI `usage` object.
-    pub fn to_json(self) -> Value {
-        serde_json::json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
-    }
-}
+pub use crate::api::Usage;
 
 /// One call to an upstream: the OpenAI body with `model` already set to the upstream's name.
 #[derive(Debug, Clone)]

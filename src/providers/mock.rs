@@ -68,6 +68,7 @@ impl MockProvider {
             prompt_tokens: estimate_prompt_tokens(&req.body),
             completion_tokens: words.len() as u64,
             cached_prompt_tokens: 0,
+            cache_creation_tokens: 0,
         };
         let body = json!({
             "id": format!("chatcmpl-{}", req.request_id),
@@ -79,7 +80,7 @@ impl MockProvider {
                 "message": {"role": "assistant", "content": words.join(" ")},
                 "finish_reason": "stop",
             }],
-            "usage": usage.to_json(),
+            "usage": usage.to_openai(),
         });
         let Value::Object(body) = body else {
             unreachable!("json! object literal")
@@ -99,6 +100,7 @@ impl MockProvider {
             prompt_tokens: estimate_prompt_tokens(&req.body),
             completion_tokens: n as u64,
             cached_prompt_tokens: 0,
+            cache_creation_tokens: 0,
         };
         let id = format!("chatcmpl-{}", req.request_id);
         let model = req.model;
@@ -133,7 +135,7 @@ impl MockProvider {
                     }
                     None => json!({
                         "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": usage.to_json(),
+                        "choices": [], "usage": usage.to_openai(),
                     }),
                 };
                 let Value::Object(chunk) = chunk else {

@@ -1,0 +1,25 @@
+//! Typed, protocol-neutral values: what the core works on (docs/architecture.md). Every wire
+//! format is a pair of conversions to and from these, kept beside them: [`openai_chat`] for
+//! OpenAI chat completions and `anthropic` for the Anthropic Messages API. The gRPC proto
+//! converts in the gRPC adapter.
+
+pub mod chat;
+pub mod embeddings;
+pub mod stream;
+pub mod usage;
+
+pub use chat::{
+    ChatRequest, ChatResponse, Choice, Content, ContentPart, FunctionTool, MaxTokensField, Message,
+    Reasoning, Role, StopReason, Tool, ToolCall, ToolChoice,
+};
+pub use embeddings::{EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat};
+pub use stream::{ChatDelta, ChoiceDelta, ToolCallDelta};
+pub use usage::Usage;
+
+/// A JSON object: the `extra` maps that carry what the typed values do not model.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// Counts tokens the cheap way (about four characters a token) when an upstream reports none.
+pub fn estimate_tokens(chars: usize) -> u64 {
+    chars.div_ceil(4) as u64
+}
