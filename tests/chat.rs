@@ -1313,6 +1313,7 @@ async fn unknown_fields_pass_through() {
             name: Some("carol".into()),
             content_json: Some(json!([{"type": "text", "text": "part one"}]).to_string()),
             extra_json: None,
+            ..Default::default()
         },
     );
     req.messages.insert(
@@ -1327,6 +1328,7 @@ async fn unknown_fields_pass_through() {
                     "function": {"name": "get_weather", "arguments": "{}"}}]})
                 .to_string(),
             ),
+            ..Default::default()
         },
     );
     let r = s

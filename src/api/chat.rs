@@ -6,6 +6,7 @@
 use serde_json::Value;
 
 use super::{JsonObject, Usage};
+use crate::error::Rejection;
 
 /// Who wrote a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +243,29 @@ impl ChatRequest {
             include_usage: false,
             extra: JsonObject::new(),
         }
+    }
+
+    /// What every request needs, whatever wire it came in on: a model, and at least one
+    /// message, each with a role.
+    pub fn check_required(&self) -> Result<(), Rejection> {
+        if self.model.trim().is_empty() {
+            return Err(Rejection::invalid("model", "`model` is required"));
+        }
+        if self.messages.is_empty() {
+            return Err(Rejection::invalid(
+                "messages",
+                "`messages` must not be empty",
+            ));
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            if m.role.as_str().is_empty() {
+                return Err(Rejection::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("`messages[{i}].role` must be a non-empty string"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Prompt tokens estimated the cheap way (about four characters a token), for reservations

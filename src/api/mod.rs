@@ -3,8 +3,10 @@
 //! OpenAI chat completions and `anthropic` for the Anthropic Messages API. The gRPC proto
 //! converts in the gRPC adapter.
 
+pub mod anthropic;
 pub mod chat;
 pub mod embeddings;
+pub mod openai_chat;
 pub mod stream;
 pub mod usage;
 

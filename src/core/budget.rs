@@ -26,15 +26,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::chat::ChatRequest;
 use super::gateway::{Gateway, Principal};
 use super::ledger::Ledger;
 use super::pricing::{micros_to_usd, Pricing, Unpriced};
 use super::rate_limit::{Limits, RateCharge, RateLimiter};
 use super::{Reason, Rejection};
+use crate::api::ChatRequest;
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ServiceTypeConfig};
-use crate::providers::{estimate_prompt_tokens, Usage};
+use crate::providers::Usage;
 use crate::routing::Route;
 use crate::store::{
     BudgetRow, NewLedgerRow, ReserveOutcome, ReserveScope, SettlePart, Settlement, Store,
@@ -710,8 +710,8 @@ impl Budgets {
                 headers: Vec::new(),
             });
         }
-        let prompt = estimate_prompt_tokens(&a.request.body);
-        let max_tokens = a.request.max_tokens();
+        let prompt = a.request.estimate_prompt_tokens();
+        let max_tokens = a.request.max_tokens;
         let mut headers = Vec::new();
         let rate = if rate_scopes.is_empty() {
             None

@@ -4,15 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use super::chat::ChatRequest;
 use super::gateway::{ChatCompletion, Gateway};
 use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
 use super::{Reason, Rejection};
+use crate::api::{ChatRequest, ChatResponse, Usage};
 use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
-use crate::providers::{estimate_prompt_tokens, JsonObject, UpstreamError, UpstreamRequest, Usage};
+use crate::providers::{UpstreamCall, UpstreamError};
 use crate::routing::{Route, Target};
 
 /// One request's upstream stage.
@@ -106,6 +104,7 @@ fn fallback_reason(e: &UpstreamError) -> Option<&'static str> {
         UpstreamError::Timeout(_) => Some("timeout"),
         UpstreamError::KeysExhausted { .. } => Some("keys_exhausted"),
         UpstreamError::BadResponse(_) => Some("upstream_5xx"),
+        UpstreamError::Unsupported(_) => None,
         UpstreamError::Status { status: 429, .. } => Some("rate_limited"),
         UpstreamError::Status { status: 408, .. } => Some("timeout"),
         UpstreamError::Status { status, .. } if *status >= 500 => Some("upstream_5xx"),
@@ -120,16 +119,16 @@ fn counts_against_health(e: &UpstreamError) -> bool {
             true
         }
         UpstreamError::Status { status, .. } => *status >= 500,
-        UpstreamError::KeysExhausted { .. } => false,
+        UpstreamError::KeysExhausted { .. } | UpstreamError::Unsupported(_) => false,
     }
 }
 
 impl Dispatch<'_> {
-    fn request(&self, target: &Target, req: &ChatRequest) -> UpstreamRequest {
-        UpstreamRequest {
-            model: target.model.clone(),
-            body: req.body.clone(),
-            request_id: self.request_id.to_string(),
+    fn call<'r>(&'r self, target: &'r Target, req: &'r ChatRequest) -> UpstreamCall<'r> {
+        UpstreamCall {
+            model: &target.model,
+            request: req,
+            request_id: self.request_id,
         }
     }
 
@@ -143,6 +142,7 @@ impl Dispatch<'_> {
             Err(UpstreamError::Connect(_)) => "connect_error",
             Err(UpstreamError::BadResponse(_)) => "bad_response",
             Err(UpstreamError::KeysExhausted { .. }) => "keys_exhausted",
+            Err(UpstreamError::Unsupported(_)) => "unsupported",
         };
         self.gateway
             .metrics()
@@ -188,25 +188,24 @@ impl Dispatch<'_> {
             let result = target
                 .provider
                 .client
-                .complete(self.request(target, &req))
+                .complete(self.call(target, &req))
                 .await;
             guard.record().upstream_wait += started.elapsed();
             self.observe(target, started, result.as_ref().map(|_| ()));
             match result {
-                Ok(reply) => {
+                Ok(mut response) => {
                     self.resolved(&route, target);
-                    let mut body = reply.body;
-                    body.insert("model".into(), Value::String(target.resolved.clone()));
-                    let usage = reply
+                    response.model.clone_from(&target.resolved);
+                    let usage = response
                         .usage
-                        .unwrap_or_else(|| estimate_reply_usage(&req.body, &body));
+                        .unwrap_or_else(|| estimate_reply_usage(&req, &response));
                     let rec = guard.record();
                     rec.resolved_model = Some(target.resolved.clone());
                     rec.resolved_label = Some(target.label.clone());
                     rec.usage = usage;
                     guard.finish(Reason::Success);
                     return Ok(ChatCompletion {
-                        body,
+                        response,
                         resolved_model: target.resolved.clone(),
                         usage,
                         policy_headers: Vec::new(),
@@ -233,12 +232,7 @@ impl Dispatch<'_> {
         let mut walk = ChainWalk::new(&route);
         while let Some(target) = walk.next_target(self.gateway) {
             let started = Instant::now();
-            let first = match target
-                .provider
-                .client
-                .stream(self.request(target, &req))
-                .await
-            {
+            let first = match target.provider.client.stream(self.call(target, &req)).await {
                 Ok(mut s) => {
                     use futures_util::StreamExt;
                     match s.next().await {
@@ -264,7 +258,7 @@ impl Dispatch<'_> {
                         guard,
                         target.resolved.clone(),
                         req.include_usage,
-                        estimate_prompt_tokens(&req.body),
+                        req.estimate_prompt_tokens(),
                     ));
                 }
                 Err(e) => {
@@ -290,6 +284,7 @@ pub(crate) fn upstream_reason(e: &UpstreamError) -> Reason {
         {
             Reason::UpstreamRejected
         }
+        UpstreamError::Unsupported(_) => Reason::InvalidRequest,
         _ => Reason::UpstreamError,
     }
 }
@@ -342,21 +337,10 @@ fn chain_message(reason: Reason, attempts: &[(String, UpstreamError)]) -> Reject
     )
 }
 
-fn estimate_reply_usage(request: &JsonObject, reply: &JsonObject) -> Usage {
-    let chars = reply
-        .get("choices")
-        .and_then(Value::as_array)
-        .map(|cs| {
-            cs.iter()
-                .filter_map(|c| c.pointer("/message/content").and_then(Value::as_str))
-                .map(str::len)
-                .sum()
-        })
-        .unwrap_or(0);
+fn estimate_reply_usage(request: &ChatRequest, response: &ChatResponse) -> Usage {
     Usage {
-        prompt_tokens: estimate_prompt_tokens(request),
-        completion_tokens: crate::providers::estimate_tokens(chars),
-        cached_prompt_tokens: 0,
-        cache_creation_tokens: 0,
+        prompt_tokens: request.estimate_prompt_tokens(),
+        completion_tokens: crate::api::estimate_tokens(response.estimate_completion_chars()),
+        ..Usage::default()
     }
 }

@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use super::admin::{verify_admin_token, Admin, AdminError};
 use super::auth::{Authenticator, Credential, Identity, Verifiers};
-use super::chat::ChatRequest;
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
 use super::outcome::{OutcomeGuard, Recorder};
 use super::provision::Provisioner;
 use super::stream::ChatStream;
 use super::{CallContext, Reason, Rejection};
+use crate::api::{ChatRequest, ChatResponse, Usage};
 use crate::config::{Config, Overrides, ServiceTypeConfig};
 use crate::metrics::Metrics;
 use crate::providers::key_pool::KeySnapshot;
-use crate::providers::{JsonObject, Usage};
 use crate::routing::{model_allowed, ProviderDeps, Router};
 use crate::store::Store;
 
@@ -538,7 +537,7 @@ fn label_safe(s: &str) -> &str {
 /// What a chat request produced.
 pub enum ChatReply {
     /// A whole chat.completion.
-    Complete(ChatCompletion),
+    Complete(Box<ChatCompletion>),
     /// Chunks as the upstream produces them.
     Stream(Box<ChatStream>),
 }
@@ -546,8 +545,8 @@ pub enum ChatReply {
 /// A finished, non-streamed completion.
 #[derive(Debug)]
 pub struct ChatCompletion {
-    /// The OpenAI chat.completion object, `model` set to the resolved `provider/model`.
-    pub body: JsonObject,
+    /// The answer, `model` set to the resolved `provider/model`.
+    pub response: ChatResponse,
     pub resolved_model: String,
     pub usage: Usage,
     /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`).
@@ -699,7 +698,7 @@ impl ChatCall {
                 .await
                 .map(|mut c| {
                     c.policy_headers = policy_headers;
-                    ChatReply::Complete(c)
+                    ChatReply::Complete(Box::new(c))
                 })
         }
     }

@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod auth;
 pub mod budget;
-pub mod chat;
 mod dispatch;
 mod gateway;
 pub mod ledger;
@@ -19,7 +18,7 @@ pub use gateway::{
     ChatCall, ChatCompletion, ChatReply, ConfigSource, Gateway, GatewayParts, ModelEntry,
     Principal, ProviderStatus, Runtime,
 };
-pub use stream::{ChatChunk, ChatStream};
+pub use stream::ChatStream;
 
 /// Which wire a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,52 +8,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
-use serde_json::Value;
 
 use super::dispatch::upstream_reason;
 use super::outcome::OutcomeGuard;
 use super::{Reason, Rejection};
-use crate::providers::{estimate_tokens, JsonObject, UpstreamStream, Usage};
-
-/// One chunk for the caller: an OpenAI `chat.completion.chunk` object.
-#[derive(Debug, Clone)]
-pub struct ChatChunk {
-    pub value: JsonObject,
-}
-
-impl ChatChunk {
-    /// The text this chunk adds (first choice).
-    pub fn delta_content(&self) -> &str {
-        self.first_choice()
-            .and_then(|c| c.pointer("/delta/content"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-    }
-
-    /// The finish reason, on the chunk that ends the first choice.
-    pub fn finish_reason(&self) -> Option<&str> {
-        self.first_choice()
-            .and_then(|c| c.get("finish_reason"))
-            .and_then(Value::as_str)
-    }
-
-    /// Usage, on the usage chunk.
-    pub fn usage(&self) -> Option<Usage> {
-        self.value.get("usage").and_then(Usage::from_openai)
-    }
-
-    fn first_choice(&self) -> Option<&Value> {
-        self.value
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|c| c.first())
-    }
-}
+use crate::api::{estimate_tokens, ChatDelta, Usage};
+use crate::providers::DeltaStream;
 
 /// The caller's side of a streamed completion.
 pub struct ChatStream {
-    upstream: UpstreamStream,
-    first: Option<JsonObject>,
+    upstream: DeltaStream,
+    first: Option<ChatDelta>,
     guard: Option<OutcomeGuard>,
     resolved: String,
     include_usage: bool,
@@ -68,8 +33,8 @@ pub struct ChatStream {
 
 impl ChatStream {
     pub(crate) fn new(
-        upstream: UpstreamStream,
-        first: Option<JsonObject>,
+        upstream: DeltaStream,
+        first: Option<ChatDelta>,
         guard: OutcomeGuard,
         resolved: String,
         include_usage: bool,
@@ -125,37 +90,35 @@ impl ChatStream {
         }
     }
 
-    /// Rewrites and inspects one upstream chunk; `None` when it is not for the caller.
-    fn accept(&mut self, mut chunk: JsonObject) -> Option<ChatChunk> {
-        chunk.insert("model".into(), Value::String(self.resolved.clone()));
-        if let Some(u) = chunk.get("usage").and_then(Usage::from_openai) {
+    /// Rewrites and inspects one upstream delta; `None` when it is not for the caller.
+    fn accept(&mut self, mut delta: ChatDelta) -> Option<ChatDelta> {
+        delta.model.clone_from(&self.resolved);
+        if let Some(u) = delta.usage {
             self.reported = Some(u);
         }
-        let choices = chunk.get("choices").and_then(Value::as_array);
-        let usage_only = choices.is_none_or(|c| c.is_empty());
-        for c in choices.into_iter().flatten() {
-            if let Some(text) = c.pointer("/delta/content").and_then(Value::as_str) {
-                if !text.is_empty() && self.content_chars == 0 {
-                    if let Some(g) = self.guard.as_mut() {
-                        g.record().first_token_at.get_or_insert_with(Instant::now);
-                    }
-                }
-                self.content_chars += text.len();
-            }
-            if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
-                self.saw_finish = true;
+        let generated = delta.generated_chars();
+        if generated > 0 && self.content_chars == 0 {
+            if let Some(g) = self.guard.as_mut() {
+                g.record().first_token_at.get_or_insert_with(Instant::now);
             }
         }
-        if usage_only && !self.include_usage {
+        self.content_chars += generated;
+        if delta.choices.iter().any(|c| c.finish_reason.is_some()) {
+            self.saw_finish = true;
+        }
+        if delta.is_usage_only() && !self.include_usage {
             // tollgate asked for usage for its own accounting; the caller did not.
             return None;
         }
-        Some(ChatChunk { value: chunk })
+        if !self.include_usage {
+            delta.usage = None;
+        }
+        Some(delta)
     }
 }
 
 impl Stream for ChatStream {
-    type Item = Result<ChatChunk, Rejection>;
+    type Item = Result<ChatDelta, Rejection>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;

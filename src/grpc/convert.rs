@@ -1,14 +1,16 @@
 //! Conversions between protobuf messages and core types, and rejections as `tonic::Status`.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::core::chat::ChatRequest;
-use crate::core::{ChatChunk, ChatCompletion, GrpcCode, ModelEntry, Principal, Rejection};
+use crate::api::{
+    openai_chat, ChatDelta, ChatRequest, Content, ContentPart, FunctionTool, JsonObject,
+    MaxTokensField, Message, Reasoning, Tool, ToolCall, ToolChoice, Usage,
+};
+use crate::core::{ChatCompletion, GrpcCode, ModelEntry, Principal, Rejection};
 use crate::proto;
-use crate::providers::{JsonObject, Usage};
 
 /// The `domain` of every `ErrorInfo`.
 const ERROR_DOMAIN: &str = "tollgate";
@@ -67,119 +69,234 @@ fn parse_object(json: &str, field: &str) -> Result<JsonObject, Rejection> {
     }
 }
 
-/// A `CompleteRequest` as the OpenAI body the core validates; `stream` comes from the RPC.
+/// A `CompleteRequest` as a neutral request; `stream` comes from the RPC. Typed fields win over
+/// the same fields in `extra_json`, which is read with OpenAI's meaning.
 pub fn chat_request(req: proto::CompleteRequest, stream: bool) -> Result<ChatRequest, Rejection> {
-    let mut body = match req.extra_json.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(json) => parse_object(json, "extra_json")?,
-        None => Map::new(),
-    };
-    body.insert("model".into(), Value::String(req.model));
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
-        let mut msg = match m.extra_json.as_deref().filter(|s| !s.trim().is_empty()) {
-            Some(json) => parse_object(json, &format!("messages[{i}].extra_json"))?,
-            None => Map::new(),
-        };
-        msg.insert("role".into(), Value::String(m.role));
-        let content = match m.content_json.as_deref() {
-            Some(json) => serde_json::from_str(json).map_err(|e| {
-                Rejection::invalid(
-                    &format!("messages[{i}].content_json"),
-                    format!("`messages[{i}].content_json` is not valid JSON: {e}"),
-                )
-            })?,
-            None => Value::String(m.content),
-        };
-        msg.insert("content".into(), content);
-        if let Some(name) = m.name {
-            msg.insert("name".into(), Value::String(name));
+        messages.push(message(m, i)?);
+    }
+    let mut out = ChatRequest::new(req.model, messages);
+    if let Some(json) = req.extra_json.as_deref().filter(|s| !s.trim().is_empty()) {
+        let mut extra = parse_object(json, "extra_json")?;
+        // The RPC decides these.
+        for key in ["model", "messages", "stream", "stream_options"] {
+            extra.remove(key);
         }
-        messages.push(Value::Object(msg));
+        openai_chat::apply_top_level(&mut out, extra)?;
     }
-    body.insert("messages".into(), Value::Array(messages));
     if let Some(n) = req.max_tokens {
-        body.insert("max_tokens".into(), n.into());
+        out.max_tokens = Some(u64::from(n));
+        out.max_tokens_field = MaxTokensField::MaxTokens;
     }
-    if let Some(t) = req.temperature {
-        body.insert("temperature".into(), t.into());
+    if req.temperature.is_some() {
+        out.temperature = req.temperature;
     }
-    if let Some(p) = req.top_p {
-        body.insert("top_p".into(), p.into());
+    if req.top_p.is_some() {
+        out.top_p = req.top_p;
     }
     if !req.stop.is_empty() {
-        body.insert("stop".into(), req.stop.into());
+        out.stop = req.stop;
     }
     if let Some(u) = req.user {
-        body.insert("user".into(), Value::String(u));
+        out.extra.insert("user".into(), Value::String(u));
     }
-    body.insert("stream".into(), Value::Bool(stream));
-    if stream {
-        // The last CompleteChunk always carries usage.
-        body.insert(
-            "stream_options".into(),
-            serde_json::json!({"include_usage": true}),
-        );
+    for (i, t) in req.tools.into_iter().enumerate() {
+        out.tools.push(tool(t, i)?);
     }
-    ChatRequest::from_body(body)
+    if let Some(choice) = req.tool_choice.and_then(|c| c.choice) {
+        out.tool_choice = Some(match choice {
+            proto::tool_choice::Choice::Mode(m) => match m.as_str() {
+                "auto" => ToolChoice::Auto,
+                "none" => ToolChoice::None,
+                "required" => ToolChoice::Required,
+                _ => {
+                    return Err(Rejection::invalid(
+                        "tool_choice.mode",
+                        "`tool_choice.mode` must be \"auto\", \"none\" or \"required\"",
+                    ))
+                }
+            },
+            proto::tool_choice::Choice::Function(f) => ToolChoice::Function(f),
+        });
+    }
+    out.stream = stream;
+    // The last CompleteChunk always carries usage.
+    out.include_usage = stream;
+    out.check_required()?;
+    Ok(out)
+}
+
+/// One message: the typed fields, with `content_json` and `extra_json` read as OpenAI JSON.
+fn message(m: proto::ChatMessage, i: usize) -> Result<Message, Rejection> {
+    let mut obj = match m.extra_json.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(json) => parse_object(json, &format!("messages[{i}].extra_json"))?,
+        None => JsonObject::new(),
+    };
+    obj.insert("role".into(), Value::String(m.role));
+    if let Some(json) = m.content_json.as_deref() {
+        let content: Value = serde_json::from_str(json).map_err(|e| {
+            Rejection::invalid(
+                &format!("messages[{i}].content_json"),
+                format!("`messages[{i}].content_json` is not valid JSON: {e}"),
+            )
+        })?;
+        obj.insert("content".into(), content);
+    }
+    if let Some(name) = m.name {
+        obj.insert("name".into(), Value::String(name));
+    }
+    let mut msg = openai_chat::message_from_object(obj, i)?;
+    if m.content_json.is_none() {
+        msg.content = if m.parts.is_empty() {
+            Some(Content::Text(m.content))
+        } else {
+            let mut parts = Vec::with_capacity(m.parts.len());
+            for (j, p) in m.parts.into_iter().enumerate() {
+                parts.push(match p.part {
+                    Some(proto::content_part::Part::Text(text)) => ContentPart::Text {
+                        text,
+                        extra: JsonObject::new(),
+                    },
+                    Some(proto::content_part::Part::Image(img)) => ContentPart::Image {
+                        url: img.url,
+                        detail: img.detail,
+                        extra: JsonObject::new(),
+                    },
+                    None => {
+                        return Err(Rejection::invalid(
+                            &format!("messages[{i}].parts[{j}]"),
+                            format!("`messages[{i}].parts[{j}]` is empty"),
+                        ))
+                    }
+                });
+            }
+            Some(Content::Parts(parts))
+        };
+    }
+    for c in m.tool_calls {
+        msg.tool_calls.push(ToolCall {
+            id: c.id,
+            name: c.name,
+            arguments: c.arguments,
+            extra: JsonObject::new(),
+        });
+    }
+    if m.tool_call_id.is_some() {
+        msg.tool_call_id = m.tool_call_id;
+    }
+    if let Some(text) = m.reasoning {
+        msg.reasoning.push(Reasoning {
+            text,
+            ..Reasoning::default()
+        });
+    }
+    Ok(msg)
+}
+
+fn tool(t: proto::Tool, i: usize) -> Result<Tool, Rejection> {
+    if t.name.is_empty() {
+        return Err(Rejection::invalid(
+            &format!("tools[{i}].name"),
+            format!("`tools[{i}].name` is required"),
+        ));
+    }
+    let parameters = match t.parameters_json.as_deref() {
+        Some(json) => Some(Value::Object(parse_object(
+            json,
+            &format!("tools[{i}].parameters_json"),
+        )?)),
+        None => None,
+    };
+    Ok(Tool::Function(FunctionTool {
+        name: t.name,
+        description: t.description,
+        parameters,
+        extra: JsonObject::new(),
+    }))
+}
+
+fn saturate(n: u64) -> u32 {
+    n.min(u64::from(u32::MAX)) as u32
 }
 
 impl From<Usage> for proto::Usage {
     fn from(u: Usage) -> Self {
         proto::Usage {
-            prompt_tokens: u.prompt_tokens.min(u32::MAX as u64) as u32,
-            completion_tokens: u.completion_tokens.min(u32::MAX as u64) as u32,
-            total_tokens: (u.prompt_tokens + u.completion_tokens).min(u32::MAX as u64) as u32,
+            prompt_tokens: saturate(u.prompt_tokens),
+            completion_tokens: saturate(u.completion_tokens),
+            total_tokens: saturate(u.total_tokens()),
+            cached_prompt_tokens: saturate(u.cached_prompt_tokens),
+            cache_creation_tokens: saturate(u.cache_creation_tokens),
         }
+    }
+}
+
+fn tool_call(c: &ToolCall) -> proto::ToolCall {
+    proto::ToolCall {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        arguments: c.arguments.clone(),
     }
 }
 
 /// A finished completion as a response message.
 pub fn complete_response(c: ChatCompletion, request_id: &str) -> proto::CompleteResponse {
-    let first = c
-        .body
-        .get("choices")
-        .and_then(Value::as_array)
-        .and_then(|a| a.first());
-    let content = first
-        .and_then(|f| f.pointer("/message/content"))
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let finish_reason = first
-        .and_then(|f| f.get("finish_reason"))
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let first = c.response.choices.first();
+    let reasoning: String = first
+        .map(|f| {
+            f.message
+                .reasoning
+                .iter()
+                .map(|r| r.text.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
     proto::CompleteResponse {
-        id: c
-            .body
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        id: c.response.id.clone(),
         resolved_model: c.resolved_model,
-        content,
-        finish_reason,
+        content: c.response.first_text(),
+        finish_reason: first
+            .and_then(|f| f.finish_reason.as_ref())
+            .map(|f| f.as_openai().to_string())
+            .unwrap_or_default(),
         usage: Some(c.usage.into()),
         request_id: request_id.to_string(),
-        response_json: Value::Object(c.body).to_string(),
+        tool_calls: first
+            .map(|f| f.message.tool_calls.iter().map(tool_call).collect())
+            .unwrap_or_default(),
+        reasoning: (!reasoning.is_empty()).then_some(reasoning),
+        response_json: Value::Object(openai_chat::response_to_object(&c.response)).to_string(),
     }
 }
 
-/// A streamed chunk as a message.
-pub fn complete_chunk(chunk: ChatChunk, resolved: &str) -> proto::CompleteChunk {
+/// A streamed delta as a message.
+pub fn complete_chunk(delta: ChatDelta, resolved: &str) -> proto::CompleteChunk {
+    let first = delta.choices.first();
     proto::CompleteChunk {
-        id: chunk
-            .value
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        id: delta.id.clone(),
         resolved_model: resolved.to_string(),
-        delta_content: chunk.delta_content().to_string(),
-        finish_reason: chunk.finish_reason().unwrap_or_default().to_string(),
-        usage: chunk.usage().map(Into::into),
-        chunk_json: Value::Object(chunk.value).to_string(),
+        delta_content: delta.content().to_string(),
+        finish_reason: delta
+            .finish_reason()
+            .map(|f| f.as_openai().to_string())
+            .unwrap_or_default(),
+        usage: delta.usage.map(Into::into),
+        tool_calls: first
+            .map(|c| {
+                c.tool_calls
+                    .iter()
+                    .map(|t| proto::ToolCallDelta {
+                        index: t.index,
+                        id: t.id.clone(),
+                        name: t.name.clone(),
+                        arguments: t.arguments.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        delta_reasoning: first.and_then(|c| c.reasoning.clone()).unwrap_or_default(),
+        chunk_json: openai_chat::encode_chunk(&delta),
     }
 }
 

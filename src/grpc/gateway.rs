@@ -93,7 +93,7 @@ impl proto::gateway_server::Gateway for GatewayService {
                 let resolved = c.resolved_model.clone();
                 let policy = std::mem::take(&mut c.policy_headers);
                 let mut resp = with_metadata(
-                    complete_response(c, &request_id),
+                    complete_response(*c, &request_id),
                     &[
                         (headers::REQUEST_ID, &request_id),
                         (headers::RESOLVED_MODEL, &resolved),

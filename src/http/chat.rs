@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 
 use super::error::{error_body, error_response};
 use super::{context, headers};
-use crate::core::chat::ChatRequest;
+use crate::api::{openai_chat, ChatDelta};
 use crate::core::{ChatReply, ChatStream, Gateway, Reason, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
@@ -31,10 +31,10 @@ pub async fn chat_completions(
     let limit = gw.runtime().config.server.max_body_bytes;
     let decoded = read_body(&headers, body, limit)
         .await
-        .and_then(|b| ChatRequest::from_json_bytes(&b));
+        .and_then(|b| openai_chat::parse_request(&b));
     let mut resp = match call.run(decoded).await {
         Ok(ChatReply::Complete(c)) => {
-            let mut r = Json(c.body).into_response();
+            let mut r = Json(openai_chat::response_to_object(&c.response)).into_response();
             set_header(&mut r, headers::RESOLVED_MODEL, &c.resolved_model);
             for (name, value) in &c.policy_headers {
                 set_header(&mut r, name, value);
@@ -97,9 +97,8 @@ fn sse_response(stream: ChatStream) -> Response {
     let events = futures_util::stream::unfold(Some(stream), |state| async move {
         let mut stream = state?;
         let bytes = match stream.next().await {
-            Some(Ok(chunk)) => {
-                let json = serde_json::to_string(&chunk.value).unwrap_or_else(|_| "{}".into());
-                return Some((Ok::<_, Infallible>(event(&json)), Some(stream)));
+            Some(Ok(delta)) => {
+                return Some((Ok::<_, Infallible>(chunk_events(delta)), Some(stream)));
             }
             Some(Err(e)) => event(&error_body(&e).to_string()),
             None => Bytes::from_static(b"data: [DONE]\n\n"),
@@ -121,6 +120,23 @@ fn sse_response(stream: ChatStream) -> Response {
         set_header(&mut resp, name, value);
     }
     resp
+}
+
+/// A delta as OpenAI chunk events. OpenAI sends usage on a chunk of its own, with no choices,
+/// and clients look for it there; a provider that reports usage with its last choice delta
+/// (Anthropic's `message_delta`) gets it split off.
+fn chunk_events(mut delta: ChatDelta) -> Bytes {
+    match delta.usage {
+        Some(usage) if !delta.choices.is_empty() => {
+            delta.usage = None;
+            let mut out = event(&openai_chat::encode_chunk(&delta)).to_vec();
+            delta.choices.clear();
+            delta.usage = Some(usage);
+            out.extend_from_slice(&event(&openai_chat::encode_chunk(&delta)));
+            Bytes::from(out)
+        }
+        _ => event(&openai_chat::encode_chunk(&delta)),
+    }
 }
 
 fn event(json: &str) -> Bytes {

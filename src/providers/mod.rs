@@ -1,6 +1,9 @@
-//! Upstream providers: the OpenAI-compatible client (OpenAI, vLLM, Ollama, ...) and the
-//! deterministic mock. The core talks to them through [`Provider`].
+//! Upstream providers behind one trait: the OpenAI-compatible client (OpenAI, vLLM, Ollama,
+//! ...), the Anthropic Messages client, and the deterministic mock. The core holds them as
+//! `dyn Provider` and never looks at their wire formats (docs/architecture.md).
 
+mod anthropic;
+mod http;
 pub mod key_pool;
 mod mock;
 mod openai;
@@ -11,34 +14,40 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use serde_json::{Map, Value};
 
+use crate::api::{ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
+pub use crate::api::{JsonObject, Usage};
 use crate::clock::Clock;
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::config::{ProviderConfig, ProviderKind, ProviderSettings};
 pub use key_pool::{KeyPool, KeyPoolObserver};
 
-/// A JSON object (an OpenAI request body, response or chunk).
-pub type JsonObject = Map<String, Value>;
-
-pub use crate::api::Usage;
-
-/// One call to an upstream: the OpenAI body with `model` already set to the upstream's name.
-#[derive(Debug, Clone)]
-pub struct UpstreamRequest {
-    pub model: String,
-    pub body: JsonObject,
-    pub request_id: String,
+/// One chat call to an upstream: the neutral request and the upstream's name for the model.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamCall<'a> {
+    /// The model name the upstream knows (without the `provider/` prefix).
+    pub model: &'a str,
+    pub request: &'a ChatRequest,
+    pub request_id: &'a str,
 }
 
-/// A whole (non-streamed) answer.
-#[derive(Debug)]
-pub struct UpstreamReply {
-    pub body: JsonObject,
-    pub usage: Option<Usage>,
+/// One embeddings call to an upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedCall<'a> {
+    pub model: &'a str,
+    pub request: &'a EmbeddingsRequest,
+    pub request_id: &'a str,
 }
 
-/// Streamed chunks as they arrive; ends after the upstream's `[DONE]` or end of body.
-pub type UpstreamStream = Pin<Box<dyn Stream<Item = Result<JsonObject, UpstreamError>> + Send>>;
+/// Streamed deltas as they arrive; ends after the upstream's end of stream.
+pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<ChatDelta, UpstreamError>> + Send>>;
+
+/// What a provider can do for a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub chat: bool,
+    pub stream: bool,
+    pub embeddings: bool,
+}
 
 /// Why an upstream call failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,79 +68,58 @@ pub enum UpstreamError {
     /// Every key of the provider is cooling down (`retry_after` is the soonest) or disabled.
     #[error("no usable upstream key")]
     KeysExhausted { retry_after: Option<Duration> },
-    /// The answer could not be read or parsed.
+    /// The answer could not be read or parsed, or the stream reported an error.
     #[error("upstream sent a bad response: {0}")]
     BadResponse(String),
+    /// The request asks for something this provider cannot do (the caller's request, for this
+    /// target): an Anthropic model asked for embeddings, an audio part sent to Claude.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
-/// A configured upstream.
-pub enum Provider {
-    /// Any OpenAI-compatible server.
-    OpenAi(openai::OpenAiProvider),
-    /// Deterministic tokens for demos, tests and benchmarks.
-    Mock(mock::MockProvider),
-}
+/// An upstream the core can call.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// The protocol it speaks.
+    fn kind(&self) -> ProviderKind;
 
-impl Provider {
-    /// Builds the client for a provider's configuration.
-    pub fn from_config(
-        name: &str,
-        cfg: &ProviderConfig,
-        clock: Clock,
-        observer: Arc<dyn KeyPoolObserver>,
-    ) -> Result<Provider, String> {
-        Ok(match cfg.kind {
-            ProviderKind::Openai => {
-                Provider::OpenAi(openai::OpenAiProvider::new(name, cfg, clock, observer)?)
-            }
-            ProviderKind::Mock => Provider::Mock(mock::MockProvider::new(cfg)),
-        })
+    /// Its upstream key pool, if it has one.
+    fn key_pool(&self) -> Option<&KeyPool> {
+        None
     }
 
-    /// The provider's upstream key pool, if it has one.
-    pub fn key_pool(&self) -> Option<&KeyPool> {
-        match self {
-            Provider::OpenAi(p) => Some(p.keys()),
-            Provider::Mock(_) => None,
-        }
-    }
+    /// What it can do for `model`.
+    fn capabilities(&self, model: &str) -> Capabilities;
 
     /// One non-streamed completion.
-    pub async fn complete(&self, req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {
-        match self {
-            Provider::OpenAi(p) => p.complete(req).await,
-            Provider::Mock(p) => p.complete(req).await,
-        }
-    }
+    async fn complete(&self, call: UpstreamCall<'_>) -> Result<ChatResponse, UpstreamError>;
 
     /// One streamed completion; returns once the upstream has accepted the request.
-    pub async fn stream(&self, req: UpstreamRequest) -> Result<UpstreamStream, UpstreamError> {
-        match self {
-            Provider::OpenAi(p) => p.stream(req).await,
-            Provider::Mock(p) => Ok(p.stream(req)),
+    async fn stream(&self, call: UpstreamCall<'_>) -> Result<DeltaStream, UpstreamError>;
+
+    /// Embedding vectors for the inputs.
+    async fn embed(&self, call: EmbedCall<'_>) -> Result<EmbeddingsResponse, UpstreamError>;
+}
+
+/// Builds the provider for a configuration.
+pub fn from_config(
+    name: &str,
+    cfg: &ProviderConfig,
+    clock: Clock,
+    observer: Arc<dyn KeyPoolObserver>,
+) -> Result<Arc<dyn Provider>, String> {
+    Ok(match &cfg.settings {
+        ProviderSettings::Openai(h) => {
+            Arc::new(openai::OpenAiProvider::new(name, h, clock, observer)?)
         }
-    }
+        ProviderSettings::Anthropic(a) => {
+            Arc::new(anthropic::AnthropicProvider::new(name, a, clock, observer)?)
+        }
+        ProviderSettings::Mock(m) => Arc::new(mock::MockProvider::new(m, clock)),
+    })
 }
 
-/// Counts tokens the cheap way (about four characters a token) when an upstream reports none.
-pub fn estimate_tokens(chars: usize) -> u64 {
-    chars.div_ceil(4) as u64
-}
-
-/// Estimates prompt tokens from an OpenAI `messages` array.
-pub fn estimate_prompt_tokens(body: &JsonObject) -> u64 {
-    let chars: usize = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(|msgs| {
-            msgs.iter()
-                .map(|m| match m.get("content") {
-                    Some(Value::String(s)) => s.len(),
-                    Some(other) => other.to_string().len(),
-                    None => 0,
-                } + 4)
-                .sum()
-        })
-        .unwrap_or(0);
-    estimate_tokens(chars)
+/// Unix seconds of a clock, for the `created` field of answers.
+fn unix_secs(clock: &Clock) -> u64 {
+    u64::try_from(clock.now_ms() / 1000).unwrap_or(0)
 }

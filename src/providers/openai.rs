@@ -1,345 +1,178 @@
-//! Client for any OpenAI-compatible chat-completions server.
+//! Any OpenAI-compatible server: chat completions and embeddings.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::key_pool::{KeyPoolSettings, KeyVerdict};
-use super::sse::SseParser;
+use super::http::{HttpUpstream, KeyHeader};
 use super::{
-    JsonObject, KeyPool, KeyPoolObserver, UpstreamError, UpstreamReply, UpstreamRequest,
-    UpstreamStream, Usage,
+    Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, Provider, UpstreamCall,
+    UpstreamError,
 };
+use crate::api::{openai_chat, ChatResponse, EmbeddingInput, EmbeddingsResponse};
 use crate::clock::Clock;
-use crate::config::ProviderConfig;
+use crate::config::{HttpUpstreamConfig, ProviderKind};
 
-/// An OpenAI-compatible upstream with a pooled HTTP client.
+/// An OpenAI-compatible upstream.
 pub struct OpenAiProvider {
-    url: String,
-    client: reqwest::Client,
-    keys: KeyPool,
-    first_byte_timeout: Duration,
-    idle_timeout: Duration,
-    total_timeout: Duration,
+    chat_url: String,
+    embeddings_url: String,
+    http: HttpUpstream,
 }
 
 impl OpenAiProvider {
     /// Builds the client; the base URL was validated with the config.
     pub fn new(
         name: &str,
-        cfg: &ProviderConfig,
+        cfg: &HttpUpstreamConfig,
         clock: Clock,
         observer: Arc<dyn KeyPoolObserver>,
     ) -> Result<Self, String> {
-        let base = cfg
-            .base_url
-            .as_deref()
-            .unwrap_or_default()
-            .trim_end_matches('/');
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("providers.{name}: cannot build HTTP client: {e}"))?;
         Ok(Self {
-            url: format!("{base}/chat/completions"),
-            client,
-            keys: KeyPool::new(
-                name,
-                cfg.keys.clone(),
-                KeyPoolSettings {
-                    default_cooldown: Duration::from_secs(cfg.rate_limit_cooldown_secs),
-                    auth_failure_cooldown: cfg.auth_failure_cooldown_secs.map(Duration::from_secs),
-                },
-                clock,
-                observer,
-            ),
-            first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
-            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
-            total_timeout: Duration::from_millis(cfg.total_timeout_ms),
+            chat_url: format!("{}/chat/completions", cfg.base_url),
+            embeddings_url: format!("{}/embeddings", cfg.base_url),
+            http: HttpUpstream::new(name, cfg, KeyHeader::Bearer, clock, observer)?,
         })
     }
+}
 
-    /// Sends the request, walking the key pool: a 429, 401 or 403 marks the key and the same
-    /// body goes to the next usable key. Nothing has reached the caller yet, so this is safe for
-    /// streams too.
-    async fn send(
-        &self,
-        req: &UpstreamRequest,
-        deadline: Instant,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let mut body = req.body.clone();
-        body.insert("model".into(), Value::String(req.model.clone()));
-        let body = bytes::Bytes::from(
-            serde_json::to_vec(&body)
-                .map_err(|e| UpstreamError::BadResponse(format!("cannot encode request: {e}")))?,
-        );
-        let mut walk = self.keys.walk();
-        let result = loop {
-            let key = walk.next_key();
-            if key.is_none() && !self.keys.is_keyless() {
-                let (outcome, retry_after) = self.keys.exhaustion();
-                self.keys
-                    .observer()
-                    .exhausted(self.keys.provider(), outcome);
-                break Err(UpstreamError::KeysExhausted { retry_after });
-            }
-            let mut builder = self
-                .client
-                .post(&self.url)
-                .header("x-request-id", &req.request_id)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            if let Some((_, secret)) = key {
-                builder = builder.bearer_auth(secret);
-            }
-            let wait = self
-                .first_byte_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
-            let resp = match tokio::time::timeout(wait, builder.send()).await {
-                Err(_) => break Err(UpstreamError::Timeout("first byte")),
-                Ok(Err(e)) => break Err(classify(e)),
-                Ok(Ok(r)) => r,
-            };
-            let status = resp.status().as_u16();
-            if resp.status().is_success() {
-                break Ok(resp);
-            }
-            let retry_after = retry_after(resp.headers());
-            let verdict = match status {
-                429 => Some(KeyVerdict::RateLimited(retry_after)),
-                401 => Some(KeyVerdict::Unauthorized),
-                403 => Some(KeyVerdict::Forbidden),
-                _ => None,
-            };
-            match (key, verdict) {
-                (Some((index, _)), Some(verdict)) => {
-                    self.keys.report(index, verdict);
-                    // Read the small error body so that the connection can be reused.
-                    let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
-                }
-                _ => {
-                    let text = tokio::time::timeout(
-                        deadline.saturating_duration_since(Instant::now()),
-                        resp.text(),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                    break Err(UpstreamError::Status {
-                        status,
-                        message: self.keys.redact(&error_message(&text)),
-                        retry_after,
-                    });
-                }
-            }
-        };
-        if !self.keys.is_keyless() {
-            self.keys
-                .observer()
-                .keys_tried(self.keys.provider(), walk.tried());
-        }
-        result
+#[async_trait::async_trait]
+impl Provider for OpenAiProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Openai
     }
 
-    /// The key pool, for operators.
-    pub fn keys(&self) -> &KeyPool {
-        &self.keys
+    fn key_pool(&self) -> Option<&KeyPool> {
+        Some(self.http.keys())
     }
 
-    /// One non-streamed completion.
-    pub async fn complete(&self, mut req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {
-        let deadline = Instant::now() + self.total_timeout;
-        req.body.remove("stream_options");
-        req.body.insert("stream".into(), Value::Bool(false));
-        let resp = self.send(&req, deadline).await?;
-        let bytes = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            resp.bytes(),
-        )
-        .await
-        .map_err(|_| UpstreamError::Timeout("total"))?
-        .map_err(|e| UpstreamError::BadResponse(e.to_string()))?;
-        let body: JsonObject = serde_json::from_slice(&bytes)
-            .map_err(|e| UpstreamError::BadResponse(format!("not a JSON object: {e}")))?;
-        if !body.contains_key("choices") {
-            return Err(UpstreamError::BadResponse(
-                "no `choices` in the answer".into(),
-            ));
+    fn capabilities(&self, _model: &str) -> Capabilities {
+        // An OpenAI-compatible server may serve any model it names; it says no itself.
+        Capabilities {
+            chat: true,
+            stream: true,
+            embeddings: true,
         }
-        let usage = body.get("usage").and_then(Usage::from_openai);
-        Ok(UpstreamReply { body, usage })
     }
 
-    /// One streamed completion. Asks for usage so that every stream can be accounted.
-    pub async fn stream(&self, mut req: UpstreamRequest) -> Result<UpstreamStream, UpstreamError> {
-        let deadline = Instant::now() + self.total_timeout;
-        req.body.insert("stream".into(), Value::Bool(true));
-        let opts = req
-            .body
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Value::Object(o) = opts {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-        let resp = self.send(&req, deadline).await?;
-        let idle = self.idle_timeout;
-        let bytes = resp.bytes_stream();
-        let state = (
-            bytes,
-            SseParser::default(),
-            std::collections::VecDeque::<String>::new(),
-            false,
-        );
-        let stream = futures_util::stream::unfold(
-            state,
-            move |(mut bytes, mut parser, mut pending, mut done)| async move {
-                loop {
-                    if let Some(data) = pending.pop_front() {
-                        if data.trim() == "[DONE]" {
-                            return None;
-                        }
-                        let item = serde_json::from_str::<JsonObject>(&data)
-                            .map_err(|e| UpstreamError::BadResponse(format!("bad chunk: {e}")));
-                        let failed = item.is_err();
-                        let pending = if failed { Default::default() } else { pending };
-                        return Some((item, (bytes, parser, pending, done || failed)));
-                    }
-                    if done {
-                        return None;
-                    }
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Some((
-                            Err(UpstreamError::Timeout("total")),
-                            (bytes, parser, pending, true),
-                        ));
-                    }
-                    let wait = idle.min(deadline - now);
-                    match tokio::time::timeout(wait, bytes.next()).await {
-                        Err(_) => {
-                            let phase = if wait < idle { "total" } else { "next chunk" };
-                            return Some((
-                                Err(UpstreamError::Timeout(phase)),
-                                (bytes, parser, pending, true),
-                            ));
-                        }
-                        Ok(Some(Ok(b))) => pending.extend(parser.push(&b)),
-                        Ok(Some(Err(e))) => {
-                            let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
-                            return Some((Err(err), (bytes, parser, pending, true)));
-                        }
-                        Ok(None) => {
-                            // A clean end without [DONE]: the core decides from finish_reason
-                            // whether the answer was whole.
-                            pending.extend(parser.finish());
-                            done = true;
-                        }
-                    }
-                }
+    async fn complete(&self, call: UpstreamCall<'_>) -> Result<ChatResponse, UpstreamError> {
+        let deadline = self.http.deadline();
+        let body = openai_chat::encode_request(call.request, call.model, false);
+        let resp = self
+            .http
+            .post(&self.chat_url, call.request_id, &[], body.into(), deadline)
+            .await?;
+        let bytes = self.http.body(resp, deadline).await?;
+        openai_chat::parse_response(&bytes).map_err(UpstreamError::BadResponse)
+    }
+
+    /// Asks for usage so that every stream can be accounted.
+    async fn stream(&self, call: UpstreamCall<'_>) -> Result<DeltaStream, UpstreamError> {
+        let deadline = self.http.deadline();
+        let body = openai_chat::encode_request(call.request, call.model, true);
+        let resp = self
+            .http
+            .post(&self.chat_url, call.request_id, &[], body.into(), deadline)
+            .await?;
+        let mut failed = false;
+        let deltas = self
+            .http
+            .sse_data(resp, deadline)
+            .take_while(|item| {
+                let done = matches!(item, Ok(data) if data.trim() == "[DONE]");
+                futures_util::future::ready(!done)
+            })
+            .filter_map(move |item| {
+                // After a bad chunk the stream is over: what follows cannot be trusted.
+                let out = if failed {
+                    None
+                } else {
+                    Some(item.and_then(|data| {
+                        openai_chat::parse_chunk(&data)
+                            .map_err(|e| UpstreamError::BadResponse(format!("bad chunk: {e}")))
+                    }))
+                };
+                failed |= matches!(out, Some(Err(_)));
+                futures_util::future::ready(out)
+            });
+        Ok(Box::pin(deltas))
+    }
+
+    async fn embed(&self, call: EmbedCall<'_>) -> Result<EmbeddingsResponse, UpstreamError> {
+        let deadline = self.http.deadline();
+        let req = call.request;
+        let mut body = req.extra.clone();
+        body.insert("model".into(), Value::String(call.model.to_string()));
+        body.insert(
+            "input".into(),
+            match &req.input {
+                EmbeddingInput::Texts(t) => json!(t),
+                EmbeddingInput::Tokens(t) => json!(t),
             },
         );
-        Ok(Box::pin(stream))
+        if let Some(d) = req.dimensions {
+            body.insert("dimensions".into(), d.into());
+        }
+        // Floats from the upstream; the adapter encodes what the caller asked for.
+        body.remove("encoding_format");
+        let bytes = serde_json::to_vec(&body)
+            .map_err(|e| UpstreamError::BadResponse(format!("cannot encode request: {e}")))?;
+        let resp = self
+            .http
+            .post(
+                &self.embeddings_url,
+                call.request_id,
+                &[],
+                bytes.into(),
+                deadline,
+            )
+            .await?;
+        let bytes = self.http.body(resp, deadline).await?;
+        parse_embeddings(&bytes, req.input.len())
     }
 }
 
-/// Connection failures are `Connect`; anything else while sending is a bad response.
-fn classify(e: reqwest::Error) -> UpstreamError {
-    if e.is_connect() {
-        UpstreamError::Connect(without_url(&e))
-    } else if e.is_timeout() {
-        UpstreamError::Timeout("connect")
-    } else {
-        UpstreamError::BadResponse(without_url(&e))
-    }
-}
-
-/// reqwest errors name the URL; keep the message short and free of query strings.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut deepest = None;
-    while let Some(s) = source {
-        deepest = Some(s.to_string());
-        source = s.source();
-    }
-    deepest.unwrap_or_else(|| "request failed".into())
-}
-
-/// The `error.message` of an OpenAI error body, or the start of the body.
-fn error_message(text: &str) -> String {
-    if let Ok(v) = serde_json::from_str::<Value>(text) {
-        if let Some(m) = v.pointer("/error/message").and_then(Value::as_str) {
-            return m.to_string();
+/// An OpenAI embeddings answer: `data[].embedding` in `index` order, `usage.prompt_tokens`.
+fn parse_embeddings(bytes: &[u8], expected: usize) -> Result<EmbeddingsResponse, UpstreamError> {
+    let bad = |m: String| UpstreamError::BadResponse(m);
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no `data` in the answer".into()))?;
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; expected];
+    for (i, item) in data.iter().enumerate() {
+        let index = item
+            .get("index")
+            .and_then(Value::as_u64)
+            .map_or(i, |n| n as usize);
+        let embedding = item
+            .get("embedding")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad(format!("data[{i}].embedding is not an array")))?
+            .iter()
+            .map(|x| x.as_f64().map(|f| f as f32))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or_else(|| bad(format!("data[{i}].embedding holds a non-number")))?;
+        match vectors.get_mut(index) {
+            Some(slot) => *slot = Some(embedding),
+            None => return Err(bad(format!("data[{i}].index {index} is out of range"))),
         }
     }
-    let t = text.trim();
-    if t.is_empty() {
-        "no body".into()
-    } else {
-        t.chars().take(300).collect()
-    }
-}
-
-/// `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date.
-fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    if let Some(ms) = h
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return Some(Duration::from_secs_f64(secs.max(0.0)));
-    }
-    let when = httpdate_parse(v)?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
-}
-
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP requires senders to use.
-fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 || parts[5] != "GMT" {
-        return None;
-    }
-    let day: u64 = parts[1].parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])? as u64
-        + 1;
-    let year: i64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4]
-        .split(':')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    if hms.len() != 3 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m as i64 + 2) / 5 + day as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    let secs = days * 86400 + (hms[0] * 3600 + hms[1] * 60 + hms[2]) as i64;
-    let secs = u64::try_from(secs).ok()?;
-    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+    let vectors = vectors
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad(format!("expected {expected} vectors")))?;
+    Ok(EmbeddingsResponse {
+        model: v
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        vectors,
+        prompt_tokens: v.pointer("/usage/prompt_tokens").and_then(Value::as_u64),
+    })
 }
 
 #[cfg(test)]
@@ -347,20 +180,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_date() {
-        let t = httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
-        assert_eq!(
-            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
-            784111777
-        );
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert("retry-after", "7".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert("retry-after-ms", "1500".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    fn embeddings_in_index_order() {
+        let r = parse_embeddings(
+            br#"{"data":[{"index":1,"embedding":[3.0]},{"index":0,"embedding":[1.0,2.0]}],"model":"e","usage":{"prompt_tokens":5}}"#,
+            2,
+        )
+        .unwrap();
+        assert_eq!(r.vectors, vec![vec![1.0, 2.0], vec![3.0]]);
+        assert_eq!(r.prompt_tokens, Some(5));
+        assert!(parse_embeddings(br#"{"data":[]}"#, 1).is_err());
     }
 }

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::error::{Reason, Rejection};
 use crate::providers::Provider;
+
 use health::{HealthRegistry, HealthSettings, ProviderHealth};
 
 /// A configured provider and the models it admits.
 pub struct ProviderEntry {
     pub name: String,
-    pub client: Provider,
+    pub client: Arc<dyn Provider>,
     /// `None`: any model name is passed to the upstream.
     pub models: Option<HashSet<String>>,
     pub health: Arc<ProviderHealth>,
@@ -92,7 +93,8 @@ impl Router {
         let names: Vec<&str> = config.providers.keys().map(String::as_str).collect();
         deps.health.retain(&names);
         for (name, p) in &config.providers {
-            let client = Provider::from_config(name, p, deps.clock.clone(), deps.observer.clone())?;
+            let client =
+                crate::providers::from_config(name, p, deps.clock.clone(), deps.observer.clone())?;
             let models = p
                 .models
                 .as_ref()

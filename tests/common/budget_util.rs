@@ -115,7 +115,7 @@ async fn handle(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let model = body.get("model").and_then(Value::as_str).unwrap_or("");
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let num = |k: &str, d: u64| body.get(k).and_then(Value::as_u64).unwrap_or(d);
-    let prompt = tollgate::providers::estimate_prompt_tokens(&body);
+    let prompt = prompt_estimate(&Value::Object(body.clone())) as u64;
     match model {
         "hold" => {
             tokio::time::sleep(Duration::from_millis(num("hold_ms", 0))).await;
@@ -384,7 +384,14 @@ pub fn body(model: &str, n: usize, max_tokens: u64) -> Value {
 
 /// tollgate's prompt estimate of a body.
 pub fn prompt_estimate(body: &Value) -> i64 {
-    tollgate::providers::estimate_prompt_tokens(body.as_object().expect("object")) as i64
+    let mut body = body.clone();
+    // The upstream sees the gateway's own fields too; they do not change the estimate.
+    if let Some(o) = body.as_object_mut() {
+        o.remove("stream_options");
+    }
+    tollgate::api::openai_chat::parse_request(body.to_string().as_bytes())
+        .expect("a valid chat body")
+        .estimate_prompt_tokens() as i64
 }
 
 /// The cost of a `hold` answer to `body` (= the maximum tollgate reserves for it).

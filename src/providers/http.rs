@@ -1,0 +1,365 @@
+//! What every HTTP upstream shares: a pooled client, the key-pool walk on 429/401/403, the
+//! three deadlines (first byte, idle between chunks, total), and reading SSE `data` payloads.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+
+use super::key_pool::{KeyPoolSettings, KeyVerdict};
+use super::sse::SseParser;
+use super::{KeyPool, KeyPoolObserver, UpstreamError};
+use crate::clock::Clock;
+use crate::config::HttpUpstreamConfig;
+
+/// How a pool key is presented to the upstream.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI and compatible servers).
+    Bearer,
+    /// `x-api-key: <key>` (Anthropic).
+    XApiKey,
+}
+
+/// A pooled HTTP client for one provider, with its key pool and deadlines.
+pub struct HttpUpstream {
+    client: reqwest::Client,
+    keys: KeyPool,
+    key_header: KeyHeader,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    total_timeout: Duration,
+}
+
+impl HttpUpstream {
+    /// Builds the client; the base URL was validated with the config.
+    pub fn new(
+        name: &str,
+        cfg: &HttpUpstreamConfig,
+        key_header: KeyHeader,
+        clock: Clock,
+        observer: Arc<dyn KeyPoolObserver>,
+    ) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("providers.{name}: cannot build HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            keys: KeyPool::new(
+                name,
+                cfg.keys.clone(),
+                KeyPoolSettings {
+                    default_cooldown: Duration::from_secs(cfg.rate_limit_cooldown_secs),
+                    auth_failure_cooldown: cfg.auth_failure_cooldown_secs.map(Duration::from_secs),
+                },
+                clock,
+                observer,
+            ),
+            key_header,
+            first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            total_timeout: Duration::from_millis(cfg.total_timeout_ms),
+        })
+    }
+
+    /// The key pool, for operators.
+    pub fn keys(&self) -> &KeyPool {
+        &self.keys
+    }
+
+    /// The deadline of a call starting now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.total_timeout
+    }
+
+    /// POSTs `body` to `url`, walking the key pool: a 429, 401 or 403 marks the key and the
+    /// same body goes to the next usable key. Nothing has reached the caller yet, so this is
+    /// safe for streams too. `headers` are sent with every attempt.
+    pub async fn post(
+        &self,
+        url: &str,
+        request_id: &str,
+        headers: &[(&'static str, &str)],
+        body: bytes::Bytes,
+        deadline: Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut walk = self.keys.walk();
+        let result = loop {
+            let key = walk.next_key();
+            if key.is_none() && !self.keys.is_keyless() {
+                let (outcome, retry_after) = self.keys.exhaustion();
+                self.keys
+                    .observer()
+                    .exhausted(self.keys.provider(), outcome);
+                break Err(UpstreamError::KeysExhausted { retry_after });
+            }
+            let mut builder = self
+                .client
+                .post(url)
+                .header("x-request-id", request_id)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            for (name, value) in headers {
+                builder = builder.header(*name, *value);
+            }
+            if let Some((_, secret)) = key {
+                builder = match self.key_header {
+                    KeyHeader::Bearer => builder.bearer_auth(secret),
+                    KeyHeader::XApiKey => builder.header("x-api-key", secret),
+                };
+            }
+            let wait = self
+                .first_byte_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let resp = match tokio::time::timeout(wait, builder.send()).await {
+                Err(_) => break Err(UpstreamError::Timeout("first byte")),
+                Ok(Err(e)) => break Err(classify(e)),
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status().as_u16();
+            if resp.status().is_success() {
+                break Ok(resp);
+            }
+            let retry_after = retry_after(resp.headers());
+            let verdict = match status {
+                429 => Some(KeyVerdict::RateLimited(retry_after)),
+                401 => Some(KeyVerdict::Unauthorized),
+                403 => Some(KeyVerdict::Forbidden),
+                _ => None,
+            };
+            match (key, verdict) {
+                (Some((index, _)), Some(verdict)) => {
+                    self.keys.report(index, verdict);
+                    // Read the small error body so that the connection can be reused.
+                    let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
+                }
+                _ => {
+                    let text = tokio::time::timeout(
+                        deadline.saturating_duration_since(Instant::now()),
+                        resp.text(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                    break Err(UpstreamError::Status {
+                        status,
+                        message: self.keys.redact(&error_message(&text)),
+                        retry_after,
+                    });
+                }
+            }
+        };
+        if !self.keys.is_keyless() {
+            self.keys
+                .observer()
+                .keys_tried(self.keys.provider(), walk.tried());
+        }
+        result
+    }
+
+    /// Reads a whole answer before the deadline.
+    pub async fn body(
+        &self,
+        resp: reqwest::Response,
+        deadline: Instant,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            resp.bytes(),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout("total"))?
+        .map_err(|e| UpstreamError::BadResponse(e.to_string()))
+    }
+
+    /// The SSE `data` payloads of a streamed answer, each within the idle deadline and all
+    /// within the total one. Ends at the end of the body.
+    pub fn sse_data(
+        &self,
+        resp: reqwest::Response,
+        deadline: Instant,
+    ) -> impl Stream<Item = Result<String, UpstreamError>> + Send + 'static {
+        let idle = self.idle_timeout;
+        let state = (
+            resp.bytes_stream(),
+            SseParser::default(),
+            VecDeque::<String>::new(),
+            false,
+        );
+        futures_util::stream::unfold(
+            state,
+            move |(mut bytes, mut parser, mut pending, mut done)| async move {
+                loop {
+                    if let Some(data) = pending.pop_front() {
+                        return Some((Ok(data), (bytes, parser, pending, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Some((
+                            Err(UpstreamError::Timeout("total")),
+                            (bytes, parser, pending, true),
+                        ));
+                    }
+                    let wait = idle.min(deadline - now);
+                    match tokio::time::timeout(wait, bytes.next()).await {
+                        Err(_) => {
+                            let phase = if wait < idle { "total" } else { "next chunk" };
+                            return Some((
+                                Err(UpstreamError::Timeout(phase)),
+                                (bytes, parser, pending, true),
+                            ));
+                        }
+                        Ok(Some(Ok(b))) => pending.extend(parser.push(&b)),
+                        Ok(Some(Err(e))) => {
+                            let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
+                            return Some((Err(err), (bytes, parser, pending, true)));
+                        }
+                        Ok(None) => {
+                            // A clean end: the provider decides whether the answer was whole.
+                            pending.extend(parser.finish());
+                            done = true;
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// Connection failures are `Connect`; anything else while sending is a bad response.
+fn classify(e: reqwest::Error) -> UpstreamError {
+    if e.is_connect() {
+        UpstreamError::Connect(without_url(&e))
+    } else if e.is_timeout() {
+        UpstreamError::Timeout("connect")
+    } else {
+        UpstreamError::BadResponse(without_url(&e))
+    }
+}
+
+/// reqwest errors name the URL; keep the message short and free of query strings.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut deepest = None;
+    while let Some(s) = source {
+        deepest = Some(s.to_string());
+        source = s.source();
+    }
+    deepest.unwrap_or_else(|| "request failed".into())
+}
+
+/// The `error.message` of an error body (OpenAI's and Anthropic's shapes both keep it there),
+/// or the start of the body.
+fn error_message(text: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<Value>(text) {
+        if let Some(m) = v.pointer("/error/message").and_then(Value::as_str) {
+            return m.to_string();
+        }
+    }
+    let t = text.trim();
+    if t.is_empty() {
+        "no body".into()
+    } else {
+        t.chars().take(300).collect()
+    }
+}
+
+/// `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date.
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = h
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    }
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return Some(Duration::from_secs_f64(secs.max(0.0)));
+    }
+    let when = httpdate_parse(v)?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP requires senders to use.
+fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let day: u64 = parts[1].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as u64
+        + 1;
+    let year: i64 = parts[3].parse().ok()?;
+    let hms: Vec<u64> = parts[4]
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m as i64 + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs = days * 86400 + (hms[0] * 3600 + hms[1] * 60 + hms[2]) as i64;
+    let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_date() {
+        let t = httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+            784111777
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after-ms", "1500".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn error_messages_of_both_shapes() {
+        assert_eq!(error_message(r#"{"error":{"message":"m1"}}"#), "m1");
+        assert_eq!(
+            error_message(r#"{"type":"error","error":{"type":"overloaded_error","message":"m2"}}"#),
+            "m2"
+        );
+        assert_eq!(error_message(""), "no body");
+    }
+}
