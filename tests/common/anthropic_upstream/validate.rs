@@ -41,6 +41,11 @@ const CUSTOM_TOOL: &[&str] = &[
     "eager_input_streaming",
 ];
 
+/// A string that is there and not empty.
+fn filled(s: Option<&str>) -> bool {
+    s.is_some_and(|s| !s.is_empty())
+}
+
 fn extra_keys(obj: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), String> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(format!("{at}{k}: Extra inputs are not permitted")),
@@ -82,7 +87,7 @@ pub fn validate(body: &Map<String, Value>) -> Result<(), String> {
         None | Some(Value::String(_)) => {}
         Some(Value::Array(blocks)) => {
             for (j, b) in blocks.iter().enumerate() {
-                if b["type"] != "text" || !b["text"].as_str().is_some_and(|t| !t.is_empty()) {
+                if b["type"] != "text" || !filled(b["text"].as_str()) {
                     return Err(format!(
                         "system.{j}: system blocks must be non-empty text blocks"
                     ));
@@ -171,11 +176,7 @@ fn validate_tool(i: usize, tool: &Value) -> Result<(), String> {
         }
     }
     extra_keys(t, CUSTOM_TOOL, &format!("tools.{i}.custom."))?;
-    if !t
-        .get("name")
-        .and_then(Value::as_str)
-        .is_some_and(|n| !n.is_empty())
-    {
+    if !filled(t.get("name").and_then(Value::as_str)) {
         return Err(format!("tools.{i}.custom.name: Field required"));
     }
     match t.get("input_schema") {
@@ -241,7 +242,7 @@ fn validate_block(i: usize, j: usize, role: &str, b: &Value) -> Result<(), Strin
     match ty {
         "text" => {
             extra_keys(obj, &["type", "text", "cache_control", "citations"], &format!("{at}.text."))?;
-            if !string("text").is_some_and(|t| !t.is_empty()) {
+            if !filled(string("text")) {
                 return Err("messages: text content blocks must be non-empty".into());
             }
         }
@@ -255,7 +256,7 @@ fn validate_block(i: usize, j: usize, role: &str, b: &Value) -> Result<(), Strin
             if role != "assistant" {
                 return Err(format!("{at}: tool_use blocks can only appear in assistant messages"));
             }
-            if !string("id").is_some_and(|s| !s.is_empty()) || !string("name").is_some_and(|s| !s.is_empty()) {
+            if !filled(string("id")) || !filled(string("name")) {
                 return Err(format!("{at}.tool_use: `id` and `name` are required"));
             }
             if !obj.get("input").is_some_and(Value::is_object) {
