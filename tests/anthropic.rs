@@ -496,7 +496,11 @@ async fn stream_reaches_claude() {
     assert!(
         chunks
             .iter()
-            .filter(|c| c.pointer("/choices/0/delta/content").is_some())
+            .filter(|c| {
+                c.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| !t.is_empty())
+            })
             .count()
             >= fake::OK_PIECES.len(),
         "{chunks:#?}"
@@ -607,7 +611,8 @@ fn weather_tool() -> Value {
 }
 
 /// Tools both ways with `claude/claude-tools`: the OpenAI tool definition reaches the fake as
-/// an Anthropic tool (`input_schema`), `tool_choice: "auto"` as `{"type": "auto"}`; the answer's
+/// an Anthropic tool (`input_schema`); `tool_choice` `"auto"` as `{"type": "auto"}` (or left
+/// out), `"required"` as `any`, a named function as `tool`, `"none"` as `none`; the answer's
 /// `tool_use` comes back as a tool call (`finish_reason: tool_calls`, arguments = the input as
 /// JSON), streamed as argument pieces that add up to it; the next turn (assistant tool_calls
 /// with null content, then the tool message) reaches the fake as a `tool_use` / `tool_result`
@@ -642,12 +647,30 @@ async fn tool_calls_translate_both_ways() {
         tool["input_schema"],
         weather_tool()["function"]["parameters"]
     );
-    assert_eq!(
-        ex.body["tool_choice"],
-        json!({"type": "auto"}),
+    // "auto" is the Messages API's default, so it may also be left out.
+    assert!(
+        [json!({"type": "auto"}), Value::Null].contains(&ex.body["tool_choice"]),
         "{:#}",
         ex.body
     );
+
+    // The other tool choices.
+    for (choice, want) in [
+        (json!("required"), json!({"type": "any"})),
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            json!({"type": "tool", "name": "get_weather"}),
+        ),
+        (json!("none"), json!({"type": "none"})),
+    ] {
+        let rid = new_request_id();
+        let mut body = chat_body("claude/claude-tools", &rid);
+        body["tools"] = json!([weather_tool()]);
+        body["tool_choice"] = choice.clone();
+        ok_json(s.chat(&body, Some(&rid)).await).await;
+        let ex = claude_request(&up, "claude-tools", &rid);
+        assert_eq!(ex.body["tool_choice"], want, "{choice}: {:#}", ex.body);
+    }
 
     // Streamed: the tool call arrives as an id and name, then argument pieces.
     let rid = new_request_id();
@@ -750,7 +773,8 @@ async fn thinking_becomes_reasoning_content() {
         .iter()
         .filter(|c| {
             c.pointer("/choices/0/delta/reasoning_content")
-                .is_some_and(|r| r != "")
+                .and_then(Value::as_str)
+                .is_some_and(|r| !r.is_empty())
         })
         .count();
     assert!(pieces >= 2, "reasoning arrives in pieces: {chunks:#?}");
