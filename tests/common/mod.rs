@@ -4,6 +4,7 @@
 //! Prometheus text parser.
 #![allow(dead_code)]
 
+pub mod anthropic_upstream;
 pub mod auth_servers;
 pub mod budget_util;
 pub mod process;
@@ -232,6 +233,9 @@ pub struct Opts {
     pub extra: String,
     /// `ledger_flush_ms` (default 10).
     pub ledger_flush_ms: Option<u64>,
+    /// Tables appended after `extra`, with `{upstream}` replaced by the OpenAI upstream's base
+    /// URL (for providers of a test's own in front of [`upstream::Upstream`]).
+    pub extra_upstream: String,
 }
 
 /// Aliases of the standard config, so the `model` label has a name: alias -> upstream model.
@@ -363,11 +367,13 @@ input_usd_per_mtok = {PRICE_IN}.0
 output_usd_per_mtok = {PRICE_OUT}.0
 
 {extra}
+{extra_upstream}
 "#,
         server = opts.server,
         database = opts.database,
         auth = opts.auth,
         extra = opts.extra,
+        extra_upstream = opts.extra_upstream.replace("{upstream}", upstream_base),
         flush = opts.ledger_flush_ms.unwrap_or(10),
         key = upstream::UPSTREAM_KEY,
     )
