@@ -1119,7 +1119,7 @@ async fn openai_sdk_reaches_claude() {
     .await;
     assert!(out.contains("5 passed, 0 failed"), "{out}");
 
-    for (name, stream) in [("ok", false), ("ok-stream", true)] {
+    for (name, stream) in [("whole", false), ("streamed", true)] {
         let rid = format!("{prefix}-{name}");
         let row = s.ledger_row(&rid).await;
         assert_eq!(
@@ -1138,7 +1138,12 @@ async fn openai_sdk_reaches_claude() {
         assert_eq!(system_text(&ex.body), "You are a test.", "{:#}", ex.body);
         assert_eq!(ex.body["max_tokens"], 1024);
     }
-    for name in ["tools", "tools-stream", "tool-answer", "tool-answer-stream"] {
+    for name in [
+        "tools-whole",
+        "tools-streamed",
+        "answer-whole",
+        "answer-streamed",
+    ] {
         let rid = format!("{prefix}-{name}");
         let row = s.ledger_row(&rid).await;
         assert_eq!(

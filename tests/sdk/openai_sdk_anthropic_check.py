@@ -100,7 +100,7 @@ def check_usage(usage, want, where):
 
 def check_ok(run):
     x = run.x
-    resp = run.create("ok", "claude/claude-ok")
+    resp = run.create("whole", "claude/claude-ok")
     eq(resp.object, "chat.completion", "object")
     eq(resp.model, "claude/claude-ok", "model")
     msg = resp.choices[0].message
@@ -115,7 +115,7 @@ def check_ok(run):
 
 def check_ok_stream(run):
     x = run.x
-    chunks, text, _, finish, _ = run.stream("ok-stream", "claude/claude-ok",
+    chunks, text, _, finish, _ = run.stream("streamed", "claude/claude-ok",
                                             stream_options={"include_usage": True})
     check(len(text) >= 3, f"expected >= 3 content chunks, got {text!r}")
     eq("".join(text), x["ok_text"], "streamed content")
@@ -130,7 +130,7 @@ def check_ok_stream(run):
 
 def check_tool_call(run):
     x = run.x
-    resp = run.create("tools", "claude/claude-tools", tools=[WEATHER_TOOL], tool_choice="auto")
+    resp = run.create("tools-whole", "claude/claude-tools", tools=[WEATHER_TOOL], tool_choice="auto")
     choice = resp.choices[0]
     eq(choice.finish_reason, "tool_calls", "finish_reason")
     calls = choice.message.tool_calls or []
@@ -145,7 +145,7 @@ def check_tool_call(run):
 
 def check_tool_call_stream_and_answer(run):
     x = run.x
-    _, text, _, finish, tools = run.stream("tools-stream", "claude/claude-tools",
+    _, text, _, finish, tools = run.stream("tools-streamed", "claude/claude-tools",
                                            tools=[WEATHER_TOOL])
     eq(finish, ["tool_calls"], "finish_reasons")
     eq(sorted(tools), [0], "tool call indexes")
@@ -162,20 +162,20 @@ def check_tool_call_stream_and_answer(run):
     # turned it into a tool_use / tool_result pair.
     call = {"id": t["id"], "type": "function",
             "function": {"name": t["name"], "arguments": args}}
-    turn = run.messages("tool-answer") + [
+    turn = run.messages("answer-whole") + [
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": t["id"], "content": "7 degrees"},
     ]
-    resp = run.create("tool-answer", "claude/claude-tools", messages=turn, tools=[WEATHER_TOOL])
+    resp = run.create("answer-whole", "claude/claude-tools", messages=turn, tools=[WEATHER_TOOL])
     eq(resp.choices[0].message.content, x["tool_answer"], "answer after the tool result")
     eq(resp.choices[0].finish_reason, "stop", "answer finish_reason")
 
     # The same turn streamed, with the assistant's text kept beside its tool call.
-    turn = run.messages("tool-answer-stream") + [
+    turn = run.messages("answer-streamed") + [
         {"role": "assistant", "content": x["tool_preamble"], "tool_calls": [call]},
         {"role": "tool", "tool_call_id": t["id"], "content": "7 degrees"},
     ]
-    _, text, _, finish, _ = run.stream("tool-answer-stream", "claude/claude-tools",
+    _, text, _, finish, _ = run.stream("answer-streamed", "claude/claude-tools",
                                        messages=turn, tools=[WEATHER_TOOL])
     eq("".join(text), x["tool_answer"], "streamed answer after the tool result")
     eq(finish, ["stop"], "streamed answer finish_reasons")
@@ -184,11 +184,11 @@ def check_tool_call_stream_and_answer(run):
 
 def check_thinking(run):
     x = run.x
-    resp = run.create("thinking", "claude/claude-thinking")
+    resp = run.create("think-whole", "claude/claude-thinking")
     msg = resp.choices[0].message
     eq((msg.model_extra or {}).get("reasoning_content"), x["thinking"], "reasoning_content")
     eq(msg.content, x["thinking_answer"], "content after thinking")
-    _, text, reasoning, finish, _ = run.stream("thinking-stream", "claude/claude-thinking")
+    _, text, reasoning, finish, _ = run.stream("think-streamed", "claude/claude-thinking")
     check(len(reasoning) >= 2, f"reasoning should arrive in pieces, got {reasoning!r}")
     eq("".join(reasoning), x["thinking"], "streamed reasoning_content")
     eq("".join(text), x["thinking_answer"], "streamed content")
