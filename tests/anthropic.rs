@@ -10,7 +10,7 @@
 mod common;
 
 use serde_json::{json, Value};
-use tollgate::proto::CompleteRequest;
+use tollgate::proto::{self, CompleteRequest};
 
 use common::anthropic_upstream::{self as fake, AnthropicUpstream, Exchange};
 use common::*;
@@ -1153,6 +1153,135 @@ async fn openai_sdk_reaches_claude() {
         );
         claude_request(&up, "claude-tools", &rid);
     }
+    assert!(up.refused().is_empty(), "{:#?}", up.refused());
+    s.shutdown().await;
+}
+
+/// The typed proto fields (content parts, tools, tool choice, tool calls, tool results) reach
+/// Claude without any JSON written by the caller, and the answer's tool calls come back typed,
+/// whole and streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_typed_tools_reach_claude() {
+    let (mut s, up) = start(|_| String::new()).await;
+    let mut client = s.grpc().await;
+    let tool = proto::Tool {
+        name: "get_weather".into(),
+        description: Some("The current weather in a city.".into()),
+        parameters_json: Some(
+            json!({"type": "object", "properties": {"city": {"type": "string"}}}).to_string(),
+        ),
+    };
+    let user = |rid: &str| proto::ChatMessage {
+        role: "user".into(),
+        parts: vec![
+            proto::ContentPart {
+                part: Some(proto::content_part::Part::Text(format!("hello {rid}"))),
+            },
+            proto::ContentPart {
+                part: Some(proto::content_part::Part::Image(proto::ImagePart {
+                    url: "data:image/png;base64,iVBORw0KGgo=".into(),
+                    detail: None,
+                })),
+            },
+        ],
+        ..Default::default()
+    };
+    let first_turn = |rid: &str| CompleteRequest {
+        model: "claude/claude-tools".into(),
+        messages: vec![user(rid)],
+        tools: vec![tool.clone()],
+        tool_choice: Some(proto::ToolChoice {
+            choice: Some(proto::tool_choice::Choice::Function("get_weather".into())),
+        }),
+        ..Default::default()
+    };
+
+    let rid = new_request_id();
+    let r = client
+        .complete(grpc_request(first_turn(&rid), Some(ALICE_KEY), Some(&rid)))
+        .await
+        .expect("gRPC Complete")
+        .into_inner();
+    assert_eq!(r.finish_reason, "tool_calls", "{r:?}");
+    let call = r.tool_calls.first().expect("a typed tool call").clone();
+    assert_eq!(
+        (call.id.as_str(), call.name.as_str()),
+        (fake::TOOL_ID, "get_weather")
+    );
+    let args: Value = serde_json::from_str(&call.arguments).expect("arguments are JSON");
+    assert_eq!(args, fake::tool_input());
+    let ex = claude_request(&up, "claude-tools", &rid);
+    assert_eq!(ex.body["tools"][0]["name"], "get_weather", "{:#}", ex.body);
+    assert_eq!(
+        ex.body["tools"][0]["input_schema"]["properties"]["city"]["type"],
+        "string"
+    );
+    assert_eq!(
+        ex.body["tool_choice"],
+        json!({"type": "tool", "name": "get_weather"})
+    );
+    let blocks = &ex.body["messages"][0]["content"];
+    assert_eq!(blocks[0]["type"], "text", "{blocks:#}");
+    assert_eq!(
+        blocks[1]["source"],
+        json!({"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="})
+    );
+
+    // The same turn streamed: the call arrives in pieces, id and name first.
+    let rid = new_request_id();
+    let mut stream = client
+        .stream_complete(grpc_request(first_turn(&rid), Some(ALICE_KEY), Some(&rid)))
+        .await
+        .expect("gRPC StreamComplete")
+        .into_inner();
+    let mut pieces = Vec::new();
+    while let Some(c) = stream.message().await.expect("stream chunk") {
+        pieces.extend(c.tool_calls);
+    }
+    assert!(
+        pieces.len() >= 2,
+        "arguments should arrive in pieces: {pieces:?}"
+    );
+    assert_eq!(pieces[0].id.as_deref(), Some(fake::TOOL_ID));
+    assert_eq!(pieces[0].name.as_deref(), Some("get_weather"));
+    assert!(pieces.iter().all(|p| p.index == 0), "{pieces:?}");
+    let args: String = pieces.iter().map(|p| p.arguments.as_str()).collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).expect("JSON"),
+        fake::tool_input()
+    );
+
+    // The second turn: the assistant's typed call and the tool's result.
+    let rid = new_request_id();
+    let mut req = first_turn(&rid);
+    req.tool_choice = None;
+    req.messages.push(proto::ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![call.clone()],
+        ..Default::default()
+    });
+    req.messages.push(proto::ChatMessage {
+        role: "tool".into(),
+        content: "7 degrees".into(),
+        tool_call_id: Some(call.id.clone()),
+        ..Default::default()
+    });
+    let r = client
+        .complete(grpc_request(req, Some(ALICE_KEY), Some(&rid)))
+        .await
+        .expect("the second turn")
+        .into_inner();
+    assert_eq!(r.content, fake::TOOL_ANSWER);
+    assert_eq!(r.finish_reason, "stop");
+    let ex = claude_request(&up, "claude-tools", &rid);
+    let turns = ex.body["messages"].as_array().expect("messages");
+    assert_eq!(turns[1]["content"][0]["type"], "tool_use", "{:#}", ex.body);
+    assert_eq!(
+        turns[2]["content"][0]["type"], "tool_result",
+        "{:#}",
+        ex.body
+    );
+    assert_eq!(turns[2]["content"][0]["tool_use_id"], fake::TOOL_ID);
     assert!(up.refused().is_empty(), "{:#?}", up.refused());
     s.shutdown().await;
 }

@@ -31,7 +31,8 @@ pub const DEFAULT_VERSION: &str = "2023-06-01";
 pub fn stop_reason(s: &str) -> StopReason {
     match s {
         "end_turn" | "stop_sequence" => StopReason::Stop,
-        "max_tokens" => StopReason::Length,
+        // Both say the answer was cut short by a size limit.
+        "max_tokens" | "model_context_window_exceeded" => StopReason::Length,
         "tool_use" => StopReason::ToolCalls,
         "refusal" => StopReason::ContentFilter,
         other => StopReason::Other(other.to_string()),
