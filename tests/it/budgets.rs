@@ -3,12 +3,10 @@
 //! cost exactly what tollgate reserves for them, and a controllable clock for periods, expiries
 //! and rate-limit windows (nothing here sleeps to make time pass).
 
-mod common;
-
 use std::time::Duration;
 
-use common::budget_util::*;
-use common::*;
+use crate::common::budget_util::*;
+use crate::common::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tollgate::core::budget::{rfc3339, Period};
@@ -1182,7 +1180,7 @@ async fn cli_budget_set_and_get() {
     let run = |args: Vec<String>| {
         let path = path.clone();
         blocking(move || {
-            let mut cmd = std::process::Command::new(common::process::BIN);
+            let mut cmd = std::process::Command::new(crate::common::process::BIN);
             cmd.args(["admin", "--config"]).arg(&path).args(args);
             for (k, _) in std::env::vars() {
                 if k.starts_with("TOLLGATE_") {
@@ -1263,7 +1261,7 @@ async fn unpriced_models_are_refused_when_configured() {
     let path = env.db.dir().unwrap().join("check.toml");
     std::fs::write(&path, &env.config_text).unwrap();
     let out = blocking(move || {
-        std::process::Command::new(common::process::BIN)
+        std::process::Command::new(crate::common::process::BIN)
             .arg("check-config")
             .arg(&path)
             .output()

@@ -9,19 +9,17 @@
 //! and how `fallback_total`, `alias_resolved_total`, `provider_healthy` and the availability
 //! counter moved. The reload tests run the real binary as a child process.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::process::Process;
+use crate::common::*;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::process::Process;
-use common::*;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tollgate::proto::admin_client::AdminClient;

@@ -2,7 +2,6 @@
 //! a real upstream ([`upstream::Upstream`]), a fresh database per test (SQLite file in a temp
 //! dir, or a new PostgreSQL database), polling with a deadline, an SSE reader and a small
 //! Prometheus text parser.
-#![allow(dead_code)]
 
 pub mod auth_servers;
 pub mod budget_util;
