@@ -186,14 +186,16 @@ mod tests {
 
     #[test]
     fn trips_backs_off_and_recovers() {
-        let clock = Clock::system();
+        let clock = Clock::manual();
         let reg = HealthRegistry::new(clock.clone(), Arc::new(Quiet));
         let h = reg.provider("p", &HealthSettings::default());
         h.record_failure("boom");
         assert!(h.is_healthy());
         h.record_failure("boom");
         assert!(!h.is_healthy());
-        clock.advance(Duration::from_secs(31));
+        clock.advance(Duration::from_millis(29_999));
+        assert!(!h.is_healthy(), "1 ms before the 30 s backoff ends");
+        clock.advance(Duration::from_millis(1));
         assert!(h.is_healthy(), "backoff passed: try again");
         h.record_failure("again");
         assert!(!h.is_healthy());

@@ -15,13 +15,11 @@
 //!
 //! Tests are named `<kind>::<scenario>` (`cargo test --test contract anthropic::`).
 
-mod common;
-
 use serde_json::{json, Value};
 
-use common::anthropic_upstream::{self as claude_fake, AnthropicUpstream};
-use common::upstream::UPSTREAM_KEY;
-use common::*;
+use crate::common::anthropic_upstream::{self as claude_fake, AnthropicUpstream};
+use crate::common::upstream::UPSTREAM_KEY;
+use crate::common::*;
 
 /// One provider kind and the models (`provider/model`) and keys its fake answers each way.
 struct Kind {

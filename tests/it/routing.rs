@@ -9,21 +9,20 @@
 //! and how `fallback_total`, `alias_resolved_total`, `provider_healthy` and the availability
 //! counter moved. The reload tests run the real binary as a child process.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::process::Process;
+use crate::common::*;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::process::Process;
-use common::*;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
+use tollgate::clock::Clock;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::{
     CompleteChunk, CompleteResponse, GetHealthRequest, ListAliasesRequest, ReloadConfigRequest,
@@ -299,10 +298,13 @@ fn routing(after_failures: u32, backoff_secs: u64, max_backoff_secs: u64) -> Str
     )
 }
 
+/// A server on a manual clock: health backoffs and key cooldowns end only when the test
+/// advances `s.clock`, never because the machine was slow.
 async fn server(extra: String) -> TestServer {
     TestServer::sqlite(Opts {
         server: format!("admin_token = \"{ADMIN_TOKEN}\""),
         extra,
+        clock: Some(Clock::manual()),
         ..Opts::default()
     })
     .await
@@ -844,7 +846,8 @@ async fn a_failing_chain_answers_by_its_last_cause_and_lists_every_attempt() {
 /// is unhealthy it gets no requests and each one counts `fallback_total{reason=
 /// "unhealthy_skipped"}`. Once the backoff ends it is tried again; one more failure marks it
 /// unhealthy again for twice as long; after it recovers and the backoff passes, a success
-/// resolves to flaky/m and clears its health (failures 0, gauge 1).
+/// resolves to flaky/m and clears its health (failures 0, gauge 1). Time is the server's manual
+/// clock: the backoffs end when the test advances it, to the millisecond.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff() {
     let good = Scripted::start("good", Mode::Ok).await;
@@ -854,6 +857,7 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
     extra += &provider("flaky", &flaky.base_url(), &["sk-flaky"]);
     extra += &alias("wobbly", "flaky first", &["flaky/m", "good/m"]);
     let mut s = server(extra).await;
+    let clock = s.clock.clone();
     let base = format!("http://{}", s.http);
     let before = s.metrics().await;
     let mut admin = grpc_admin(s.grpc_addr).await;
@@ -876,11 +880,10 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
         (json!(true), json!(1)),
         "{h}"
     );
-    let t0 = now_ms();
+    let t0 = clock.now_ms();
     let r2 = new_request_id();
     let resp = grpc_complete(&s, "wobbly", &r2).await.expect("falls back");
     assert_eq!(resp.get_ref().resolved_model, "good/m");
-    let t1 = now_ms();
     assert!(flaky.saw(&r2) && good.saw(&r2));
 
     let h = health_of(&s.client, &base, "flaky").await;
@@ -893,9 +896,10 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
     let until = h["unhealthy_until_ms"]
         .as_i64()
         .unwrap_or_else(|| panic!("{h}"));
-    assert!(
-        (t0 + 1000..=t1 + 1000).contains(&until),
-        "first backoff is 1 s: until {until}, request between {t0} and {t1}"
+    assert_eq!(
+        until,
+        t0 + 1000,
+        "first backoff is 1 s from the failure, by the server's clock"
     );
     let g = admin
         .get_health(admin_req(GetHealthRequest {}, Some(ADMIN_TOKEN)))
@@ -939,8 +943,8 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
         Some("good/m")
     );
     assert!(
-        now_ms() < until,
-        "this machine is too slow for a 1 s backoff test (the skip checks would mean nothing)"
+        clock.now_ms() < until,
+        "the skip checks ran inside the backoff"
     );
     assert_eq!(
         flaky.count(),
@@ -956,8 +960,16 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
     )
     .await;
 
-    // The backoff ends by itself (derived when read): tried again, fails again, and this
-    // second trip in a row lasts twice as long.
+    // The backoff ends by itself (derived when read, no request needed) once the clock reaches
+    // its end, not a millisecond before: tried again, fails again, and this second trip in a
+    // row lasts twice as long.
+    clock.advance(Duration::from_millis((until - 1 - clock.now_ms()) as u64));
+    let h = health_of(&s.client, &base, "flaky").await;
+    assert_eq!(
+        h["healthy"], false,
+        "1 ms before the end of the backoff: {h}"
+    );
+    clock.advance(Duration::from_millis(1));
     let h = eventually(
         DEADLINE,
         "flaky healthy again after its 1 s backoff",
@@ -967,16 +979,18 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
         },
     )
     .await;
-    assert!(now_ms() >= until, "healthy only once the backoff ended");
+    assert!(
+        clock.now_ms() >= until,
+        "healthy only once the backoff ended"
+    );
     assert_eq!(h["unhealthy_until_ms"], Value::Null, "{h}");
     assert_eq!(
         s.metric(PROVIDER_HEALTHY, &[("provider", "flaky")]).await,
         1.0
     );
-    let t2 = now_ms();
+    let t2 = clock.now_ms();
     let r5 = new_request_id();
     http_ok(s.chat(&chat_body("wobbly", &r5), None).await, "good/m").await;
-    let t3 = now_ms();
     assert!(
         flaky.saw(&r5),
         "after the backoff the provider is tried again"
@@ -988,9 +1002,10 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
         "{h}"
     );
     let until2 = h["unhealthy_until_ms"].as_i64().unwrap();
-    assert!(
-        (t2 + 2000..=t3 + 2000).contains(&until2),
-        "second trip in a row doubles the backoff: until {until2}, request between {t2} and {t3}"
+    assert_eq!(
+        until2,
+        t2 + 2000,
+        "second trip in a row doubles the backoff"
     );
 
     // It recovers, but stays skipped until its backoff ends; then one success heals it.
@@ -999,11 +1014,10 @@ async fn an_unhealthy_provider_is_skipped_then_retried_after_a_growing_backoff()
     let r6 = new_request_id();
     http_ok(s.chat(&chat_body("wobbly", &r6), None).await, "good/m").await;
     assert_eq!(flaky.count(), seen, "still skipped during the backoff");
-    eventually(
-        Duration::from_secs(5),
-        "flaky's 2 s backoff to end",
-        || async { (health_of(&s.client, &base, "flaky").await["healthy"] == true).then_some(()) },
-    )
+    clock.advance(Duration::from_millis((until2 - clock.now_ms()) as u64));
+    eventually(DEADLINE, "flaky's 2 s backoff to end", || async {
+        (health_of(&s.client, &base, "flaky").await["healthy"] == true).then_some(())
+    })
     .await;
     let r7 = new_request_id();
     let resp = s.chat(&chat_body("wobbly", &r7), Some(&r7)).await;
@@ -1458,11 +1472,10 @@ async fn aliases_and_health_are_listed_over_http_and_grpc() {
     assert_eq!(good_keys.as_array().map(Vec::len), Some(1), "{good_keys}");
 
     // One failure marks frail unhealthy; both views agree.
-    let t0 = now_ms();
+    let t0 = s.clock.now_ms();
     let rid = new_request_id();
     let resp = s.chat(&chat_body("frail/m", &rid), Some(&rid)).await;
     expect_http_error(resp, 502, "upstream_error").await;
-    let t1 = now_ms();
     let h = health_of(&s.client, &base, "frail").await;
     assert_eq!(h["healthy"], false, "{h}");
     assert_eq!(h["consecutive_failures"], 1, "{h}");
@@ -1475,7 +1488,7 @@ async fn aliases_and_health_are_listed_over_http_and_grpc() {
         "{h}"
     );
     let until = h["unhealthy_until_ms"].as_i64().unwrap();
-    assert!((t0 + 45_000..=t1 + 45_000).contains(&until), "{h}");
+    assert_eq!(until, t0 + 45_000, "a 45 s backoff from the failure: {h}");
 
     let g = admin
         .get_health(admin_req(GetHealthRequest {}, Some(ADMIN_TOKEN)))

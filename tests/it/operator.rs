@@ -9,21 +9,20 @@
 //!   service type and purpose strings, plus random HTTP paths and gRPC methods, add a small,
 //!   fixed set of series (only `unknown`-style values) and no random string reaches a label.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 
-use common::auth_servers::{good_jwt, jwt_table, JwksServer, Mode};
-use common::*;
+use crate::common::auth_servers::{good_jwt, jwt_table, JwksServer, Mode};
+use crate::common::*;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tollgate::proto::{CompleteRequest, CompleteResponse};
 
-const DASHBOARD: &str = include_str!("../deploy/grafana/dashboards/tollgate.json");
-const DATASOURCES: &str = include_str!("../deploy/grafana/provisioning/datasources/prometheus.yml");
+const DASHBOARD: &str = include_str!("../../deploy/grafana/dashboards/tollgate.json");
+const DATASOURCES: &str =
+    include_str!("../../deploy/grafana/provisioning/datasources/prometheus.yml");
 const DASHBOARD_PROVIDER: &str =
-    include_str!("../deploy/grafana/provisioning/dashboards/tollgate.yml");
+    include_str!("../../deploy/grafana/provisioning/dashboards/tollgate.yml");
 
 /// Families the dashboard must show (the list); a dashboard edit that drops one fails.
 const REQUIRED_ON_DASHBOARD: &[&str] = &[

@@ -6,12 +6,10 @@
 //! Scenarios in `on_both_backends!` run once on SQLite (`sqlite::NAME`) and once on PostgreSQL
 //! (`postgres::NAME`).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::upstream::{FAIL400_MESSAGE, OK_CONTENT, OK_USAGE, STREAM_CHUNKS, STREAM_USAGE};
-use common::*;
+use crate::common::upstream::{FAIL400_MESSAGE, OK_CONTENT, OK_USAGE, STREAM_CHUNKS, STREAM_USAGE};
+use crate::common::*;
 use serde_json::{json, Value};
 use tollgate::proto::{AuthorizeRequest, ChatMessage, CompleteChunk, ListModelsRequest};
 use tonic::Code;
@@ -1773,7 +1771,7 @@ async fn operational_endpoints_and_request_metrics() {
         "/v1/health lists the providers: {health}"
     );
     assert!(
-        !health_text.contains(common::upstream::UPSTREAM_KEY),
+        !health_text.contains(crate::common::upstream::UPSTREAM_KEY),
         "/v1/health never shows an upstream key: {health}"
     );
 
@@ -2173,7 +2171,7 @@ async fn stream_falls_back_only_before_first_chunk() {
     s.shutdown().await;
 }
 
-fn key_of(r: &common::upstream::Recorded) -> String {
+fn key_of(r: &crate::common::upstream::Recorded) -> String {
     r.header("authorization")
         .unwrap_or_default()
         .trim_start_matches("Bearer ")

@@ -7,13 +7,11 @@
 //! (the unmodified `openai` SDK and raw HTTP) and gRPC reach Claude models, with tools, thinking,
 //! usage and prompt-cache pricing, key pools, fallback and provider health.
 
-mod common;
-
 use serde_json::{json, Value};
 use tollgate::proto::{self, CompleteRequest};
 
-use common::anthropic_upstream::{self as fake, AnthropicUpstream, Exchange};
-use common::*;
+use crate::common::anthropic_upstream::{self as fake, AnthropicUpstream, Exchange};
+use crate::common::*;
 
 /// Prices of `claude/claude-ok` (USD per million tokens): one token costs an exact number of
 /// micro-dollars.

@@ -8,14 +8,12 @@
 //! Verifiers are real HTTP servers on random ports (`common::auth_servers`): healthy, down (a
 //! closed port), slow (longer than `timeout_ms`), answering 500, answering garbage.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::auth_servers::*;
-use common::*;
+use crate::common::auth_servers::*;
+use crate::common::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tollgate::proto::{AuthorizeRequest, CompleteRequest, CompleteResponse};
@@ -2890,7 +2888,7 @@ async fn secrets_never_appear_in_logs() {
     let dir = tempfile::tempdir().unwrap();
     let jwks = JwksServer::start(Mode::Healthy).await;
     let intro = IntrospectionServer::start(Mode::Healthy).await;
-    let upstream = common::upstream::Upstream::start().await;
+    let upstream = crate::common::upstream::Upstream::start().await;
     let echo = key_echoing_upstream().await;
     let leaky_key = "sk-leaky-upstream-secret-94c1d2e8";
     let wrong_admin = "tg-admin-wrong-secret-3391aa";
@@ -2926,7 +2924,10 @@ async fn secrets_never_appear_in_logs() {
         ("admin token".into(), ADMIN_TOKEN.into()),
         ("wrong admin token".into(), wrong_admin.into()),
         ("static key".into(), ALICE_KEY.into()),
-        ("upstream key".into(), common::upstream::UPSTREAM_KEY.into()),
+        (
+            "upstream key".into(),
+            crate::common::upstream::UPSTREAM_KEY.into(),
+        ),
         ("echoed upstream key".into(), leaky_key.into()),
         (
             "introspection client secret".into(),

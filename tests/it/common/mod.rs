@@ -2,7 +2,6 @@
 //! a real upstream ([`upstream::Upstream`]), a fresh database per test (SQLite file in a temp
 //! dir, or a new PostgreSQL database), polling with a deadline, an SSE reader and a small
 //! Prometheus text parser.
-#![allow(dead_code)]
 
 pub mod anthropic_upstream;
 pub mod auth_servers;
@@ -18,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
+use tollgate::clock::Clock;
 use tollgate::config::Config;
 use tollgate::proto::gateway_client::GatewayClient;
 use tollgate::proto::{ChatMessage, CompleteRequest};
@@ -236,6 +236,9 @@ pub struct Opts {
     /// Tables appended after `extra`, with `{upstream}` replaced by the OpenAI upstream's base
     /// URL (for providers of a test's own in front of [`upstream::Upstream`]).
     pub extra_upstream: String,
+    /// The server's clock (default: the system clock); a test that keeps a clone of a
+    /// [`Clock::manual`] moves the server's time with `advance`.
+    pub clock: Option<Clock>,
 }
 
 /// Aliases of the standard config, so the `model` label has a name: alias -> upstream model.
@@ -389,6 +392,8 @@ pub struct TestServer {
     pub grpc_addr: SocketAddr,
     pub client: reqwest::Client,
     pub config_text: String,
+    /// The clock the server reads deadlines from (health backoffs, key cooldowns, budgets).
+    pub clock: Clock,
     server: Option<RunningServer>,
     store: tokio::sync::OnceCell<Store>,
 }
@@ -417,7 +422,8 @@ impl TestServer {
         let text = config_toml(&db.url, &upstream.base_url(), &opts);
         let config = Config::from_toml_str(&text)
             .unwrap_or_else(|e| panic!("test config rejected: {e}\n---\n{text}"));
-        let server = RunningServer::start(config)
+        let clock = opts.clock.clone().unwrap_or_else(Clock::system);
+        let server = RunningServer::start_with_clock(config, clock.clone())
             .await
             .unwrap_or_else(|e| panic!("server did not start: {e}"));
         let http = server.http_addr();
@@ -431,6 +437,7 @@ impl TestServer {
             grpc_addr,
             client: http_client(),
             config_text: text,
+            clock,
             server: Some(server),
             store: tokio::sync::OnceCell::new(),
         }

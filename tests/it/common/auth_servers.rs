@@ -349,10 +349,6 @@ impl IntrospectionServer {
             .count()
     }
 
-    pub fn total_asked(&self) -> usize {
-        self.state.asked.lock().unwrap().len()
-    }
-
     /// Calls that did not present the configured client credentials.
     pub fn bad_client_calls(&self) -> usize {
         self.state.bad_client.load(Ordering::SeqCst)

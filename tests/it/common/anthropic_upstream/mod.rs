@@ -199,11 +199,6 @@ impl AnthropicUpstream {
             .collect()
     }
 
-    /// The first request for `model` that mentions `marker`.
-    pub fn find(&self, model: &str, marker: &str) -> Option<Exchange> {
-        self.find_all(model, marker).into_iter().next()
-    }
-
     /// Every request the fake refused as the real API would (400 `invalid_request_error`, other
     /// than the deliberate one of `claude-invalid`), for failure messages and assertions.
     pub fn refused(&self) -> Vec<Exchange> {

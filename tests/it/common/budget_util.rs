@@ -1,5 +1,6 @@
 //! Helpers for the budget tests: an upstream whose answers have known costs, and one or more
-//! real gateways (with a controllable clock) on one test database.
+//! real gateways on one test database, each on a manual clock of its own (time moves only when
+//! a test advances it, so periods, expiries and rate-limit windows are exact under any load).
 //!
 //! The upstream answers by model name:
 //!
@@ -226,6 +227,7 @@ output_usd_per_mtok = 2000.0
 pub struct Gw {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// This gateway's manual clock.
     pub clock: Clock,
     server: Option<RunningServer>,
 }
@@ -268,7 +270,7 @@ impl BudgetEnv {
         for _ in 0..n {
             let config = Config::from_toml_str(&text)
                 .unwrap_or_else(|e| panic!("test config rejected: {e}\n---\n{text}"));
-            let clock = Clock::system();
+            let clock = Clock::manual();
             let server = RunningServer::start_with_clock(config, clock.clone())
                 .await
                 .unwrap_or_else(|e| panic!("server did not start: {e}"));

@@ -2,12 +2,10 @@
 //! commands (users and API keys) against a real database, with the keys they make used against a
 //! real server on the same database.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tonic::Code;
 

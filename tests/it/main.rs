@@ -1,0 +1,15 @@
+//! tollgate's integration tests, as one test binary (one link, one process; the modules run in
+//! parallel within it). Run a group with `cargo test --test it <module>::`, e.g.
+//! `cargo test --test it routing::`.
+
+mod common;
+
+mod anthropic;
+mod auth;
+mod budgets;
+mod chat;
+mod cli;
+mod contract;
+mod key_pools;
+mod operator;
+mod routing;
