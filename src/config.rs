@@ -354,7 +354,7 @@ impl BudgetConfig {
                 self.limit_usd
             ));
         }
-        crate::core::budget::Period::parse(&self.period)
+        crate::core::policy::Period::parse(&self.period)
             .map(|_| ())
             .map_err(|e| format!("{key}.period: {e}"))
     }
