@@ -15,7 +15,7 @@ use crate::core::policy::{lookup_failed, AdmitArgs, Budgets};
 use crate::core::pricing::micros_to_usd;
 use crate::core::{Reason, Rejection};
 use crate::error::PolicyHeaders;
-use crate::store::{BudgetRow, ReserveOutcome, ReserveScope, StoreError};
+use crate::store::{BudgetRow, ReserveOutcome, ReserveRequest, ReserveScope, StoreError};
 
 /// How many times a reservation is tried before the request gets an internal error: each miss
 /// fixes what it found, so a few attempts settle any race.
@@ -27,17 +27,6 @@ enum Step {
     Reload,
     Ahead(i64),
     Exceeded(BudgetRow),
-}
-
-/// One reservation attempt as it goes to the store.
-struct Attempt {
-    scopes: Vec<ReserveScope>,
-    amount: i64,
-    reservation_id: String,
-    request_id: String,
-    now: i64,
-    expires_at: i64,
-    durable: bool,
 }
 
 impl Budgets {
@@ -57,7 +46,7 @@ impl Budgets {
         let failed = |e: StoreError| Rejection::internal(format!("budget reservation: {e}"));
         for _ in 0..ATTEMPTS {
             let now = self.clock.now_ms();
-            let attempt = Attempt {
+            let attempt = ReserveRequest {
                 scopes: reserve_scopes(&applied, &starts, now),
                 amount: max_cost,
                 reservation_id: reservation_id.clone(),
@@ -108,29 +97,19 @@ impl Budgets {
     /// receive is released at once.
     async fn reserve_detached(
         self: &Arc<Self>,
-        attempt: Attempt,
+        attempt: ReserveRequest,
         applied: Vec<Applied>,
     ) -> Result<ReserveOutcome, StoreError> {
         let (tx, rx) = oneshot::channel();
         let engine = self.clone();
         tokio::spawn(async move {
+            let reservation_id = attempt.reservation_id.clone();
             let turn = engine.settler.write_turn(&engine.store).await;
-            let result = engine
-                .store
-                .budget_reserve_with(
-                    &attempt.scopes,
-                    attempt.amount,
-                    &attempt.reservation_id,
-                    &attempt.request_id,
-                    attempt.now,
-                    attempt.expires_at,
-                    attempt.durable,
-                )
-                .await;
+            let result = engine.store.budget_reserve_with(attempt).await;
             drop(turn);
             if let Err(Ok(ReserveOutcome::Reserved(rows))) = tx.send(result) {
                 let reservation = Reservation {
-                    id: attempt.reservation_id,
+                    id: reservation_id,
                     parts: parts(&rows, &applied),
                 };
                 let (settlement, keys) = reservation.settlement(0, None, engine.clock.now_ms());
