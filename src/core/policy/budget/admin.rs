@@ -173,7 +173,10 @@ impl BudgetUpdate {
     ) -> Result<BudgetUpdate, String> {
         let scope = ScopeKind::parse(scope)?;
         let budget = match (limit_usd, period.map(str::trim).filter(|p| !p.is_empty())) {
-            (Some(usd), Some(p)) => Some((limit_from_usd(usd)?, Period::parse(p)?)),
+            (Some(usd), Some(p)) => Some((
+                limit_from_usd(usd)?,
+                Period::parse(p).map_err(|e| e.to_string())?,
+            )),
             (Some(_), None) => return Err("period is required with limit_usd".into()),
             (None, Some(_)) => return Err("limit_usd is required with period".into()),
             (None, None) => None,

@@ -28,7 +28,7 @@ mod settle;
 pub use admin::{
     limit_from_usd, set, view, BudgetAdminError, BudgetUpdate, BudgetView, UsageReport, UsageTotal,
 };
-pub use period::{parse_time, rfc3339, Period};
+pub use period::{parse_time, rfc3339, Period, PeriodError};
 pub use settle::{Hold, HoldSlot};
 pub(super) use settle::{Reservation, Settler};
 
@@ -116,14 +116,12 @@ impl Scopes {
             }),
             _ => {
                 if let Some(b) = st.and_then(|s| s.budget.as_ref()) {
-                    if let Ok(period) = Period::parse(&b.period) {
-                        out.push(Applied {
-                            key: *ukey,
-                            explicit: false,
-                            default_limit: Some(crate::core::pricing::usd_to_micros(b.limit_usd)),
-                            period,
-                        });
-                    }
+                    out.push(Applied {
+                        key: *ukey,
+                        explicit: false,
+                        default_limit: Some(crate::core::pricing::usd_to_micros(b.limit_usd)),
+                        period: b.period,
+                    });
                 }
             }
         }

@@ -1,77 +1,12 @@
 //! Budget periods and the calendar math behind them: where a period starts and ends, and
-//! times as RFC 3339 UTC. Calendar periods are UTC (no time zone database).
+//! times as RFC 3339 UTC. Calendar periods are UTC (no time zone database). The type itself
+//! is the configuration's ([`crate::config::Period`]), parsed once when it is read.
 
-const DAY_MS: i64 = 86_400_000;
+pub use crate::config::{Period, PeriodError};
 
-/// A budget period. Calendar periods are UTC; weeks start on Monday; a duration is a fixed
-/// window of that length aligned to the Unix epoch (so `12h` resets at 00:00 and 12:00 UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Daily,
-    Weekly,
-    Monthly,
-    Total,
-    Every(i64),
-}
+use crate::config::period::DAY_MS;
 
 impl Period {
-    /// Parses `daily`, `weekly`, `monthly`, `total` or a duration: a number and a unit of
-    /// `s`, `m`, `h`, `d` or `w` (`"12h"`, `"30m"`, `"7d"`), at least one minute.
-    pub fn parse(s: &str) -> Result<Period, String> {
-        let s = s.trim();
-        match s {
-            "daily" => return Ok(Period::Daily),
-            "weekly" => return Ok(Period::Weekly),
-            "monthly" => return Ok(Period::Monthly),
-            "total" => return Ok(Period::Total),
-            _ => {}
-        }
-        let bad = || {
-            format!(
-                "{s:?} is not a period: use daily, weekly, monthly, total or a duration like \"12h\" (s, m, h, d, w)"
-            )
-        };
-        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let (n, unit) = s.split_at(split);
-        let n: i64 = n.parse().map_err(|_| bad())?;
-        let unit_ms = match unit {
-            "s" => 1000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => DAY_MS,
-            "w" => 7 * DAY_MS,
-            _ => return Err(bad()),
-        };
-        let ms = n.checked_mul(unit_ms).ok_or_else(bad)?;
-        if ms < 60_000 {
-            return Err(format!("{s:?}: a budget period is at least one minute"));
-        }
-        Ok(Period::Every(ms))
-    }
-
-    /// The canonical name, as stored.
-    pub fn name(&self) -> String {
-        match self {
-            Period::Daily => "daily".into(),
-            Period::Weekly => "weekly".into(),
-            Period::Monthly => "monthly".into(),
-            Period::Total => "total".into(),
-            Period::Every(ms) => {
-                for (unit, size) in [
-                    ("w", 7 * DAY_MS),
-                    ("d", DAY_MS),
-                    ("h", 3_600_000),
-                    ("m", 60_000),
-                ] {
-                    if ms % size == 0 {
-                        return format!("{}{unit}", ms / size);
-                    }
-                }
-                format!("{}s", ms / 1000)
-            }
-        }
-    }
-
     /// The start of the period that contains `now` (unix ms).
     pub fn start(&self, now: i64) -> i64 {
         match self {
@@ -188,26 +123,6 @@ mod tests {
     use super::*;
 
     const T: i64 = 1_795_000_000_000; // 2026-11-18T...Z
-
-    #[test]
-    fn periods_parse_and_name() {
-        for (s, name) in [
-            ("daily", "daily"),
-            ("weekly", "weekly"),
-            ("monthly", "monthly"),
-            ("total", "total"),
-            ("12h", "12h"),
-            ("720m", "12h"),
-            ("90m", "90m"),
-            ("7d", "1w"),
-            ("3600s", "1h"),
-        ] {
-            assert_eq!(Period::parse(s).unwrap().name(), name, "{s}");
-        }
-        for bad in ["", "yearly", "12", "h", "10s", "-1h", "1.5h"] {
-            assert!(Period::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn calendar_periods_are_utc() {
