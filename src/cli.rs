@@ -296,7 +296,7 @@ async fn run_budget(
     admin: &Admin,
     command: BudgetCommand,
 ) -> Result<(), CliError> {
-    use crate::core::budget::{self, BudgetUpdate, ScopeKind};
+    use crate::core::policy::budget::{self, BudgetUpdate, ScopeKind};
     use crate::core::pricing::micros_to_usd;
     let store = Store::connect(&config.database.url, 1).await.map_err(err)?;
     let now = crate::clock::Clock::system().now_ms();

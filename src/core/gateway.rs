@@ -118,7 +118,7 @@ impl Gateway {
     pub fn new(runtime: Runtime, parts: GatewayParts) -> Gateway {
         let ttl = Duration::from_millis(runtime.config.auth.key_cache_ttl_ms);
         let identity_ttl = Duration::from_millis(runtime.config.auth.identity_cache_ttl_ms);
-        let budgets = super::budget::Budgets::start(
+        let budgets = super::policy::Budgets::start(
             parts.store.clone(),
             parts.deps.clock.clone(),
             &runtime.config.budgets,
@@ -219,7 +219,7 @@ impl Gateway {
     }
 
     /// Budgets and rate limits.
-    pub fn budgets(&self) -> &Arc<super::budget::Budgets> {
+    pub fn budgets(&self) -> &Arc<super::policy::Budgets> {
         &self.recorder.budgets
     }
 
@@ -660,7 +660,7 @@ impl ChatCall {
         let admission = gateway
             .recorder
             .budgets
-            .admit(super::budget::AdmitArgs {
+            .admit(super::policy::AdmitArgs {
                 principal: &principal,
                 service_type: st.as_ref(),
                 route: &route,

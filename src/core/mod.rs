@@ -3,14 +3,13 @@
 
 pub mod admin;
 pub mod auth;
-pub mod budget;
 mod dispatch;
 mod gateway;
 pub mod ledger;
 pub mod outcome;
+pub mod policy;
 pub mod pricing;
 mod provision;
-pub mod rate_limit;
 mod stream;
 
 pub use crate::error::{GrpcCode, Outcome, Reason, Rejection};
@@ -19,6 +18,14 @@ pub use gateway::{
     Principal, ProviderStatus, Runtime,
 };
 pub use stream::ChatStream;
+
+/// The policy's former paths (`core::budget::*`, `core::rate_limit::*`), for code written
+/// before it moved to `core::policy`; new code names `core::policy`.
+pub mod budget {
+    pub use super::policy::budget::*;
+    pub use super::policy::{Admission, AdmitArgs, Budgets};
+}
+pub use policy::rate_limit;
 
 /// Which wire a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::budget::{Budgets, HoldSlot};
+use super::policy::{Budgets, HoldSlot};
 use super::pricing::Pricing;
 use super::{Protocol, Reason};
 use crate::core::ledger::Ledger;

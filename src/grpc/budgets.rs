@@ -1,7 +1,7 @@
 //! The budget and usage RPCs of `tollgate.v1.Admin` (the caller has checked the admin token).
 
 use crate::core::admin::AdminError;
-use crate::core::budget::{BudgetUpdate, BudgetView, ScopeKind};
+use crate::core::policy::{BudgetUpdate, BudgetView, ScopeKind};
 use crate::core::Gateway;
 use crate::proto;
 use crate::store::UsageFilter;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use crate::core::admin::AdminError;
-use crate::core::budget::{parse_time, rfc3339, BudgetUpdate, BudgetView, ScopeKind};
+use crate::core::policy::{parse_time, rfc3339, BudgetUpdate, BudgetView, ScopeKind};
 use crate::core::pricing::micros_to_usd;
 use crate::core::Gateway;
 use crate::store::UsageFilter;

@@ -59,43 +59,13 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let pooled = |e: deadpool::managed::PoolError<_>| StoreError::Unavailable(format!("{e}"));
-        match self {
-            Store::Postgres { pool, .. } => {
-                let mut pooled_conn = pool.get().await.map_err(pooled)?;
-                let conn = &mut *pooled_conn;
-                conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                    {
-                        // 16 parameters a row; PostgreSQL takes at most 65535 in one statement.
-                        for chunk in rows.chunks(1000) {
-                            diesel::insert_into(usage_ledger::table)
-                                .values(chunk)
-                                .execute(&mut *conn)
-                                .await?;
-                        }
-                        Ok(())
-                    }
-                })
-                .await?;
-            }
-            Store::Sqlite { pool, .. } => {
-                // SQLite cannot take diesel's multi-row insert with nullable columns; one
-                // transaction still makes the batch a single fsync.
-                let mut pooled_conn = pool.get().await.map_err(pooled)?;
-                let conn = &mut *pooled_conn;
-                conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                    for row in rows {
-                        diesel::insert_into(usage_ledger::table)
-                            .values(row)
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    Ok(())
-                })
-                .await?;
-            }
-        }
-        Ok(())
+        with_conn!(self, conn => {
+            conn.transaction::<_, diesel::result::Error, _>(async |conn| {
+                conn.insert_rows(rows).await
+            })
+            .await?;
+            Ok(())
+        })
     }
 
     /// The rows of one request (normally one).
@@ -111,5 +81,43 @@ impl Store {
                 .load(conn)
                 .await?)
         })
+    }
+}
+
+/// Ledger rows written in a transaction of the caller's: many rows a statement where the
+/// backend can.
+pub(super) trait LedgerRows {
+    /// Inserts `rows`.
+    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()>;
+}
+
+impl LedgerRows for diesel_async::AsyncPgConnection {
+    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+        // 16 parameters a row; PostgreSQL takes at most 65535 in one statement.
+        for chunk in rows.chunks(1000) {
+            diesel::insert_into(usage_ledger::table)
+                .values(chunk)
+                .execute(self)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl LedgerRows
+    for diesel_async::sync_connection_wrapper::SyncConnectionWrapper<
+        diesel::sqlite::SqliteConnection,
+    >
+{
+    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+        // SQLite cannot take diesel's multi-row insert with nullable columns; one transaction
+        // still makes the batch a single fsync.
+        for row in rows {
+            diesel::insert_into(usage_ledger::table)
+                .values(row)
+                .execute(self)
+                .await?;
+        }
+        Ok(())
     }
 }

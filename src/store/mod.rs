@@ -20,8 +20,8 @@ use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 pub use budgets::{
-    BudgetRow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveScope, SettlePart, Settlement,
-    UsageFilter,
+    BudgetRow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveRequest, ReserveScope, SettlePart,
+    Settlement, UsageFilter,
 };
 pub use ledger::{LedgerRow, NewLedgerRow};
 pub use signups::{Provisioned, SignupCap, SignupUsage, PROVISIONED_METHODS};
@@ -50,6 +50,12 @@ pub enum StoreError {
     /// The row asked for does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+}
+
+impl From<deadpool::managed::PoolError<diesel_async::pooled_connection::PoolError>> for StoreError {
+    fn from(e: deadpool::managed::PoolError<diesel_async::pooled_connection::PoolError>) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
 }
 
 /// The store: one pool on one backend.

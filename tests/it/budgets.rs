@@ -10,7 +10,7 @@ use crate::common::budget_util::*;
 use crate::common::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use tollgate::core::budget::{rfc3339, Period};
+use tollgate::core::policy::{rfc3339, Period};
 use tollgate::core::pricing::micros_to_usd;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::gateway_client::GatewayClient;

@@ -7,6 +7,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub mod period;
+
+pub use period::{Period, PeriodError};
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -342,11 +346,12 @@ impl Default for ServiceTypeConfig {
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
     pub limit_usd: f64,
-    pub period: String,
+    /// Checked while the file is parsed: a bad period is a parse error naming its line.
+    pub period: Period,
 }
 
 impl BudgetConfig {
-    /// Checks the amount and the period; `key` names the table in messages.
+    /// Checks the amount; `key` names the table in messages.
     pub fn validate(&self, key: &str) -> Result<(), String> {
         if !self.limit_usd.is_finite() || self.limit_usd < 0.0 || self.limit_usd > 1e9 {
             return Err(format!(
@@ -354,9 +359,7 @@ impl BudgetConfig {
                 self.limit_usd
             ));
         }
-        crate::core::budget::Period::parse(&self.period)
-            .map(|_| ())
-            .map_err(|e| format!("{key}.period: {e}"))
+        Ok(())
     }
 }
 
@@ -1044,6 +1047,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_budget_period_is_refused_at_its_line() {
+        let err = Config::from_toml_str(
+            "[service_types.default]\nbudget = { limit_usd = 1.0, period = \"yearly\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("\"yearly\" is not a period"), "{err}");
+        let c = Config::from_toml_str(
+            "[service_types.default]\nbudget = { limit_usd = 1.0, period = \"12h\" }\n",
+        )
+        .unwrap();
+        let budget = c.service_types["default"].budget.as_ref().map(|b| b.period);
+        assert_eq!(budget, Some(Period::Every(12 * 3_600_000)));
     }
 
     #[test]

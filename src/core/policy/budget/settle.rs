@@ -1,0 +1,346 @@
+//! Settling: what a request holds ([`HoldSlot`]), and the writer that gives a reservation back
+//! and adds the actual cost, in one transaction with the request's ledger row.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{Period, ScopeKey};
+use crate::clock::Clock;
+use crate::config::BudgetsConfig;
+use crate::core::ledger::Ledger;
+use crate::core::policy::rate_limit::RateCharge;
+use crate::core::policy::Budgets;
+use crate::providers::Usage;
+use crate::store::{NewLedgerRow, SettlePart, Settlement, Store};
+
+/// A request's reservation and rate-limit charge, settled exactly once when its outcome is
+/// recorded.
+pub struct Hold {
+    engine: Arc<Budgets>,
+    reservation: Option<Reservation>,
+    rate: Option<RateCharge>,
+}
+
+/// What a request reserved: one amount under one id, in each budget (row id, period, scope).
+#[derive(Debug, Clone)]
+pub(in crate::core::policy) struct Reservation {
+    pub(super) id: String,
+    pub(super) parts: Vec<(i64, Period, ScopeKey)>,
+}
+
+impl Reservation {
+    /// The settlement of this reservation at `now`, and the scopes it gives room back to.
+    pub(super) fn settlement(
+        self,
+        cost_micros: i64,
+        ledger: Option<NewLedgerRow>,
+        now: i64,
+    ) -> (Settlement, Vec<ScopeKey>) {
+        let keys = self.parts.iter().map(|p| p.2).collect();
+        let settlement = Settlement {
+            reservation_id: self.id,
+            parts: self
+                .parts
+                .iter()
+                .map(|(id, period, _)| SettlePart {
+                    budget_id: *id,
+                    period: period.name(),
+                    period_start: period.start(now),
+                })
+                .collect(),
+            cost_micros,
+            ledger,
+        };
+        (settlement, keys)
+    }
+}
+
+/// Where the outcome record keeps a request's [`Hold`]; taking it settles it once.
+#[derive(Clone, Default)]
+pub struct HoldSlot(Arc<Mutex<Option<Hold>>>);
+
+impl std::fmt::Debug for HoldSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map(|h| h.is_some()).unwrap_or(false);
+        f.debug_tuple("HoldSlot").field(&held).finish()
+    }
+}
+
+impl HoldSlot {
+    /// Settles the request: corrects its rate-limit charge and, if it reserved budget, queues
+    /// the settlement together with `ledger_row`; otherwise the row goes to `ledger`.
+    pub fn settle(
+        &self,
+        cost_micros: i64,
+        usage: &Usage,
+        ledger_row: NewLedgerRow,
+        ledger: &Ledger,
+    ) {
+        let hold = self.0.lock().ok().and_then(|mut h| h.take());
+        match hold {
+            Some(h) => h.settle(cost_micros, usage, ledger_row, ledger),
+            None => ledger.record(ledger_row),
+        }
+    }
+
+    /// Whether a hold is waiting to be settled.
+    pub fn is_held(&self) -> bool {
+        self.0.lock().map(|h| h.is_some()).unwrap_or(false)
+    }
+}
+
+impl Hold {
+    fn settle(self, cost_micros: i64, usage: &Usage, ledger_row: NewLedgerRow, ledger: &Ledger) {
+        let now = self.engine.clock.now_ms();
+        if let Some(rate) = &self.rate {
+            self.engine
+                .limiter
+                .settle(now, rate, usage.prompt_tokens + usage.completion_tokens);
+        }
+        match self.reservation {
+            Some(r) => {
+                if cost_micros > 0 {
+                    // Over the reservation only if the upstream reported more prompt tokens than
+                    // estimated; the ledger and the budget still agree on what was spent.
+                    tracing::trace!(reservation = %r.id, cost_micros, "settling");
+                }
+                let (settlement, keys) = r.settlement(cost_micros, Some(ledger_row), now);
+                self.engine.settler.enqueue(settlement, keys);
+            }
+            None => ledger.record(ledger_row),
+        }
+    }
+}
+
+impl Budgets {
+    /// The slot a request's outcome guard keeps; empty when nothing was taken.
+    pub(in crate::core::policy) fn hold(
+        self: &Arc<Self>,
+        reservation: Option<Reservation>,
+        rate: Option<RateCharge>,
+    ) -> HoldSlot {
+        if reservation.is_none() && rate.is_none() {
+            return HoldSlot::default();
+        }
+        HoldSlot(Arc::new(Mutex::new(Some(Hold {
+            engine: self.clone(),
+            reservation,
+            rate,
+        }))))
+    }
+
+    /// Waits until every settlement queued before this call is written.
+    pub async fn flush(&self) {
+        self.settler.flush().await
+    }
+}
+
+enum Command {
+    Settle(Box<Settlement>, Vec<ScopeKey>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The queue to the settlement writer, and what requests of this process know about it.
+pub(in crate::core::policy) struct Settler {
+    tx: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Settlements queued but not yet written, per scope: a request that finds no room waits
+    /// for them (they can only free budget) before it answers `budget_exceeded`.
+    pending: Mutex<HashMap<ScopeKey, u32>>,
+    settled: Notify,
+    /// SQLite has one writer at a time, and a writer that finds the database locked sleeps in
+    /// its busy handler for milliseconds: this process's budget writes take turns here instead.
+    sqlite_writes: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    async fn write_turn(&self, store: &Store) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match store {
+            Store::Sqlite { .. } => Some(self.sqlite_writes.lock().await),
+            Store::Postgres { .. } => None,
+        }
+    }
+}
+
+impl Settler {
+    /// Starts the settlement writer and the expiry sweep.
+    pub(in crate::core::policy) fn start(
+        store: Store,
+        clock: Clock,
+        config: &BudgetsConfig,
+    ) -> Settler {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            settled: Notify::new(),
+            sqlite_writes: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(writer(
+            store,
+            clock,
+            rx,
+            shared.clone(),
+            Duration::from_secs(config.sweep_interval_secs.max(1)),
+            Duration::from_millis(config.settle_batch_ms),
+        ));
+        Settler { tx, shared }
+    }
+
+    /// This process's turn to write budgets (SQLite only; PostgreSQL takes writers at once).
+    pub(super) async fn write_turn(
+        &self,
+        store: &Store,
+    ) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.shared.write_turn(store).await
+    }
+
+    /// Queues a settlement; `keys` are the scopes it gives room back to.
+    pub(super) fn enqueue(&self, settlement: Settlement, keys: Vec<ScopeKey>) {
+        if let Ok(mut p) = self.shared.pending.lock() {
+            for k in &keys {
+                *p.entry(*k).or_default() += 1;
+            }
+        }
+        if self
+            .tx
+            .send(Command::Settle(Box::new(settlement), keys))
+            .is_err()
+        {
+            tracing::error!("budget settlement writer is gone; a settlement was not recorded");
+        }
+    }
+
+    /// How many settlements of `key` this process has queued but not written.
+    pub(super) fn pending(&self, key: ScopeKey) -> u32 {
+        self.shared
+            .pending
+            .lock()
+            .map(|p| p.get(&key).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Waits (up to `limit`) until this replica has written its queued settlements of `key`.
+    pub(super) async fn wait_settled(&self, key: ScopeKey, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.shared.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending(key) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Command::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// The settlement writer: writes whatever is queued in one transaction, at once (settlements
+/// give budget back, so they are not held for a batch deadline), retrying until it succeeds;
+/// and every `sweep` releases expired reservations.
+async fn writer(
+    store: Store,
+    clock: Clock,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+    sweep: Duration,
+    linger: Duration,
+) {
+    let mut tick = tokio::time::interval(sweep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let first = tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(c) => c,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let turn = shared.write_turn(&store).await;
+                let released = store.budget_release_expired(None, clock.now_ms(), 500).await;
+                drop(turn);
+                match released {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(released = n, "released expired budget reservations"),
+                    Err(e) => tracing::warn!(error = %e, "expired reservation sweep failed"),
+                }
+                continue;
+            }
+        };
+        let mut batch = Vec::new();
+        let mut keys = Vec::new();
+        let mut waiting = Vec::new();
+        // Gather for up to `linger` (one transaction for many settlements), less when a flush
+        // is asked for or the batch is full.
+        let deadline = tokio::time::Instant::now() + linger;
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Command::Settle(s, k) => {
+                    batch.push(*s);
+                    keys.extend(k);
+                }
+                Command::Flush(done) => waiting.push(done),
+            }
+            if batch.len() >= 500 || !waiting.is_empty() {
+                break;
+            }
+            next = match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(_) => tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+        }
+        {
+            let _turn = shared.write_turn(&store).await;
+            write_with_retry(&store, &clock, &batch).await;
+        }
+        if let Ok(mut p) = shared.pending.lock() {
+            for k in keys {
+                if let Some(n) = p.get_mut(&k) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        p.remove(&k);
+                    }
+                }
+            }
+        }
+        shared.settled.notify_waiters();
+        for w in waiting {
+            let _ = w.send(());
+        }
+    }
+}
+
+async fn write_with_retry(store: &Store, clock: &Clock, batch: &[Settlement]) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.budget_settle(batch, clock.now_ms()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, settlements = batch.len(), "budget settlement failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The policy stage: rate limits and budgets, checked for every chat request after it is
+//! authorized and routed, before any upstream is called.
+//!
+//! [`Budgets::admit`] runs the steps in order: refuse an unpriced model where those are
+//! refused; load the settings of the request's scopes (its user and its key, cached briefly);
+//! take the request from its rate-limit windows; reserve its maximum cost in every budget that
+//! applies. A refusal after the rate-limit step gives the rate-limit charge back. What is taken
+//! rides on the request's outcome guard as a [`HoldSlot`] and is settled when the request ends.
+
+pub mod budget;
+pub mod rate_limit;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use budget::{
+    headers, limit_from_usd, parse_time, rfc3339, BudgetAdminError, BudgetUpdate, BudgetView,
+    HoldSlot, Period, ScopeKey, ScopeKind, UsageReport, UsageTotal,
+};
+
+use self::budget::{Applied, CachedBudget, Reservation, Settler};
+use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimiter};
+use crate::api::ChatRequest;
+use super::gateway::Principal;
+use super::pricing::{Pricing, Unpriced};
+use super::{Reason, Rejection};
+use crate::clock::Clock;
+use crate::config::{BudgetsConfig, ServiceTypeConfig};
+use crate::error::PolicyHeaders;
+use crate::routing::Route;
+use crate::store::{Store, StoreError};
+
+/// Budgets and rate limits: one per process, outliving configuration reloads.
+pub struct Budgets {
+    store: Store,
+    clock: Clock,
+    settler: Settler,
+    cache: Mutex<HashMap<ScopeKey, (Instant, ScopePolicy)>>,
+    limiter: RateLimiter,
+}
+
+impl std::fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budgets").finish_non_exhaustive()
+    }
+}
+
+/// What admission gives a request: its hold (settled when it ends) and response headers.
+pub struct Admission {
+    pub hold: HoldSlot,
+    pub headers: PolicyHeaders,
+}
+
+/// What a request asks of admission.
+pub struct AdmitArgs<'a> {
+    pub principal: &'a Principal,
+    pub service_type: Option<&'a ServiceTypeConfig>,
+    pub route: &'a Route,
+    pub request: &'a ChatRequest,
+    pub request_id: &'a str,
+    pub pricing: &'a Pricing,
+    pub config: &'a BudgetsConfig,
+}
+
+/// What a replica knows about one scope's settings (cached for `budgets.policy_cache_ms`).
+#[derive(Debug, Clone, Default)]
+struct ScopePolicy {
+    /// The stored budget row, if any (explicit or a default's counters).
+    budget: Option<CachedBudget>,
+    limits: Limits,
+}
+
+/// The scopes of one request with their settings: its user's, and its key's if it came with
+/// one.
+struct Scopes {
+    user: (ScopeKey, ScopePolicy),
+    key: Option<(ScopeKey, ScopePolicy)>,
+}
+
+impl Scopes {
+    /// The rate limits that apply: the user's own or else its service type's, and the key's.
+    fn rate_limits(&self, st: Option<&ServiceTypeConfig>) -> Vec<(ScopeKey, Limits)> {
+        let st_limits = st.and_then(|s| s.rate_limits.as_ref());
+        let (ukey, upol) = &self.user;
+        let mut out = Vec::new();
+        let user_limits = Limits {
+            rpm: upol.limits.rpm.or(st_limits.and_then(|l| l.rpm)),
+            tpm: upol.limits.tpm.or(st_limits.and_then(|l| l.tpm)),
+        };
+        if user_limits.any() {
+            out.push((*ukey, user_limits));
+        }
+        if let Some((k, p)) = &self.key {
+            if p.limits.any() {
+                out.push((*k, p.limits));
+            }
+        }
+        out
+    }
+}
+
+impl Budgets {
+    /// Starts the settlement writer and the expiry sweep.
+    pub fn start(store: Store, clock: Clock, config: &BudgetsConfig) -> Arc<Budgets> {
+        let settler = Settler::start(store.clone(), clock.clone(), config);
+        Arc::new(Budgets {
+            store,
+            clock,
+            settler,
+            cache: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::default(),
+        })
+    }
+
+    /// Checks rate limits and reserves the request's maximum cost in every budget that
+    /// applies, or refuses it (`rate_limited`, `budget_exceeded`, or `model_not_found` for an
+    /// unpriced model under `pricing_policy.unpriced = "refuse"`).
+    pub async fn admit(self: &Arc<Self>, a: AdmitArgs<'_>) -> Result<Admission, Rejection> {
+        let now = self.clock.now_ms();
+        refuse_unpriced(&a)?;
+        let scopes = self
+            .load_scopes(a.principal, a.config.policy_cache_ms)
+            .await
+            .map_err(lookup_failed)?;
+        let rate_scopes = scopes.rate_limits(a.service_type);
+        let applied = scopes.applied(a.service_type);
+        if rate_scopes.is_empty() && applied.is_empty() {
+            // Nothing to count or reserve: no estimate, no database.
+            return Ok(Admission {
+                hold: HoldSlot::default(),
+                headers: Vec::new(),
+            });
+        }
+        let prompt = a.request.estimate_prompt_tokens();
+        let max_tokens = a.request.max_tokens;
+        let (rate, mut headers) =
+            self.take_rate(now, &rate_scopes, prompt + max_tokens.unwrap_or(0))?;
+        match self.reserve_max_cost(&a, applied, prompt, max_tokens).await {
+            Ok((reservation, budget_headers)) => {
+                headers.extend(budget_headers);
+                Ok(Admission {
+                    hold: self.hold(reservation, rate),
+                    headers,
+                })
+            }
+            Err(r) => {
+                // Refused by its budget: the request never ran, so it takes nothing from the
+                // rate-limit windows either.
+                if let Some(c) = &rate {
+                    self.limiter.refund(self.clock.now_ms(), c);
+                }
+                Err(r)
+            }
+        }
+    }
+
+    /// Takes the request from the rate-limit windows of its scopes (none: nothing to take).
+    fn take_rate(
+        &self,
+        now: i64,
+        scopes: &[(ScopeKey, Limits)],
+        tokens: u64,
+    ) -> Result<(Option<RateCharge>, PolicyHeaders), Rejection> {
+        if scopes.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        match self.limiter.admit(now, scopes, tokens) {
+            Ok((charge, headers)) => Ok((Some(charge), headers)),
+            Err(d) => Err(rate_limited(d)),
+        }
+    }
+
+    /// Reserves the most the request can cost in the budgets that apply (none, or a free
+    /// request: nothing is reserved).
+    async fn reserve_max_cost(
+        self: &Arc<Self>,
+        a: &AdmitArgs<'_>,
+        applied: Vec<Applied>,
+        prompt: u64,
+        max_tokens: Option<u64>,
+    ) -> Result<(Option<Reservation>, PolicyHeaders), Rejection> {
+        let targets = a.route.targets.iter().map(|t| t.resolved.as_str());
+        let max_cost = a
+            .pricing
+            .max_cost_micros(targets, prompt, max_tokens)
+            .map_err(|Unpriced(model)| unpriced(&model))?;
+        if applied.is_empty() || max_cost == 0 {
+            return Ok((None, Vec::new()));
+        }
+        self.reserve(a, applied, max_cost).await
+    }
+
+    /// The settings of a request's scopes, cached for `ttl_ms` (0: read now).
+    async fn load_scopes(&self, principal: &Principal, ttl_ms: u64) -> Result<Scopes, StoreError> {
+        let identity = &principal.identity;
+        let ukey = (ScopeKind::User, identity.user_id);
+        let user = (ukey, self.policy(ukey, ttl_ms).await?);
+        let key = match identity.key_id.map(|k| (ScopeKind::Key, k)) {
+            Some(k) => Some((k, self.policy(k, ttl_ms).await?)),
+            None => None,
+        };
+        Ok(Scopes { user, key })
+    }
+
+    async fn policy(&self, key: ScopeKey, ttl_ms: u64) -> Result<ScopePolicy, StoreError> {
+        if let Ok(c) = self.cache.lock() {
+            if let Some((at, p)) = c.get(&key) {
+                if at.elapsed() < Duration::from_millis(ttl_ms) {
+                    return Ok(p.clone());
+                }
+            }
+        }
+        let (budget, limits) = self.store.budget_policy(key.0.as_str(), key.1).await?;
+        let policy = ScopePolicy {
+            budget: budget.map(|b| CachedBudget {
+                explicit: b.explicit,
+                period: Period::parse(&b.period).ok(),
+            }),
+            limits: limits
+                .map(|l| Limits {
+                    rpm: l.rpm.and_then(|v| u64::try_from(v).ok()),
+                    tpm: l.tpm.and_then(|v| u64::try_from(v).ok()),
+                })
+                .unwrap_or_default(),
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() > 100_000 {
+                c.clear();
+            }
+            c.insert(key, (Instant::now(), policy.clone()));
+        }
+        Ok(policy)
+    }
+
+    /// Forgets cached settings of a scope (after an admin change here).
+    pub fn forget(&self, key: ScopeKey) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(&key);
+        }
+    }
+}
+
+/// A model without a price, where those are refused.
+fn refuse_unpriced(a: &AdmitArgs<'_>) -> Result<(), Rejection> {
+    match a
+        .route
+        .targets
+        .iter()
+        .find(|t| a.pricing.refuses(&t.resolved))
+    {
+        Some(t) => Err(unpriced(&t.resolved)),
+        None => Ok(()),
+    }
+}
+
+fn unpriced(model: &str) -> Rejection {
+    Rejection::new(
+        Reason::ModelNotFound,
+        format!("`{model}` has no price and unpriced models are refused here"),
+    )
+    .with_param("model")
+}
+
+fn rate_limited(d: RateDenial) -> Rejection {
+    let secs = d.retry_after.as_secs() + u64::from(d.retry_after.subsec_nanos() > 0);
+    let mut r = Rejection::new(
+        Reason::RateLimited,
+        format!(
+            "rate limit of {} {} per minute reached; try again in {}",
+            d.limit,
+            d.what,
+            rate_limit::reset_string(d.retry_after.as_millis() as i64)
+        ),
+    )
+    .with_retry_after(Duration::from_secs(secs.max(1)));
+    r.headers = d.headers;
+    r
+}
+
+fn lookup_failed(e: StoreError) -> Rejection {
+    Rejection::internal(format!("budget lookup: {e}"))
+}

@@ -1,0 +1,271 @@
+//! Settlements and expiry: reservations deleted and given back, actual costs added, periods
+//! rolled over. The statements are written once ([`release`], [`rollover`], [`charge`]) and run
+//! on the async PostgreSQL connection or, for SQLite, in one blocking call.
+
+use std::collections::BTreeMap;
+
+use diesel::dsl;
+use diesel::prelude::*;
+use diesel::OptionalExtension;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+
+use super::Settlement;
+use crate::store::ledger::LedgerRows;
+use crate::store::schema::{budget_reservations, budgets};
+use crate::store::{with_conn, NewLedgerRow, Store, StoreError};
+
+/// Reservations of a settlement batch deleted, returning what each gave back to which budget.
+type Release<'a> = dsl::Returning<
+    dsl::delete<
+        dsl::Filter<budget_reservations::table, dsl::EqAny<budget_reservations::id, Vec<&'a str>>>,
+    >,
+    (
+        budget_reservations::budget_id,
+        budget_reservations::amount_micros,
+    ),
+>;
+
+fn release(ids: Vec<&str>) -> Release<'_> {
+    diesel::delete(budget_reservations::table.filter(budget_reservations::id.eq_any(ids)))
+        .returning((
+            budget_reservations::budget_id,
+            budget_reservations::amount_micros,
+        ))
+}
+
+/// A budget still in an older period of the same kind starts the period at `period_start`
+/// with nothing spent (reservations in flight are carried over).
+pub(super) type Rollover<'a> = dsl::Update<
+    dsl::Filter<
+        dsl::Filter<
+            dsl::Filter<budgets::table, dsl::Eq<budgets::id, i64>>,
+            dsl::Eq<budgets::period, &'a str>,
+        >,
+        dsl::Lt<budgets::period_start, i64>,
+    >,
+    (
+        dsl::Eq<budgets::period_start, i64>,
+        dsl::Eq<budgets::spent_micros, i64>,
+        dsl::Eq<budgets::updated_at, i64>,
+    ),
+>;
+
+pub(super) fn rollover(id: i64, period: &str, period_start: i64, now: i64) -> Rollover<'_> {
+    diesel::update(
+        budgets::table
+            .filter(budgets::id.eq(id))
+            .filter(budgets::period.eq(period))
+            .filter(budgets::period_start.lt(period_start)),
+    )
+    .set((
+        budgets::period_start.eq(period_start),
+        budgets::spent_micros.eq(0),
+        budgets::updated_at.eq(now),
+    ))
+}
+
+/// A budget charged `cost` and given back `give_back` of what was reserved.
+type Charge = dsl::Update<
+    dsl::Filter<budgets::table, dsl::Eq<budgets::id, i64>>,
+    (
+        dsl::Eq<budgets::spent_micros, dsl::Add<budgets::spent_micros, i64>>,
+        dsl::Eq<budgets::reserved_micros, dsl::Sub<budgets::reserved_micros, i64>>,
+        dsl::Eq<budgets::updated_at, i64>,
+    ),
+>;
+
+fn charge(id: i64, cost: i64, give_back: i64, now: i64) -> Charge {
+    diesel::update(budgets::table.filter(budgets::id.eq(id))).set((
+        budgets::spent_micros.eq(budgets::spent_micros + cost),
+        budgets::reserved_micros.eq(budgets::reserved_micros - give_back),
+        budgets::updated_at.eq(now),
+    ))
+}
+
+/// What a batch of settlements writes, worked out before the transaction.
+struct Plan<'a> {
+    reservations: Vec<&'a str>,
+    /// Per budget, in id order (the order every writer locks them in): the cost to add, and
+    /// the period it belongs to (the latest any settlement of the batch names).
+    budgets: BTreeMap<i64, (i64, &'a str, i64)>,
+}
+
+impl<'a> Plan<'a> {
+    fn of(batch: &'a [Settlement]) -> Plan<'a> {
+        let mut budgets = BTreeMap::<i64, (i64, &'a str, i64)>::new();
+        for s in batch {
+            for part in &s.parts {
+                let e = budgets.entry(part.budget_id).or_insert((
+                    0,
+                    part.period.as_str(),
+                    part.period_start,
+                ));
+                e.0 += s.cost_micros;
+                if part.period_start > e.2 {
+                    e.1 = part.period.as_str();
+                    e.2 = part.period_start;
+                }
+            }
+        }
+        Plan {
+            reservations: batch.iter().map(|s| s.reservation_id.as_str()).collect(),
+            budgets,
+        }
+    }
+
+    /// The statements that bring each budget up to date, given what its reservations held.
+    fn updates<'p>(
+        &'p self,
+        held: &'p BTreeMap<i64, i64>,
+        now: i64,
+    ) -> impl Iterator<Item = (Rollover<'a>, Charge)> + 'p {
+        self.budgets
+            .iter()
+            .map(move |(&budget, &(cost, period, period_start))| {
+                let give_back = held.get(&budget).copied().unwrap_or(0);
+                (
+                    rollover(budget, period, period_start, now),
+                    charge(budget, cost, give_back, now),
+                )
+            })
+    }
+}
+
+/// Adds released `(budget, amount)` pairs to what each budget gets back.
+fn add_released(held: &mut BTreeMap<i64, i64>, released: Vec<(i64, i64)>) {
+    for (budget, amount) in released {
+        *held.entry(budget).or_default() += amount;
+    }
+}
+
+impl Store {
+    /// Writes settlements (and their ledger rows) in one transaction: the reservation rows are
+    /// deleted and their amounts given back (unless they already expired and were released),
+    /// a period that ended while a request ran is rolled over, and the actual costs are added.
+    /// Each budget row is updated once per batch, last, in id order.
+    pub async fn budget_settle(&self, batch: &[Settlement], now: i64) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Sqlite { pool, .. } => {
+                let mut conn = pool.get().await?;
+                let batch = batch.to_vec();
+                conn.spawn_blocking(move |c| sqlite::settle(c, &batch, now))
+                    .await?;
+            }
+            Store::Postgres { pool, .. } => {
+                let mut conn = pool.get().await?;
+                let plan = Plan::of(batch);
+                let ledger: Vec<NewLedgerRow> =
+                    batch.iter().filter_map(|s| s.ledger.clone()).collect();
+                conn.transaction::<_, diesel::result::Error, _>(async |conn| {
+                    conn.insert_rows(&ledger).await?;
+                    let mut held = BTreeMap::new();
+                    // One parameter an id; PostgreSQL takes at most 65535 in one statement.
+                    for chunk in plan.reservations.chunks(1000) {
+                        add_released(&mut held, release(chunk.to_vec()).load(conn).await?);
+                    }
+                    for (roll, charge) in plan.updates(&held, now) {
+                        roll.execute(conn).await?;
+                        charge.execute(conn).await?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases reservations that expired by `now` (of one budget, or of all), at most
+    /// `limit` of them, through the expiry indexes. Returns how many were released.
+    pub async fn budget_release_expired(
+        &self,
+        budget_id: Option<i64>,
+        now: i64,
+        limit: i64,
+    ) -> Result<usize, StoreError> {
+        with_conn!(self, conn => {
+            Ok(conn
+                .transaction::<_, diesel::result::Error, _>(async |conn| {
+                    let expired = budget_reservations::table
+                        .filter(budget_reservations::expires_at.le(now))
+                        .select((budget_reservations::id, budget_reservations::budget_id))
+                        .limit(limit)
+                        .into_boxed();
+                    let expired: Vec<(String, i64)> = match budget_id {
+                        Some(b) => expired.filter(budget_reservations::budget_id.eq(b)),
+                        None => expired.order(budget_reservations::expires_at.asc()),
+                    }
+                    .load(&mut *conn)
+                    .await?;
+                    let mut give_back = BTreeMap::<i64, i64>::new();
+                    let mut released = 0;
+                    for (id, budget) in expired {
+                        // Deleted here or by a settlement racing us: whoever deletes the row
+                        // gives the amount back, once.
+                        let amount: Option<i64> = diesel::delete(
+                            budget_reservations::table
+                                .filter(budget_reservations::id.eq(&id))
+                                .filter(budget_reservations::budget_id.eq(budget))
+                                .filter(budget_reservations::expires_at.le(now)),
+                        )
+                        .returning(budget_reservations::amount_micros)
+                        .get_result(&mut *conn)
+                        .await
+                        .optional()?;
+                        if let Some(amount) = amount {
+                            *give_back.entry(budget).or_default() += amount;
+                            released += 1;
+                        }
+                    }
+                    // Budget rows last and in id order: locks held briefly, in one order.
+                    for (budget, amount) in give_back {
+                        charge(budget, 0, amount, now).execute(&mut *conn).await?;
+                    }
+                    Ok(released)
+                })
+                .await?)
+        })
+    }
+}
+
+/// [`Store::budget_settle`] on SQLite: the same statements, sync diesel, in one transaction
+/// that takes the write lock at its start.
+mod sqlite {
+    use std::collections::BTreeMap;
+
+    use diesel::prelude::*;
+    use diesel::sqlite::SqliteConnection;
+
+    use super::{add_released, release, Plan};
+    use crate::store::budgets::Settlement;
+    use crate::store::schema::usage_ledger;
+
+    pub(super) fn settle(
+        c: &mut SqliteConnection,
+        batch: &[Settlement],
+        now: i64,
+    ) -> QueryResult<()> {
+        let plan = Plan::of(batch);
+        c.immediate_transaction(|c| {
+            for row in batch.iter().filter_map(|s| s.ledger.as_ref()) {
+                // SQLite cannot take diesel's multi-row insert with nullable columns.
+                diesel::insert_into(usage_ledger::table)
+                    .values(row)
+                    .execute(c)?;
+            }
+            let mut held = BTreeMap::new();
+            // SQLite's default limit is 32766 parameters a statement; older builds took 999.
+            for chunk in plan.reservations.chunks(500) {
+                add_released(&mut held, release(chunk.to_vec()).load(c)?);
+            }
+            for (roll, charge) in plan.updates(&held, now) {
+                roll.execute(c)?;
+                charge.execute(c)?;
+            }
+            Ok(())
+        })
+    }
+}
