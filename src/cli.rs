@@ -224,7 +224,9 @@ pub fn init_logging(config: &Config) {
 }
 
 async fn admin_store(config: &Config) -> Result<Admin, CliError> {
-    let store = Store::connect(&config.database.url, 2).await.map_err(err)?;
+    let store = Store::connect(&config.database.url, 2, crate::clock::Clock::system())
+        .await
+        .map_err(err)?;
     if config.database.run_migrations {
         store.migrate().await.map_err(err)?;
     }
@@ -256,7 +258,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Migrate(args) => {
             let config = load_config(&args)?;
-            let store = Store::connect(&config.database.url, 1).await.map_err(err)?;
+            let store = Store::connect(&config.database.url, 1, crate::clock::Clock::system())
+                .await
+                .map_err(err)?;
             store.migrate().await.map_err(err)?;
             println!("migrations applied ({})", store.backend());
             Ok(())
@@ -298,8 +302,10 @@ async fn run_budget(
 ) -> Result<(), CliError> {
     use crate::core::policy::budget::{self, BudgetUpdate, ScopeKind};
     use crate::core::pricing::micros_to_usd;
-    let store = Store::connect(&config.database.url, 1).await.map_err(err)?;
-    let now = crate::clock::Clock::system().now_ms();
+    let store = Store::connect(&config.database.url, 1, crate::clock::Clock::system())
+        .await
+        .map_err(err)?;
+    let now = store.clock().now_ms();
     let view = match command {
         BudgetCommand::Set {
             scope,

@@ -86,7 +86,12 @@ impl RunningServer {
         options: ServeOptions,
     ) -> Result<RunningServer, ServerError> {
         let ServeOptions { clock, source } = options;
-        let store = Store::connect(&config.database.url, config.database.max_connections).await?;
+        let store = Store::connect(
+            &config.database.url,
+            config.database.max_connections,
+            clock.clone(),
+        )
+        .await?;
         if config.database.run_migrations {
             store.migrate().await?;
         }

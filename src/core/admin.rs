@@ -5,7 +5,7 @@ use subtle::ConstantTimeEq;
 
 use super::auth::{hash_key, key_hint, KEY_PREFIX};
 use crate::config::{Config, StaticKeyConfig};
-use crate::store::{now_ms, ApiKey, Store, StoreError, User};
+use crate::store::{ApiKey, Store, StoreError, User};
 
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -190,13 +190,15 @@ impl Admin {
             reason
         };
         self.store
-            .set_blocked(user_id, Some(reason), now_ms())
+            .set_blocked(user_id, Some(reason), self.store.clock().now_ms())
             .await
     }
 
     /// Lifts a block.
     pub async fn unblock_user(&self, user_id: i64) -> Result<User, StoreError> {
-        self.store.set_blocked(user_id, None, now_ms()).await
+        self.store
+            .set_blocked(user_id, None, self.store.clock().now_ms())
+            .await
     }
 
     /// Users in id order after `after_id` (0 for the first page); at most 1000 at a time.

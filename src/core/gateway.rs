@@ -132,6 +132,7 @@ impl Gateway {
                 metrics: parts.metrics,
                 ledger: parts.ledger,
                 budgets,
+                clock: parts.deps.clock.clone(),
             },
             deps: parts.deps,
             source: parts.source,

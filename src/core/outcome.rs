@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use super::policy::{Budgets, HoldSlot};
 use super::pricing::Pricing;
 use super::{Protocol, Reason};
+use crate::clock::Clock;
 use crate::core::ledger::Ledger;
 use crate::metrics::{
     ChatLabels, CompletionLabels, Metrics, ModelLabels, ProtocolLabels, TokenLabels,
 };
 use crate::providers::Usage;
-use crate::store::{now_ms, NewLedgerRow};
+use crate::store::NewLedgerRow;
 
 /// What a guard needs to record: the shared sinks.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct Recorder {
     pub ledger: Ledger,
     /// Budgets and rate limits: a request's hold is settled when its outcome is recorded.
     pub budgets: Arc<Budgets>,
+    /// Stamps the ledger row's start and finish.
+    pub clock: Clock,
 }
 
 /// Everything known about a chat request so far; filled in as it moves through the stages.
@@ -65,10 +68,11 @@ pub struct OutcomeGuard {
 impl OutcomeGuard {
     /// Opens the record of a chat request.
     pub fn new(recorder: Recorder, protocol: Protocol, request_id: String) -> Self {
+        let started_ms = recorder.clock.now_ms();
         Self {
             recorder,
             started: Instant::now(),
-            started_ms: now_ms(),
+            started_ms,
             record: Some(ChatRecord {
                 protocol,
                 request_id,
@@ -189,7 +193,7 @@ impl OutcomeGuard {
             completion_tokens: r.usage.completion_tokens as i64,
             cost_micros: r.cost_micros,
             started_at: self.started_ms,
-            finished_at: now_ms(),
+            finished_at: self.recorder.clock.now_ms(),
         };
         // With a budget reservation the row is written together with its settlement, so the
         // ledger and the budget agree; otherwise it goes to the ledger writer.

@@ -242,7 +242,7 @@ impl proto::admin_server::Admin for AdminService {
         let caps = self
             .gateway
             .admin()
-            .signup_caps(&rt.config, crate::store::now_ms())
+            .signup_caps(&rt.config, self.gateway.store().clock().now_ms())
             .await
             .map_err(|e| admin_status(e.into()))?;
         Ok(Response::new(proto::GetSignupCapResponse {

@@ -245,7 +245,7 @@ async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     let rt = gw.runtime();
     let caps = gw
         .admin()
-        .signup_caps(&rt.config, crate::store::now_ms())
+        .signup_caps(&rt.config, gw.store().clock().now_ms())
         .await?;
     let data: Vec<Value> = caps
         .iter()

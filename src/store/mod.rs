@@ -19,6 +19,8 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+use crate::clock::Clock;
+
 pub use budgets::{
     BudgetRow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveRequest, ReserveScope, SettlePart,
     Settlement, UsageFilter,
@@ -58,18 +60,20 @@ impl From<deadpool::managed::PoolError<diesel_async::pooled_connection::PoolErro
     }
 }
 
-/// The store: one pool on one backend.
+/// The store: one pool on one backend, and the clock that stamps the rows it writes.
 #[derive(Clone)]
 pub enum Store {
     /// Embedded, one node.
     Sqlite {
         pool: Pool<SqliteAsync>,
         path: String,
+        clock: Clock,
     },
     /// Shared by replicas.
     Postgres {
         pool: Pool<AsyncPgConnection>,
         url: String,
+        clock: Clock,
     },
 }
 
@@ -100,8 +104,12 @@ macro_rules! with_conn {
 pub(crate) use with_conn;
 
 impl Store {
-    /// Opens a pool for `sqlite://PATH` or `postgres://...`.
-    pub async fn connect(url: &str, max_connections: usize) -> Result<Store, StoreError> {
+    /// Opens a pool for `sqlite://PATH` or `postgres://...`; rows are stamped with `clock`.
+    pub async fn connect(
+        url: &str,
+        max_connections: usize,
+        clock: Clock,
+    ) -> Result<Store, StoreError> {
         let max = max_connections.max(1);
         if let Some(path) = url.strip_prefix("sqlite://") {
             let path = path.to_string();
@@ -130,7 +138,7 @@ impl Store {
                 .runtime(deadpool::Runtime::Tokio1)
                 .build()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            Ok(Store::Sqlite { pool, path })
+            Ok(Store::Sqlite { pool, path, clock })
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
             let pool = Pool::builder(manager)
@@ -143,9 +151,17 @@ impl Store {
             Ok(Store::Postgres {
                 pool,
                 url: url.to_string(),
+                clock,
             })
         } else {
             Err(StoreError::BadUrl)
+        }
+    }
+
+    /// The clock this store (and whoever works on it) reads the time from.
+    pub fn clock(&self) -> &Clock {
+        match self {
+            Store::Sqlite { clock, .. } | Store::Postgres { clock, .. } => clock,
         }
     }
 
@@ -208,12 +224,4 @@ impl Store {
             Ok(())
         })
     }
-}
-
-/// Now, in unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

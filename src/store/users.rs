@@ -5,7 +5,7 @@ use diesel::OptionalExtension;
 use diesel_async::RunQueryDsl;
 
 use super::schema::{api_keys, users};
-use super::{now_ms, with_conn, Store, StoreError};
+use super::{with_conn, Store, StoreError};
 
 /// A user row.
 #[derive(Debug, Clone, Queryable, Selectable, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl Store {
             auth_method,
             service_type: None,
             blocked: false,
-            created_at: now_ms(),
+            created_at: self.clock().now_ms(),
         };
         with_conn!(self, conn => {
             Ok(diesel::insert_into(users::table)
@@ -106,7 +106,7 @@ impl Store {
             auth_method,
             service_type: None,
             blocked: false,
-            created_at: now_ms(),
+            created_at: self.clock().now_ms(),
         };
         with_conn!(self, conn => {
             diesel::insert_into(users::table)
@@ -163,7 +163,7 @@ impl Store {
             key_hash,
             hint,
             source,
-            created_at: now_ms(),
+            created_at: self.clock().now_ms(),
             expires_at,
         };
         with_conn!(self, conn => {
@@ -190,7 +190,7 @@ impl Store {
             key_hash,
             hint,
             source: "config",
-            created_at: now_ms(),
+            created_at: self.clock().now_ms(),
             expires_at: None,
         };
         with_conn!(self, conn => {
@@ -233,7 +233,7 @@ impl Store {
 
     /// Revokes a key; returns it, or `NotFound`.
     pub async fn revoke_api_key(&self, key_id: i64) -> Result<ApiKey, StoreError> {
-        let now = now_ms();
+        let now = self.clock().now_ms();
         with_conn!(self, conn => {
             diesel::update(api_keys::table.find(key_id).filter(api_keys::revoked_at.is_null()))
                 .set(api_keys::revoked_at.eq(Some(now)))

@@ -2004,7 +2004,7 @@ async fn sqlite_store_opens_right_after_shutdown() {
             200
         );
         s.shutdown().await;
-        let store = tollgate::store::Store::connect(&s.db.url, 1)
+        let store = tollgate::store::Store::connect(&s.db.url, 1, tollgate::clock::Clock::system())
             .await
             .expect("Store::connect");
         let rows = store

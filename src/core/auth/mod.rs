@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::{Reason, Rejection};
-use crate::store::{now_ms, KeyOwner, Store};
+use crate::store::{KeyOwner, Store};
 
 /// The prefix of every tollgate API key.
 pub const KEY_PREFIX: &str = "tg-";
@@ -264,7 +264,10 @@ impl Authenticator {
                 "the API key was revoked",
             ));
         }
-        if key.expires_at.is_some_and(|t| t <= now_ms()) {
+        if key
+            .expires_at
+            .is_some_and(|t| t <= self.store.clock().now_ms())
+        {
             return Err(Rejection::new(
                 Reason::AuthRejected,
                 "the API key has expired",

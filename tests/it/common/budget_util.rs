@@ -295,7 +295,7 @@ impl BudgetEnv {
     pub async fn store(&self) -> &Store {
         self.store
             .get_or_init(|| async {
-                Store::connect(&self.db.url, 4)
+                Store::connect(&self.db.url, 4, Clock::system())
                     .await
                     .unwrap_or_else(|e| panic!("Store::connect({}): {e}", self.db.url))
             })

@@ -532,7 +532,7 @@ impl TestServer {
     pub async fn store(&self) -> &Store {
         self.store
             .get_or_init(|| async {
-                Store::connect(&self.db.url, 2)
+                Store::connect(&self.db.url, 2, tollgate::clock::Clock::system())
                     .await
                     .unwrap_or_else(|e| panic!("Store::connect({}): {e}", self.db.url))
             })
