@@ -21,10 +21,10 @@ pub use budget::{
 
 use self::budget::{Applied, CachedBudget, Reservation, Settler};
 use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimiter};
-use crate::api::ChatRequest;
 use super::gateway::Principal;
 use super::pricing::{Pricing, Unpriced};
 use super::{Reason, Rejection};
+use crate::api::ChatRequest;
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ServiceTypeConfig};
 use crate::error::PolicyHeaders;
