@@ -266,7 +266,7 @@ pub fn complete_response(c: ChatCompletion, request_id: &str) -> proto::Complete
             .map(|f| f.message.tool_calls.iter().map(tool_call).collect())
             .unwrap_or_default(),
         reasoning: (!reasoning.is_empty()).then_some(reasoning),
-        response_json: Value::Object(openai_chat::response_to_object(&c.response)).to_string(),
+        response_json: openai_chat::encode_response(&c.response),
     }
 }
 

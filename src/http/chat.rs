@@ -6,7 +6,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue};
@@ -34,7 +33,14 @@ pub async fn chat_completions(
         .and_then(|b| openai_chat::parse_request(&b));
     let mut resp = match call.run(decoded).await {
         Ok(ChatReply::Complete(c)) => {
-            let mut r = Json(openai_chat::response_to_object(&c.response)).into_response();
+            let mut r = (
+                [(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                openai_chat::encode_response(&c.response),
+            )
+                .into_response();
             set_header(&mut r, headers::RESOLVED_MODEL, &c.resolved_model);
             for (name, value) in &c.policy_headers {
                 set_header(&mut r, name, value);

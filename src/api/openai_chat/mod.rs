@@ -26,7 +26,7 @@ use crate::error::Rejection;
 pub use request::{
     apply_top_level, encode_request, parse_request, request_from_object, request_to_object,
 };
-pub use response::{parse_response, response_from_object, response_to_object};
+pub use response::{encode_response, parse_response, response_from_object, response_to_object};
 pub use stream::{chunk_to_object, encode_chunk, parse_chunk};
 
 /// Reads `messages[index]` of a request with OpenAI's meaning (the gRPC adapter's JSON fields).

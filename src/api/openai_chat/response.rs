@@ -79,6 +79,13 @@ pub fn response_to_object(resp: &ChatResponse) -> JsonObject {
     to_object(ResponseView(resp))
 }
 
+/// The same as JSON text, serialized straight from the answer (no intermediate tree: this runs
+/// once per answer).
+pub fn encode_response(resp: &ChatResponse) -> String {
+    // A view with string keys only: serde_json cannot fail on it.
+    serde_json::to_string(&ResponseView(resp)).unwrap_or_default()
+}
+
 /// A whole answer on the wire.
 struct ResponseView<'a>(&'a ChatResponse);
 

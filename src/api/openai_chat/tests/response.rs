@@ -1,6 +1,8 @@
 use serde_json::{json, Value};
 
-use crate::api::openai_chat::{parse_response, response_from_object, response_to_object};
+use crate::api::openai_chat::{
+    encode_response, parse_response, response_from_object, response_to_object,
+};
 use crate::api::{ChatResponse, Choice, Content, Message, Role, StopReason, Usage};
 
 fn parse(v: &Value) -> ChatResponse {
@@ -8,7 +10,11 @@ fn parse(v: &Value) -> ChatResponse {
 }
 
 fn round_trip(v: &Value) -> Value {
-    Value::Object(response_to_object(&parse(v)))
+    let r = parse(v);
+    let object = Value::Object(response_to_object(&r));
+    let text: Value = serde_json::from_str(&encode_response(&r)).unwrap();
+    assert_eq!(text, object, "encode_response and response_to_object agree");
+    object
 }
 
 /// OpenAI's answer, with usage in the shape `Usage::to_openai` writes back.
