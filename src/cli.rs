@@ -277,10 +277,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Admin { config, command } => {
             let config = load_config(&config)?;
             let admin = admin_store(&config).await?;
-            match command {
-                AdminCommand::Budget { command } => run_budget(&config, &admin, command).await,
-                command => run_admin(&admin, command).await,
-            }
+            run_admin(&admin, command).await
         }
     }
 }
@@ -295,17 +292,9 @@ async fn budget_subject(admin: &Admin, scope: &str, id: &str) -> Result<i64, Cli
     }
 }
 
-async fn run_budget(
-    config: &Config,
-    admin: &Admin,
-    command: BudgetCommand,
-) -> Result<(), CliError> {
+async fn run_budget(admin: &Admin, command: BudgetCommand) -> Result<(), CliError> {
     use crate::core::policy::budget::{self, BudgetUpdate, ScopeKind};
     use crate::core::pricing::micros_to_usd;
-    let store = Store::connect(&config.database.url, 1, crate::clock::Clock::system())
-        .await
-        .map_err(err)?;
-    let now = store.clock().now_ms();
     let view = match command {
         BudgetCommand::Set {
             scope,
@@ -319,14 +308,12 @@ async fn run_budget(
             let update =
                 BudgetUpdate::parse(&scope, subject, limit_usd, period.as_deref(), rpm, tpm)
                     .map_err(CliError)?;
-            budget::set(&store, now, &update).await.map_err(err)?
+            admin.set_budget(&update).await.map_err(err)?
         }
         BudgetCommand::Get { scope, id } => {
             let subject = budget_subject(admin, &scope, &id).await?;
             let scope = ScopeKind::parse(&scope).map_err(CliError)?;
-            budget::view(&store, now, scope, subject)
-                .await
-                .map_err(err)?
+            admin.get_budget(scope, subject).await.map_err(err)?
         }
     };
     let usd = |m: Option<i64>| m.map(micros_to_usd).unwrap_or_else(|| "-".into());
@@ -365,9 +352,7 @@ async fn run_budget(
 
 async fn run_admin(admin: &Admin, command: AdminCommand) -> Result<(), CliError> {
     match command {
-        AdminCommand::Budget { .. } => {
-            return Err(CliError("budget commands need the configuration".into()))
-        }
+        AdminCommand::Budget { command } => return run_budget(admin, command).await,
         AdminCommand::User {
             command: UserCommand::Create { external_id, name },
         } => {

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod proto;
 pub mod providers;
+pub mod request_context;
 pub mod routing;
 pub mod server;
 pub mod store;

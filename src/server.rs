@@ -178,6 +178,9 @@ impl RunningServer {
                     let _ = stopped.wait_for(|s| *s).await;
                 };
                 let result = tonic::transport::Server::builder()
+                    .layer(crate::request_context::RequestContextLayer::new(
+                        crate::core::Protocol::Grpc,
+                    ))
                     .layer(layer)
                     .layer(limit)
                     .add_routes(routes)

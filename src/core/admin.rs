@@ -1,11 +1,19 @@
-//! Administrative operations on users and keys, shared by the CLI and the admin APIs.
+//! The admin service: users, API keys, budgets and usage. One `Admin` serves the CLI, the HTTP
+//! admin API and the gRPC `tollgate.v1.Admin` service; the adapters only convert. A server's
+//! `Admin` also forgets what this process cached about a user, a key or a budget it changed,
+//! so the change bites here at once (on other replicas within the cache TTLs).
+
+use std::sync::Arc;
 
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
-use super::auth::{hash_key, key_hint, KEY_PREFIX};
+use super::auth::{hash_key, key_hint, Authenticator, KEY_PREFIX};
+use super::policy::budget::{self as budget_admin, BudgetAdminError};
+use super::policy::{BudgetUpdate, BudgetView, Budgets, ScopeKind};
+use super::provision::Provisioner;
 use crate::config::{Config, StaticKeyConfig};
-use crate::store::{ApiKey, Store, StoreError, User};
+use crate::store::{ApiKey, ModelUsage, Store, StoreError, UsageFilter, User};
 
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,16 +121,87 @@ pub struct SignupCapStatus {
     pub remaining: Option<i64>,
 }
 
-/// Admin operations over the store.
+/// Which user an admin names: by id or by external id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserRef {
+    Id(i64),
+    ExternalId(String),
+}
+
+impl UserRef {
+    /// A user named on a command line: a number is an id, anything else an external id.
+    pub fn parse(id_or_external: &str) -> UserRef {
+        match id_or_external.parse::<i64>() {
+            Ok(id) => UserRef::Id(id),
+            Err(_) => UserRef::ExternalId(id_or_external.to_string()),
+        }
+    }
+}
+
+/// What the usage query answers: per resolved model, and the sum of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReport {
+    pub models: Vec<ModelUsage>,
+    pub total: UsageTotal,
+}
+
+/// Requests, tokens and spend summed over the models of a usage report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotal {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: i64,
+}
+
+/// What a serving process caches about credentials and budgets.
+#[derive(Clone)]
+pub(crate) struct LocalCaches {
+    pub auth: Arc<Authenticator>,
+    pub provisioner: Arc<Provisioner>,
+    pub budgets: Arc<Budgets>,
+}
+
+/// The admin service over the store.
 #[derive(Clone)]
 pub struct Admin {
     store: Store,
+    /// `None` in the CLI, which caches nothing.
+    caches: Option<LocalCaches>,
+}
+
+impl From<BudgetAdminError> for AdminError {
+    fn from(e: BudgetAdminError) -> Self {
+        match e {
+            BudgetAdminError::Invalid(m) => AdminError::Invalid(m),
+            BudgetAdminError::NotFound(m) => AdminError::NotFound(m),
+            BudgetAdminError::Store(e) => e.into(),
+        }
+    }
 }
 
 impl Admin {
-    /// Admin operations on `store`.
+    /// Admin operations on `store`, with nothing cached to forget (the CLI).
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            caches: None,
+        }
+    }
+
+    /// A serving process's admin: changes also clear this process's caches.
+    pub(crate) fn serving(store: Store, caches: LocalCaches) -> Self {
+        Self {
+            store,
+            caches: Some(caches),
+        }
+    }
+
+    fn forget_credentials(&self) {
+        if let Some(c) = &self.caches {
+            c.auth.forget_all();
+            c.provisioner.forget_all();
+        }
     }
 
     /// Creates a user.
@@ -130,30 +209,43 @@ impl Admin {
         &self,
         external_id: &str,
         name: Option<&str>,
-    ) -> Result<User, StoreError> {
-        self.store.create_user(external_id, name, "admin").await
+    ) -> Result<User, AdminError> {
+        if external_id.trim().is_empty() {
+            return Err(AdminError::Invalid("external_id must not be empty".into()));
+        }
+        Ok(self.store.create_user(external_id, name, "admin").await?)
     }
 
-    /// Finds a user by numeric id or, failing that, by external id.
-    pub async fn find_user(&self, id_or_external: &str) -> Result<User, StoreError> {
-        if let Ok(id) = id_or_external.parse::<i64>() {
+    /// A user by id or external id.
+    pub async fn get_user(&self, user: &UserRef) -> Result<User, AdminError> {
+        let found = match user {
+            UserRef::Id(id) => self.store.get_user(*id).await?,
+            UserRef::ExternalId(x) => self.store.find_user(x).await?,
+        };
+        found.ok_or_else(|| AdminError::NotFound("user".into()))
+    }
+
+    /// A user named on a command line: by numeric id or, failing that, by external id (an
+    /// external id may look like a number).
+    pub async fn find_user(&self, id_or_external: &str) -> Result<User, AdminError> {
+        if let UserRef::Id(id) = UserRef::parse(id_or_external) {
             if let Some(u) = self.store.get_user(id).await? {
                 return Ok(u);
             }
         }
-        self.store
-            .find_user(id_or_external)
-            .await?
-            .ok_or(StoreError::NotFound("user"))
+        self.get_user(&UserRef::ExternalId(id_or_external.to_string()))
+            .await
     }
 
-    /// Creates an API key for a user; the returned key is shown once and never stored.
+    /// Creates an API key for an existing user; the returned key is shown once and never
+    /// stored.
     pub async fn create_key(
         &self,
         user_id: i64,
         name: Option<&str>,
         expires_at_ms: Option<i64>,
-    ) -> Result<CreatedKey, StoreError> {
+    ) -> Result<CreatedKey, AdminError> {
+        self.get_user(&UserRef::Id(user_id)).await?;
         let mut secret = [0u8; 24];
         rand::rng().fill_bytes(&mut secret);
         let key = format!("{KEY_PREFIX}{}", hex::encode(secret));
@@ -172,47 +264,52 @@ impl Admin {
     }
 
     /// A user's keys (hints only).
-    pub async fn list_keys(&self, user_id: i64) -> Result<Vec<ApiKey>, StoreError> {
-        self.store.list_api_keys(user_id).await
+    pub async fn list_keys(&self, user_id: i64) -> Result<Vec<ApiKey>, AdminError> {
+        Ok(self.store.list_api_keys(user_id).await?)
     }
 
-    /// Revokes a key.
-    pub async fn revoke_key(&self, key_id: i64) -> Result<ApiKey, StoreError> {
-        self.store.revoke_api_key(key_id).await
+    /// Revokes a key; refused here at once.
+    pub async fn revoke_key(&self, key_id: i64) -> Result<ApiKey, AdminError> {
+        let key = self.store.revoke_api_key(key_id).await?;
+        self.forget_credentials();
+        Ok(key)
     }
 
     /// Blocks a user with a reason; requests fail with `blocked` from now on (on other
     /// replicas once their credential caches expire).
-    pub async fn block_user(&self, user_id: i64, reason: &str) -> Result<User, StoreError> {
+    pub async fn block_user(&self, user_id: i64, reason: &str) -> Result<User, AdminError> {
         let reason = if reason.trim().is_empty() {
             "blocked by an operator"
         } else {
             reason
         };
-        self.store
+        let user = self
+            .store
             .set_blocked(user_id, Some(reason), self.store.clock().now_ms())
-            .await
+            .await?;
+        self.forget_credentials();
+        Ok(user)
     }
 
     /// Lifts a block.
-    pub async fn unblock_user(&self, user_id: i64) -> Result<User, StoreError> {
-        self.store
+    pub async fn unblock_user(&self, user_id: i64) -> Result<User, AdminError> {
+        let user = self
+            .store
             .set_blocked(user_id, None, self.store.clock().now_ms())
-            .await
+            .await?;
+        self.forget_credentials();
+        Ok(user)
     }
 
     /// Users in id order after `after_id` (0 for the first page); at most 1000 at a time.
-    pub async fn list_users(&self, after_id: i64, limit: i64) -> Result<Vec<User>, StoreError> {
+    pub async fn list_users(&self, after_id: i64, limit: i64) -> Result<Vec<User>, AdminError> {
         let limit = if limit <= 0 { 100 } else { limit.min(1000) };
-        self.store.list_users(after_id, limit).await
+        Ok(self.store.list_users(after_id, limit).await?)
     }
 
-    /// The signup cap of every configured service type, with what is used of it.
-    pub async fn signup_caps(
-        &self,
-        config: &Config,
-        now_ms: i64,
-    ) -> Result<Vec<SignupCapStatus>, StoreError> {
+    /// The signup cap of every configured service type, with what is used of it now.
+    pub async fn signup_caps(&self, config: &Config) -> Result<Vec<SignupCapStatus>, AdminError> {
+        let now_ms = self.store.clock().now_ms();
         let mut names: Vec<String> = config.service_types.keys().cloned().collect();
         if names.is_empty() {
             names.push(config.server.default_service_type.clone());
@@ -239,6 +336,37 @@ impl Admin {
             });
         }
         Ok(out)
+    }
+
+    /// A scope's budget and rate limits as stored.
+    pub async fn get_budget(&self, scope: ScopeKind, id: i64) -> Result<BudgetView, AdminError> {
+        let now = self.store.clock().now_ms();
+        Ok(budget_admin::view(&self.store, now, scope, id).await?)
+    }
+
+    /// Sets a scope's budget and rate limits. Takes effect in this process at once and on
+    /// other replicas within `budgets.policy_cache_ms` (a changed limit amount at once
+    /// everywhere).
+    pub async fn set_budget(&self, update: &BudgetUpdate) -> Result<BudgetView, AdminError> {
+        let now = self.store.clock().now_ms();
+        let view = budget_admin::set(&self.store, now, update).await?;
+        if let Some(c) = &self.caches {
+            c.budgets.forget((update.scope, update.id));
+        }
+        Ok(view)
+    }
+
+    /// Spend and tokens per resolved model, and their sum.
+    pub async fn query_usage(&self, filter: &UsageFilter) -> Result<UsageReport, AdminError> {
+        let models = self.store.usage_by_model(filter).await?;
+        let mut total = UsageTotal::default();
+        for m in &models {
+            total.requests += m.requests;
+            total.prompt_tokens += m.prompt_tokens;
+            total.completion_tokens += m.completion_tokens;
+            total.cost_micros += m.cost_micros;
+        }
+        Ok(UsageReport { models, total })
     }
 
     /// Makes sure every key declared in the configuration exists, with its user.

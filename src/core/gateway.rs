@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use super::admin::{verify_admin_token, Admin, AdminError};
+use super::admin::{verify_admin_token, Admin, AdminError, LocalCaches};
 use super::auth::{Authenticator, Credential, Identity, Verifiers};
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
@@ -104,8 +104,9 @@ pub struct GatewayParts {
 pub struct Gateway {
     runtime: RwLock<Arc<Runtime>>,
     store: Store,
-    auth: Authenticator,
-    provisioner: Provisioner,
+    auth: Arc<Authenticator>,
+    provisioner: Arc<Provisioner>,
+    admin: Admin,
     recorder: Recorder,
     deps: ProviderDeps,
     source: Option<ConfigSource>,
@@ -123,10 +124,21 @@ impl Gateway {
             parts.deps.clock.clone(),
             &runtime.config.budgets,
         );
+        let auth = Arc::new(Authenticator::new(parts.store.clone(), ttl));
+        let provisioner = Arc::new(Provisioner::new(parts.store.clone(), identity_ttl));
+        let admin = Admin::serving(
+            parts.store.clone(),
+            LocalCaches {
+                auth: auth.clone(),
+                provisioner: provisioner.clone(),
+                budgets: budgets.clone(),
+            },
+        );
         Gateway {
             runtime: RwLock::new(Arc::new(runtime)),
-            auth: Authenticator::new(parts.store.clone(), ttl),
-            provisioner: Provisioner::new(parts.store.clone(), identity_ttl),
+            auth,
+            provisioner,
+            admin,
             store: parts.store,
             recorder: Recorder {
                 metrics: parts.metrics,
@@ -181,7 +193,7 @@ impl Gateway {
         {
             tracing::warn!("listen addresses and the database URL change only on restart");
         }
-        crate::core::admin::Admin::new(self.store.clone())
+        self.admin
             .sync_static_keys(&config.auth.static_keys)
             .await
             .map_err(|e| format!("cannot store static keys: {e}"))?;
@@ -271,9 +283,22 @@ impl Gateway {
         }
     }
 
-    /// Admin operations on users and keys; the caller has checked the admin token.
-    pub fn admin(&self) -> Admin {
-        Admin::new(self.store.clone())
+    /// The admin service (users, keys, budgets, usage); the caller has checked the admin
+    /// token.
+    pub fn admin(&self) -> &Admin {
+        &self.admin
+    }
+
+    /// The budget left to a principal: the least of what its user's and its key's budgets
+    /// have left in their current periods, in micro-dollars (`None` when no budget applies to
+    /// it). Reserves nothing; for `AuthorizeResponse.principal.remaining_budget_micros`.
+    pub async fn remaining_budget(&self, principal: &Principal) -> Result<Option<i64>, Rejection> {
+        let rt = self.runtime();
+        let st = rt.config.service_type(&principal.service_type);
+        self.budgets()
+            .remaining(principal, st.as_ref(), &rt.config.budgets)
+            .await
+            .map_err(|e| Rejection::internal(format!("budget lookup: {e}")))
     }
 
     /// Checks an admin token.
@@ -310,13 +335,6 @@ impl Gateway {
                     .set(n as i64);
             }
         }
-    }
-
-    /// Forgets cached credential checks and identities (after a key is revoked or a user
-    /// blocked here; other replicas notice within the cache TTLs).
-    pub fn forget_credentials(&self) {
-        self.auth.forget_all();
-        self.provisioner.forget_all();
     }
 
     /// Authenticates a caller and, if `model` is given, checks it may use that model.

@@ -2,19 +2,18 @@
 //! type's signup cap. Known identities are cached briefly (`auth.identity_cache_ttl_ms`), which
 //! also bounds how long a block made on another replica takes to bite.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::auth::{ExternalIdentity, Identity};
+use super::ttl_cache::TtlCache;
 use super::{Reason, Rejection};
 use crate::store::{Provisioned, SignupCap, Store, User};
 
 /// Finds or creates the user of a token identity.
 pub struct Provisioner {
     store: Store,
-    ttl: Duration,
-    cache: RwLock<HashMap<String, (Identity, Instant)>>,
+    ttl_ms: u64,
+    cache: TtlCache<String, Identity>,
 }
 
 /// A provisioned identity, and whether its user was created by this request.
@@ -27,9 +26,9 @@ impl Provisioner {
     /// A provisioner over `store`, trusting a known identity's row for `ttl`.
     pub fn new(store: Store, ttl: Duration) -> Self {
         Self {
+            cache: TtlCache::new(store.clock().clone()),
             store,
-            ttl,
-            cache: RwLock::new(HashMap::new()),
+            ttl_ms: ttl.as_millis().min(u64::MAX as u128) as u64,
         }
     }
 
@@ -41,7 +40,7 @@ impl Provisioner {
         cap: SignupCap,
         now_ms: i64,
     ) -> Result<ProvisionedIdentity, Rejection> {
-        if let Some(identity) = self.cached(&ext.external_id) {
+        if let Some(identity) = self.cache.get(ext.external_id.as_str(), self.ttl_ms) {
             return Ok(ProvisionedIdentity {
                 identity,
                 created: false,
@@ -77,37 +76,14 @@ impl Provisioner {
             }
         };
         let identity = identity_of(user, ext);
-        self.remember(&ext.external_id, &identity);
+        self.cache
+            .insert(ext.external_id.clone(), identity.clone(), self.ttl_ms);
         Ok(ProvisionedIdentity { identity, created })
-    }
-
-    fn cached(&self, external_id: &str) -> Option<Identity> {
-        if self.ttl.is_zero() {
-            return None;
-        }
-        let cache = self.cache.read().ok()?;
-        let (identity, at) = cache.get(external_id)?;
-        (at.elapsed() < self.ttl).then(|| identity.clone())
-    }
-
-    fn remember(&self, external_id: &str, identity: &Identity) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        if let Ok(mut c) = self.cache.write() {
-            // Bounded: a flood of distinct identities cannot grow it without limit.
-            if c.len() > 100_000 {
-                c.clear();
-            }
-            c.insert(external_id.to_string(), (identity.clone(), Instant::now()));
-        }
     }
 
     /// Forgets cached identities (after a block or unblock in this process).
     pub fn forget_all(&self) {
-        if let Ok(mut c) = self.cache.write() {
-            c.clear();
-        }
+        self.cache.clear();
     }
 }
 

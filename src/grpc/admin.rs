@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::core::admin::AdminError;
+use crate::core::admin::{AdminError, UserRef};
 use crate::core::Gateway;
 use crate::proto;
 use crate::providers::key_pool::KeySnapshot;
@@ -21,13 +21,29 @@ impl AdminService {
     pub fn new(gateway: Arc<Gateway>) -> Self {
         Self { gateway }
     }
+}
 
-    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+/// The admin token check in front of every `tollgate.v1.Admin` RPC.
+#[derive(Clone)]
+pub struct AdminAuth {
+    gateway: Arc<Gateway>,
+}
+
+impl AdminAuth {
+    /// Checks against `gateway`'s configured admin token (as reloaded).
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let auth = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.gateway.check_admin(auth).map_err(admin_status)
+        self.gateway.check_admin(auth).map_err(admin_status)?;
+        Ok(request)
     }
 }
 
@@ -83,6 +99,7 @@ impl From<ApiKey> for proto::ApiKeyInfo {
             created_at_ms: k.created_at,
             expires_at_ms: k.expires_at,
             revoked_at_ms: k.revoked_at,
+            source: k.source,
         }
     }
 }
@@ -93,19 +110,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::CreateUserRequest>,
     ) -> Result<Response<proto::User>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
-        if r.external_id.trim().is_empty() {
-            return Err(admin_status(AdminError::Invalid(
-                "external_id must not be empty".into(),
-            )));
-        }
         let u = self
             .gateway
             .admin()
             .create_user(&r.external_id, r.name.as_deref())
             .await
-            .map_err(|e| admin_status(e.into()))?;
+            .map_err(admin_status)?;
         Ok(Response::new(u.into()))
     }
 
@@ -113,41 +124,35 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::GetUserRequest>,
     ) -> Result<Response<proto::User>, Status> {
-        self.check(&request)?;
-        let store = self.gateway.store();
-        let found = match request.into_inner().by {
-            Some(proto::get_user_request::By::Id(id)) => store.get_user(id).await,
-            Some(proto::get_user_request::By::ExternalId(x)) => store.find_user(&x).await,
+        let user = match request.into_inner().by {
+            Some(proto::get_user_request::By::Id(id)) => UserRef::Id(id),
+            Some(proto::get_user_request::By::ExternalId(x)) => UserRef::ExternalId(x),
             None => {
                 return Err(admin_status(AdminError::Invalid(
                     "give id or external_id".into(),
                 )))
             }
-        }
-        .map_err(|e| admin_status(e.into()))?;
-        found
-            .map(|u| Response::new(u.into()))
-            .ok_or_else(|| admin_status(AdminError::NotFound("user".into())))
+        };
+        let u = self
+            .gateway
+            .admin()
+            .get_user(&user)
+            .await
+            .map_err(admin_status)?;
+        Ok(Response::new(u.into()))
     }
 
     async fn create_api_key(
         &self,
         request: Request<proto::CreateApiKeyRequest>,
     ) -> Result<Response<proto::CreatedApiKey>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
-        self.gateway
-            .store()
-            .get_user(r.user_id)
-            .await
-            .map_err(|e| admin_status(e.into()))?
-            .ok_or_else(|| admin_status(AdminError::NotFound("user".into())))?;
         let created = self
             .gateway
             .admin()
             .create_key(r.user_id, r.name.as_deref(), r.expires_at_ms)
             .await
-            .map_err(|e| admin_status(e.into()))?;
+            .map_err(admin_status)?;
         Ok(Response::new(proto::CreatedApiKey {
             info: Some(created.record.into()),
             key: created.key,
@@ -158,13 +163,12 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::ListApiKeysRequest>,
     ) -> Result<Response<proto::ListApiKeysResponse>, Status> {
-        self.check(&request)?;
         let keys = self
             .gateway
             .admin()
             .list_keys(request.into_inner().user_id)
             .await
-            .map_err(|e| admin_status(e.into()))?;
+            .map_err(admin_status)?;
         Ok(Response::new(proto::ListApiKeysResponse {
             keys: keys.into_iter().map(Into::into).collect(),
         }))
@@ -174,14 +178,12 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeApiKeyRequest>,
     ) -> Result<Response<proto::ApiKeyInfo>, Status> {
-        self.check(&request)?;
         let k = self
             .gateway
             .admin()
             .revoke_key(request.into_inner().id)
             .await
-            .map_err(|e| admin_status(e.into()))?;
-        self.gateway.forget_credentials();
+            .map_err(admin_status)?;
         Ok(Response::new(k.into()))
     }
 
@@ -189,15 +191,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::BlockUserRequest>,
     ) -> Result<Response<proto::User>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
         let u = self
             .gateway
             .admin()
             .block_user(r.user_id, &r.reason)
             .await
-            .map_err(|e| admin_status(e.into()))?;
-        self.gateway.forget_credentials();
+            .map_err(admin_status)?;
         Ok(Response::new(u.into()))
     }
 
@@ -205,14 +205,12 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::UnblockUserRequest>,
     ) -> Result<Response<proto::User>, Status> {
-        self.check(&request)?;
         let u = self
             .gateway
             .admin()
             .unblock_user(request.into_inner().user_id)
             .await
-            .map_err(|e| admin_status(e.into()))?;
-        self.gateway.forget_credentials();
+            .map_err(admin_status)?;
         Ok(Response::new(u.into()))
     }
 
@@ -220,14 +218,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::ListUsersRequest>,
     ) -> Result<Response<proto::ListUsersResponse>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
         let users = self
             .gateway
             .admin()
             .list_users(r.after_id, r.limit)
             .await
-            .map_err(|e| admin_status(e.into()))?;
+            .map_err(admin_status)?;
         Ok(Response::new(proto::ListUsersResponse {
             users: users.into_iter().map(Into::into).collect(),
         }))
@@ -235,16 +232,15 @@ impl proto::admin_server::Admin for AdminService {
 
     async fn get_signup_cap(
         &self,
-        request: Request<proto::GetSignupCapRequest>,
+        _request: Request<proto::GetSignupCapRequest>,
     ) -> Result<Response<proto::GetSignupCapResponse>, Status> {
-        self.check(&request)?;
         let rt = self.gateway.runtime();
         let caps = self
             .gateway
             .admin()
-            .signup_caps(&rt.config, self.gateway.store().clock().now_ms())
+            .signup_caps(&rt.config)
             .await
-            .map_err(|e| admin_status(e.into()))?;
+            .map_err(admin_status)?;
         Ok(Response::new(proto::GetSignupCapResponse {
             service_types: caps
                 .into_iter()
@@ -262,9 +258,8 @@ impl proto::admin_server::Admin for AdminService {
 
     async fn list_upstream_keys(
         &self,
-        request: Request<proto::ListUpstreamKeysRequest>,
+        _request: Request<proto::ListUpstreamKeysRequest>,
     ) -> Result<Response<proto::ListUpstreamKeysResponse>, Status> {
-        self.check(&request)?;
         let providers = self
             .gateway
             .provider_status()
@@ -280,9 +275,8 @@ impl proto::admin_server::Admin for AdminService {
 
     async fn reload_config(
         &self,
-        request: Request<proto::ReloadConfigRequest>,
+        _request: Request<proto::ReloadConfigRequest>,
     ) -> Result<Response<proto::ReloadConfigResponse>, Status> {
-        self.check(&request)?;
         self.gateway
             .reload()
             .await
@@ -294,9 +288,8 @@ impl proto::admin_server::Admin for AdminService {
 
     async fn list_aliases(
         &self,
-        request: Request<proto::ListAliasesRequest>,
+        _request: Request<proto::ListAliasesRequest>,
     ) -> Result<Response<proto::ListAliasesResponse>, Status> {
-        self.check(&request)?;
         let rt = self.gateway.runtime();
         let aliases = rt
             .router
@@ -313,9 +306,8 @@ impl proto::admin_server::Admin for AdminService {
 
     async fn get_health(
         &self,
-        request: Request<proto::GetHealthRequest>,
+        _request: Request<proto::GetHealthRequest>,
     ) -> Result<Response<proto::GetHealthResponse>, Status> {
-        self.check(&request)?;
         let providers = self
             .gateway
             .provider_status()
@@ -336,7 +328,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::EnableUpstreamKeyRequest>,
     ) -> Result<Response<proto::EnableUpstreamKeyResponse>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
         let n = self
             .gateway
@@ -351,7 +342,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::SetBudgetRequest>,
     ) -> Result<Response<proto::Budget>, Status> {
-        self.check(&request)?;
         super::budgets::set_budget(&self.gateway, request.into_inner())
             .await
             .map(Response::new)
@@ -362,7 +352,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::GetBudgetRequest>,
     ) -> Result<Response<proto::Budget>, Status> {
-        self.check(&request)?;
         super::budgets::get_budget(&self.gateway, request.into_inner())
             .await
             .map(Response::new)
@@ -373,7 +362,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::QueryUsageRequest>,
     ) -> Result<Response<proto::QueryUsageResponse>, Status> {
-        self.check(&request)?;
         super::budgets::query_usage(&self.gateway, request.into_inner())
             .await
             .map(Response::new)

@@ -39,7 +39,7 @@ pub async fn set_budget(
         r.tpm,
     )
     .map_err(AdminError::Invalid)?;
-    Ok(gw.set_budget(&update).await?.into())
+    Ok(gw.admin().set_budget(&update).await?.into())
 }
 
 /// `GetBudget`.
@@ -48,7 +48,7 @@ pub async fn get_budget(
     r: proto::GetBudgetRequest,
 ) -> Result<proto::Budget, AdminError> {
     let scope = ScopeKind::parse(&r.scope).map_err(AdminError::Invalid)?;
-    Ok(gw.get_budget(scope, r.id).await?.into())
+    Ok(gw.admin().get_budget(scope, r.id).await?.into())
 }
 
 /// `QueryUsage`.
@@ -63,7 +63,7 @@ pub async fn query_usage(
         from: r.from_ms,
         to: r.to_ms,
     };
-    let report = gw.query_usage(&filter).await?;
+    let report = gw.admin().query_usage(&filter).await?;
     Ok(proto::QueryUsageResponse {
         total_requests: report.total.requests,
         total_prompt_tokens: report.total.prompt_tokens,

@@ -4,13 +4,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use super::convert::{chat_request, complete_chunk, complete_response, rejection_status};
+use crate::core::headers;
 use crate::core::{CallContext, ChatReply, Gateway, Protocol, Rejection};
-use crate::http::headers;
 use crate::proto;
+use crate::request_context::call_context;
 
 /// The Gateway service over the core.
 pub struct GatewayService {
@@ -24,39 +25,27 @@ impl GatewayService {
     }
 }
 
-/// The protocol-neutral call context from request metadata.
-pub(super) fn context(md: &MetadataMap) -> CallContext {
-    let text = |name: &str| {
-        md.get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    CallContext::new(
+/// The call's context, as the request-context layer built it.
+pub(super) fn context<T>(request: &Request<T>) -> CallContext {
+    call_context(
+        request.extensions(),
+        request.metadata().as_ref(),
         Protocol::Grpc,
-        text("authorization"),
-        text(headers::SERVICE_TYPE),
-        text(headers::PURPOSE),
-        md.get(headers::REQUEST_ID).and_then(|v| v.to_str().ok()),
     )
 }
 
-fn with_metadata<T>(message: T, pairs: &[(&'static str, &str)]) -> Response<T> {
+/// A reply with the resolved model and the rate-limit and budget headers as metadata (the
+/// request-context layer sets the request id).
+fn reply<T>(message: T, resolved: &str, policy: &[(&'static str, String)]) -> Response<T> {
     let mut resp = Response::new(message);
+    let pairs = std::iter::once((headers::RESOLVED_MODEL, resolved))
+        .chain(policy.iter().map(|(k, v)| (*k, v.as_str())));
     for (k, v) in pairs {
-        if let Ok(v) = MetadataValue::try_from(*v) {
-            resp.metadata_mut().insert(*k, v);
+        if let Ok(v) = MetadataValue::try_from(v) {
+            resp.metadata_mut().insert(k, v);
         }
     }
     resp
-}
-
-/// Rate-limit and budget headers as response metadata.
-fn add_metadata<T>(resp: &mut Response<T>, pairs: &[(&'static str, String)]) {
-    for (k, v) in pairs {
-        if let Ok(v) = MetadataValue::try_from(v.as_str()) {
-            resp.metadata_mut().insert(*k, v);
-        }
-    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::CompleteChunk, Status>> + Send>>;
@@ -67,15 +56,12 @@ impl proto::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<proto::AuthorizeRequest>,
     ) -> Result<Response<proto::AuthorizeResponse>, Status> {
-        let ctx = context(request.metadata());
+        let ctx = context(&request);
         let model = request.into_inner().model;
         match self.gateway.authorize(&ctx, Some(&model)).await {
-            Ok(p) => Ok(with_metadata(
-                proto::AuthorizeResponse {
-                    principal: Some(p.into()),
-                },
-                &[(headers::REQUEST_ID, &ctx.request_id)],
-            )),
+            Ok(p) => Ok(Response::new(proto::AuthorizeResponse {
+                principal: Some(p.into()),
+            })),
             Err(e) => Err(rejection_status(&e, &ctx.request_id)),
         }
     }
@@ -84,7 +70,7 @@ impl proto::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::CompleteResponse>, Status> {
-        let ctx = context(request.metadata());
+        let ctx = context(&request);
         let request_id = ctx.request_id.clone();
         let call = self.gateway.chat(ctx);
         let decoded = chat_request(request.into_inner(), false);
@@ -92,15 +78,11 @@ impl proto::gateway_server::Gateway for GatewayService {
             Ok(ChatReply::Complete(mut c)) => {
                 let resolved = c.resolved_model.clone();
                 let policy = std::mem::take(&mut c.policy_headers);
-                let mut resp = with_metadata(
+                Ok(reply(
                     complete_response(*c, &request_id),
-                    &[
-                        (headers::REQUEST_ID, &request_id),
-                        (headers::RESOLVED_MODEL, &resolved),
-                    ],
-                );
-                add_metadata(&mut resp, &policy);
-                Ok(resp)
+                    &resolved,
+                    &policy,
+                ))
             }
             Ok(ChatReply::Stream(_)) => Err(rejection_status(
                 &Rejection::internal("Complete produced a stream"),
@@ -116,7 +98,7 @@ impl proto::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<proto::CompleteRequest>,
     ) -> Result<Response<Self::StreamCompleteStream>, Status> {
-        let ctx = context(request.metadata());
+        let ctx = context(&request);
         let request_id = ctx.request_id.clone();
         let call = self.gateway.chat(ctx);
         let decoded = chat_request(request.into_inner(), true);
@@ -133,15 +115,7 @@ impl proto::gateway_server::Gateway for GatewayService {
                         Err(e) => Err(rejection_status(&e, &rid)),
                     })
                 };
-                let mut resp = with_metadata(
-                    Box::pin(chunks) as ChunkStream,
-                    &[
-                        (headers::REQUEST_ID, &request_id),
-                        (headers::RESOLVED_MODEL, &resolved),
-                    ],
-                );
-                add_metadata(&mut resp, &policy);
-                Ok(resp)
+                Ok(reply(Box::pin(chunks) as ChunkStream, &resolved, &policy))
             }
             Ok(ChatReply::Complete(_)) => Err(rejection_status(
                 &Rejection::internal("StreamComplete produced a whole answer"),
@@ -155,7 +129,7 @@ impl proto::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<proto::ListModelsRequest>,
     ) -> Result<Response<proto::ListModelsResponse>, Status> {
-        let ctx = context(request.metadata());
+        let ctx = context(&request);
         match self.gateway.list_models(&ctx).await {
             Ok(models) => Ok(Response::new(proto::ListModelsResponse {
                 models: models.into_iter().map(Into::into).collect(),

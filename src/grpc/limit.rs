@@ -9,12 +9,11 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
-use tonic::metadata::MetadataMap;
 use tower::{Layer, Service};
 
 use super::convert::rejection_status;
-use super::gateway::context;
-use crate::core::{Gateway, Reason, Rejection};
+use crate::core::{Gateway, Protocol, Reason, Rejection};
+use crate::request_context::call_context;
 
 /// The methods whose request is a chat request.
 const CHAT_METHODS: &[&str] = &[
@@ -100,8 +99,7 @@ where
             if head.len() >= FRAME_HEADER {
                 let len = (&head[1..FRAME_HEADER]).get_u32() as usize;
                 if len > limit {
-                    let md = MetadataMap::from_headers(parts.headers);
-                    let ctx = context(&md);
+                    let ctx = call_context(&parts.extensions, &parts.headers, Protocol::Grpc);
                     let request_id = ctx.request_id.clone();
                     let rejection = Rejection::new(
                         Reason::PayloadTooLarge,

@@ -33,7 +33,10 @@ pub async fn routes(gateway: Arc<Gateway>) -> Result<Routes, tonic_reflection::s
     let service = GatewayServer::new(gateway::GatewayService::new(gateway.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    let admin = crate::proto::admin_server::AdminServer::new(admin::AdminService::new(gateway));
+    let admin = crate::proto::admin_server::AdminServer::with_interceptor(
+        admin::AdminService::new(gateway.clone()),
+        admin::AdminAuth::new(gateway),
+    );
     Ok(Routes::new(service)
         .add_service(admin)
         .add_service(health)

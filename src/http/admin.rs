@@ -12,7 +12,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::core::admin::AdminError;
+use crate::core::admin::{AdminError, UserRef};
 use crate::core::Gateway;
 use crate::providers::key_pool::KeySnapshot;
 use crate::store::{ApiKey, User};
@@ -135,6 +135,7 @@ pub fn user_json(u: &User) -> Value {
         "blocked_reason": u.blocked_reason,
         "blocked_at": u.blocked_at,
         "created_at": u.created_at,
+        "service_type": u.service_type,
     })
 }
 
@@ -171,9 +172,6 @@ async fn create_user(
     State(gw): State<Arc<Gateway>>,
     AdminJson(body): AdminJson<CreateUser>,
 ) -> AdminResult {
-    if body.external_id.trim().is_empty() {
-        return Err(AdminError::Invalid("external_id must not be empty".into()));
-    }
     let u = gw
         .admin()
         .create_user(&body.external_id, body.name.as_deref())
@@ -195,10 +193,9 @@ async fn find_user(
 ) -> AdminResult {
     if let Some(external_id) = q.external_id {
         let u = gw
-            .store()
-            .find_user(&external_id)
-            .await?
-            .ok_or_else(|| AdminError::NotFound("user".into()))?;
+            .admin()
+            .get_user(&UserRef::ExternalId(external_id))
+            .await?;
         return Ok(Json(user_json(&u)).into_response());
     }
     let users = gw
@@ -228,7 +225,6 @@ async fn block_user(
             .reason
     };
     let u = gw.admin().block_user(id, &reason).await?;
-    gw.forget_credentials();
     Ok(Json(user_json(&u)).into_response())
 }
 
@@ -237,16 +233,12 @@ async fn unblock_user(
     AdminPath(id): AdminPath<i64>,
 ) -> AdminResult {
     let u = gw.admin().unblock_user(id).await?;
-    gw.forget_credentials();
     Ok(Json(user_json(&u)).into_response())
 }
 
 async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     let rt = gw.runtime();
-    let caps = gw
-        .admin()
-        .signup_caps(&rt.config, gw.store().clock().now_ms())
-        .await?;
+    let caps = gw.admin().signup_caps(&rt.config).await?;
     let data: Vec<Value> = caps
         .iter()
         .map(|c| {
@@ -264,11 +256,7 @@ async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
 }
 
 async fn get_user(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
-    let u = gw
-        .store()
-        .get_user(id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound("user".into()))?;
+    let u = gw.admin().get_user(&UserRef::Id(id)).await?;
     Ok(Json(user_json(&u)).into_response())
 }
 
@@ -283,10 +271,6 @@ async fn create_key(
     State(gw): State<Arc<Gateway>>,
     AdminJson(body): AdminJson<CreateKey>,
 ) -> AdminResult {
-    gw.store()
-        .get_user(body.user_id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound("user".into()))?;
     let created = gw
         .admin()
         .create_key(body.user_id, body.name.as_deref(), body.expires_at)
@@ -313,7 +297,6 @@ async fn list_keys(
 
 async fn revoke_key(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
     let k = gw.admin().revoke_key(id).await?;
-    gw.forget_credentials();
     Ok(Json(key_json(&k)).into_response())
 }
 
@@ -367,4 +350,63 @@ pub async fn aliases(State(gw): State<Arc<Gateway>>) -> Response {
         .map(|(name, a)| json!({"alias": name, "description": a.description, "chain": a.chain}))
         .collect();
     Json(json!({"data": data})).into_response()
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::collections::BTreeSet;
+
+    use prost::Message;
+
+    use super::*;
+
+    /// The field names of a `tollgate.v1` message, with the proto's `_ms` suffix dropped (JSON
+    /// gives the same unix milliseconds without it).
+    pub(in crate::http) fn proto_fields(message: &str) -> BTreeSet<String> {
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let m = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "tollgate.v1")
+            .flat_map(|f| f.message_type.iter())
+            .find(|m| m.name() == message)
+            .unwrap_or_else(|| panic!("no message {message}"));
+        m.field
+            .iter()
+            .map(|f| f.name().trim_end_matches("_ms").to_string())
+            .collect()
+    }
+
+    pub(in crate::http) fn json_fields(v: &Value) -> BTreeSet<String> {
+        v.as_object().expect("object").keys().cloned().collect()
+    }
+
+    #[test]
+    fn user_and_key_json_agree_with_the_proto_field_for_field() {
+        let user = User {
+            id: 1,
+            external_id: "x".into(),
+            name: None,
+            auth_method: "admin".into(),
+            service_type: Some("default".into()),
+            blocked: false,
+            blocked_reason: None,
+            blocked_at: None,
+            created_at: 0,
+        };
+        assert_eq!(json_fields(&user_json(&user)), proto_fields("User"));
+        let key = ApiKey {
+            id: 1,
+            user_id: 1,
+            name: None,
+            key_hash: "h".into(),
+            hint: "tg-...abcd".into(),
+            source: "admin".into(),
+            created_at: 0,
+            expires_at: None,
+            revoked_at: None,
+        };
+        assert_eq!(json_fields(&key_json(&key)), proto_fields("ApiKeyInfo"));
+    }
 }

@@ -6,34 +6,32 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use http::HeaderMap;
 use serde_json::{json, Value};
 
 use super::chat::read_body;
-use super::error::error_response;
-use super::{context, headers};
-use crate::core::{Gateway, Principal, Reason, Rejection};
+use crate::core::{CallContext, Gateway, Principal, Reason, Rejection};
 
 /// Decodes the optional `{"model": ...}` body, makes one core call, encodes the principal.
-pub async fn authorize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    let ctx = context(&headers);
+pub async fn authorize(
+    State(gw): State<Arc<Gateway>>,
+    Extension(ctx): Extension<CallContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let limit = gw.runtime().config.server.max_body_bytes;
     let model = match read_body(&headers, body, limit)
         .await
         .and_then(|b| model_of(&b))
     {
         Ok(m) => m,
-        Err(e) => return error_response(&e),
+        Err(e) => return e.into_response(),
     };
-    let mut resp = match gw.authorize(&ctx, model.as_deref()).await {
+    match gw.authorize(&ctx, model.as_deref()).await {
         Ok(p) => Json(principal_json(&p)).into_response(),
-        Err(e) => error_response(&e),
-    };
-    if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
-        resp.headers_mut().insert(headers::REQUEST_ID, v);
+        Err(e) => e.into_response(),
     }
-    resp
 }
 
 /// The `model` of an optional JSON object body.

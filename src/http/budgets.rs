@@ -61,7 +61,7 @@ async fn get_budget(
     AdminQuery(q): AdminQuery<Which>,
 ) -> AdminResult {
     let scope = ScopeKind::parse(&q.scope).map_err(AdminError::Invalid)?;
-    let v = gw.get_budget(scope, q.id).await?;
+    let v = gw.admin().get_budget(scope, q.id).await?;
     Ok(Json(budget_json(&v)).into_response())
 }
 
@@ -110,7 +110,7 @@ async fn put_budget(
         b.tpm,
     )
     .map_err(AdminError::Invalid)?;
-    let v = gw.set_budget(&update).await?;
+    let v = gw.admin().set_budget(&update).await?;
     Ok(Json(budget_json(&v)).into_response())
 }
 
@@ -143,7 +143,7 @@ async fn usage(
         from: time(&q.from)?,
         to: time(&q.to)?,
     };
-    let report = gw.query_usage(&filter).await?;
+    let report = gw.admin().query_usage(&filter).await?;
     let total = &report.total;
     let models: Vec<Value> = report
         .models
@@ -175,4 +175,38 @@ async fn usage(
         },
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::admin::tests::{json_fields, proto_fields};
+    use super::*;
+
+    #[test]
+    fn budget_json_has_every_proto_field_and_only_usd_conveniences_beside() {
+        let v = BudgetView {
+            scope: ScopeKind::User,
+            id: 1,
+            explicit: true,
+            limit_micros: Some(1),
+            period: Some("daily".into()),
+            period_start: Some(0),
+            reset_at: Some(1),
+            spent_micros: 0,
+            reserved_micros: 0,
+            remaining_micros: Some(1),
+            rpm: None,
+            tpm: None,
+        };
+        let json = json_fields(&budget_json(&v));
+        let proto = proto_fields("Budget");
+        assert!(proto.is_subset(&json), "{proto:?} ⊄ {json:?}");
+        let extra: Vec<_> = json.difference(&proto).collect();
+        assert!(
+            extra
+                .iter()
+                .all(|f| f.ends_with("_usd") || f.ends_with("_rfc3339")),
+            "{extra:?}"
+        );
+    }
 }

@@ -6,24 +6,24 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
-use super::error::{error_body, error_response};
-use super::{context, headers};
+use super::error::error_body;
+use super::headers;
 use crate::api::{openai_chat, ChatDelta};
-use crate::core::{ChatReply, ChatStream, Gateway, Reason, Rejection};
+use crate::core::{CallContext, ChatReply, ChatStream, Gateway, Reason, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
+    Extension(ctx): Extension<CallContext>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let ctx = context(&headers);
-    let request_id = ctx.request_id.clone();
     // The call is opened before the body is read, so that a body too large or a client that
     // leaves while sending it is still counted.
     let call = gw.chat(ctx);
@@ -31,7 +31,7 @@ pub async fn chat_completions(
     let decoded = read_body(&headers, body, limit)
         .await
         .and_then(|b| openai_chat::parse_request(&b));
-    let mut resp = match call.run(decoded).await {
+    match call.run(decoded).await {
         Ok(ChatReply::Complete(c)) => {
             let mut r = (
                 [(
@@ -48,10 +48,8 @@ pub async fn chat_completions(
             r
         }
         Ok(ChatReply::Stream(s)) => sse_response(*s),
-        Err(e) => error_response(&e),
-    };
-    set_header(&mut resp, headers::REQUEST_ID, &request_id);
-    resp
+        Err(e) => e.into_response(),
+    }
 }
 
 fn set_header(resp: &mut Response, name: &'static str, value: &str) {

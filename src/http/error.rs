@@ -37,3 +37,11 @@ pub fn error_response(r: &Rejection) -> Response {
     }
     resp
 }
+
+/// A rejection answers in OpenAI's error shape (the default of this API; `/v1/messages`
+/// answers in Anthropic's).
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        error_response(&self)
+    }
+}

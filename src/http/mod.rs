@@ -14,16 +14,11 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::core::{CallContext, Gateway, Protocol};
+use crate::core::{Gateway, Protocol};
+use crate::request_context::RequestContextLayer;
 pub use error::error_response;
 
-/// Headers tollgate reads and writes.
-pub mod headers {
-    pub const REQUEST_ID: &str = "x-request-id";
-    pub const SERVICE_TYPE: &str = "x-tollgate-service-type";
-    pub const PURPOSE: &str = "x-tollgate-purpose";
-    pub const RESOLVED_MODEL: &str = "x-tollgate-resolved-model";
-}
+pub use crate::core::headers;
 
 /// Every HTTP route, with request telemetry around them.
 pub fn router(gateway: Arc<Gateway>) -> Router {
@@ -45,23 +40,5 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             metrics,
             telemetry::observe,
         ))
-}
-
-/// The protocol-neutral call context from request headers.
-fn context(headers: &http::HeaderMap) -> CallContext {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    CallContext::new(
-        Protocol::Http,
-        text(http::header::AUTHORIZATION.as_str()),
-        text(headers::SERVICE_TYPE),
-        text(headers::PURPOSE),
-        headers
-            .get(headers::REQUEST_ID)
-            .and_then(|v| v.to_str().ok()),
-    )
+        .layer(RequestContextLayer::new(Protocol::Http))
 }

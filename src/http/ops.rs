@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use http::StatusCode;
 use serde_json::json;
 
-use super::{context, error_response};
-use crate::core::{Gateway, Reason, Rejection};
+use super::error_response;
+use crate::core::{CallContext, Gateway, Reason, Rejection};
 
 /// The process is up.
 pub async fn healthz() -> &'static str {
@@ -39,8 +39,10 @@ pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 /// `GET /v1/models`: the models and aliases this caller may use, in OpenAI's list shape.
-pub async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    let ctx = context(&headers);
+pub async fn models(
+    State(gw): State<Arc<Gateway>>,
+    Extension(ctx): Extension<CallContext>,
+) -> Response {
     match gw.list_models(&ctx).await {
         Ok(models) => {
             let data: Vec<_> = models

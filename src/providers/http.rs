@@ -31,6 +31,7 @@ pub struct HttpUpstream {
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     total_timeout: Duration,
+    clock: Clock,
 }
 
 impl HttpUpstream {
@@ -58,9 +59,10 @@ impl HttpUpstream {
                     default_cooldown: Duration::from_secs(cfg.rate_limit_cooldown_secs),
                     auth_failure_cooldown: cfg.auth_failure_cooldown_secs.map(Duration::from_secs),
                 },
-                clock,
+                clock.clone(),
                 observer,
             ),
+            clock,
             key_header,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
@@ -126,7 +128,7 @@ impl HttpUpstream {
             if resp.status().is_success() {
                 break Ok(resp);
             }
-            let retry_after = retry_after(resp.headers());
+            let retry_after = retry_after(resp.headers(), self.clock.now_ms());
             let verdict = match status {
                 429 => Some(KeyVerdict::RateLimited(retry_after)),
                 401 => Some(KeyVerdict::Unauthorized),
@@ -274,8 +276,9 @@ fn error_message(text: &str) -> String {
     }
 }
 
-/// `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date.
-fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+/// `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date (measured from `now_ms`,
+/// the gateway clock's now, so that a test clock decides how long a date-given cooldown is).
+fn retry_after(h: &reqwest::header::HeaderMap, now_ms: i64) -> Option<Duration> {
     if let Some(ms) = h
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
@@ -288,10 +291,8 @@ fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs_f64(secs.max(0.0)));
     }
     let when = httpdate_parse(v)?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(now_ms).unwrap_or(0));
+    Some(when.duration_since(now).unwrap_or_default())
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP requires senders to use.
@@ -348,9 +349,21 @@ mod tests {
     fn retry_after_forms() {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&h, 0), Some(Duration::from_secs(7)));
         h.insert("retry-after-ms", "1500".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_after(&h, 0), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn retry_after_as_a_date_counts_from_the_given_now() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            "retry-after",
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        let now_ms = 784_111_777_000 - 42_000;
+        assert_eq!(retry_after(&h, now_ms), Some(Duration::from_secs(42)));
+        assert_eq!(retry_after(&h, now_ms + 60_000), Some(Duration::ZERO));
     }
 
     #[test]

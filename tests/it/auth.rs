@@ -16,6 +16,7 @@ use crate::common::auth_servers::*;
 use crate::common::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
+use tollgate::clock::Clock;
 use tollgate::proto::{AuthorizeRequest, CompleteRequest, CompleteResponse};
 use tollgate::store::LedgerRow;
 use tonic::Code;
@@ -2014,10 +2015,11 @@ async fn block_and_unblock_via_grpc_admin() {
     s.shutdown().await;
 }
 
-/// Two replicas on one PostgreSQL database with `identity_cache_ttl_ms = key_cache_ttl_ms = 300`:
-/// a block made through replica A is answered by replica B (whose caches were warm) within the
-/// TTL plus slack, on both protocols, for a JWT user and a key user; an unblock through B reaches
-/// A the same way.
+/// Two replicas on one PostgreSQL database with `identity_cache_ttl_ms = key_cache_ttl_ms = 300`
+/// and one manual clock: a block made through replica A is answered by replica B, whose caches
+/// were warm, exactly when the TTL has passed (served 299 ms after, refused at 300 ms), on both
+/// protocols, for a JWT user and a key user; A refuses at once. An unblock through B reaches A
+/// the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_reaches_every_replica_within_the_cache_ttl() {
     let jwks = JwksServer::start(Mode::Healthy).await;
@@ -2025,40 +2027,43 @@ async fn block_reaches_every_replica_within_the_cache_ttl() {
         return;
     };
     let db2 = shared_db(&db);
+    let clock = Clock::manual();
     let mut opts = jwt_opts(&jwks.url(), "", "");
     opts.auth = "identity_cache_ttl_ms = 300\nkey_cache_ttl_ms = 300".into();
+    opts.clock = Some(clock.clone());
     let mut a = TestServer::start_on(db, opts.clone()).await;
     let mut b = TestServer::start_on(db2, opts).await;
     let jwt_creds = Creds::bearer(&good_jwt("replica-blockee"));
     let (key_uid, key) = admin_user_with_key(&a, "replica-key-blockee").await;
     let key_creds = Creds::bearer(&key);
-    for s in [&a, &b] {
-        expect_success_both(s, &jwt_creds, "fast", "warm the caches").await;
-        expect_success_both(s, &key_creds, "fast", "warm the caches").await;
-    }
+    expect_success_both(&a, &jwt_creds, "fast", "provision the JWT user").await;
     let jwt_uid = user_by_external_id(&a, &jwt_external_id("replica-blockee"))
         .await
         .id;
-    let ttl_plus_slack = Duration::from_millis(300 + 2000);
+    let just_before = Duration::from_millis(299);
+    let tick = Duration::from_millis(1);
 
     for (uid, creds) in [(jwt_uid, &jwt_creds), (key_uid, &key_creds)] {
+        for s in [&a, &b] {
+            expect_success_both(s, creds, "fast", "warm the caches").await;
+        }
         http_block(&a, uid, "replica test").await;
-        let t0 = Instant::now();
-        eventually(ttl_plus_slack, "replica B answers blocked", || async {
-            let resp = http_chat(&b, creds, "fast", &new_request_id()).await;
-            (resp.status() == 403).then_some(())
-        })
-        .await;
-        assert!(t0.elapsed() <= ttl_plus_slack);
-        expect_both(&b, creds, BLOCKED, "blocked on replica B").await;
-        expect_both(&a, creds, BLOCKED, "blocked on replica A").await;
+        expect_both(&a, creds, BLOCKED, "blocked at once on replica A").await;
+        expect_success_both(&b, creds, "fast", "B still trusts its cache").await;
+        clock.advance(just_before);
+        expect_success_both(&b, creds, "fast", "B, 1 ms before the TTL ends").await;
+        clock.advance(tick);
+        expect_both(&b, creds, BLOCKED, "B, once the TTL has passed").await;
+        // A read the block from the store at once; reading it again now starts its cache entry.
+        expect_both(&a, creds, BLOCKED, "A, as the unblock is made").await;
+
         http_unblock(&b, uid).await;
-        eventually(ttl_plus_slack, "replica A serves again", || async {
-            let resp = http_chat(&a, creds, "fast", &new_request_id()).await;
-            (resp.status() == 200).then_some(())
-        })
-        .await;
-        expect_success_both(&a, creds, "fast", "unblocked on A").await;
+        expect_success_both(&b, creds, "fast", "unblocked at once on replica B").await;
+        expect_both(&a, creds, BLOCKED, "A still trusts its cache").await;
+        clock.advance(just_before);
+        expect_both(&a, creds, BLOCKED, "A, 1 ms before the TTL ends").await;
+        clock.advance(tick);
+        expect_success_both(&a, creds, "fast", "A, once the TTL has passed").await;
     }
     a.shutdown().await;
     b.shutdown().await;

@@ -67,7 +67,8 @@ enum Answer {
     /// 429 with `Retry-After: N` (seconds).
     RateLimitedSecs(u64),
     /// 429 with `Retry-After: <IMF-fixdate>` N seconds after the real time now.
-    RateLimitedDate(u64),
+    /// `Retry-After` as an HTTP date: this unix second.
+    RateLimitedUntil(u64),
     /// 429 without any Retry-After.
     RateLimitedBare,
     /// 401.
@@ -263,9 +264,9 @@ async fn upstream_chat(
                 secs.to_string(),
             )
         }
-        Answer::RateLimitedDate(secs) => {
+        Answer::RateLimitedUntil(unix_secs) => {
             record(429);
-            let when = SystemTime::now() + Duration::from_secs(secs);
+            let when = UNIX_EPOCH + Duration::from_secs(unix_secs);
             with_header(
                 openai_error(too_many, rl_message, "rate_limit_exceeded"),
                 "retry-after",
@@ -718,30 +719,15 @@ fn assert_key(keys: &[Value], key: &str, state: &str, reason: Option<&str>) {
 
 /// Asserts a temporary key's deadline is exactly `after` from the (manual) clock's now.
 fn assert_cooldown(keys: &[Value], key: &str, clock: &Clock, after: Duration) {
-    assert_cooldown_within(keys, key, clock, after, Duration::ZERO);
-}
-
-/// Asserts a temporary key's deadline is `after` from the clock's now, within `slack` (only a
-/// deadline the gateway derives from the wall clock, an HTTP-date Retry-After, needs one).
-fn assert_cooldown_within(
-    keys: &[Value],
-    key: &str,
-    clock: &Clock,
-    after: Duration,
-    slack: Duration,
-) {
     let k = key_entry(keys, key);
     let until = k["cooldown_until_ms"]
         .as_i64()
         .unwrap_or_else(|| panic!("a temporary key has cooldown_until_ms: {k}"));
-    let expected = clock.now_ms() + after.as_millis() as i64;
-    assert!(
-        (until - expected).abs() <= slack.as_millis() as i64,
-        "cooldown of {} ends {} ms from now, expected about {} ms (±{} ms): {k}",
-        hint(key),
+    assert_eq!(
         until - clock.now_ms(),
-        after.as_millis(),
-        slack.as_millis()
+        after.as_millis() as i64,
+        "cooldown of {} ends this many ms from now: {k}",
+        hint(key),
     );
 }
 
@@ -1028,13 +1014,9 @@ fn keys(list: &[&str]) -> Vec<String> {
 /// Runs one Retry-After form against a single-key pool. `client_secs` are the acceptable
 /// client Retry-After values, `cooldown` the deadline the key should get (± `slack`, zero but
 /// for the HTTP-date form).
-async fn retry_after_case(
-    answer: Answer,
-    client_secs: &[&str],
-    cooldown: Duration,
-    slack: Duration,
-) {
+async fn retry_after_case(answer: impl FnOnce(&Clock) -> (Answer, Duration), client_secs: &[&str]) {
     let h = Harness::start(&[A], "").await;
+    let (answer, cooldown) = answer(&h.clock);
     let mut expect = Expect::new(1);
     expect.check(&h, "at start").await;
 
@@ -1053,7 +1035,7 @@ async fn retry_after_case(
     assert_eq!(h.up.keys_for("f1"), keys(&[A]));
     let pool = h.pool_keys().await;
     assert_key(&pool, A, "temporary", Some("rate_limited"));
-    assert_cooldown_within(&pool, A, &h.clock, cooldown, slack);
+    assert_cooldown(&pool, A, &h.clock, cooldown);
     expect
         .states(0, 1, 0)
         .rate_limited(1)
@@ -1095,10 +1077,8 @@ async fn retry_after_case(
 async fn retry_after_ms_header_is_honoured() {
     // 1500 ms: the client is told 2 s (rounded up).
     retry_after_case(
-        Answer::RateLimitedMs(1500),
+        |_| (Answer::RateLimitedMs(1500), Duration::from_millis(1500)),
         &["2"],
-        Duration::from_millis(1500),
-        Duration::ZERO,
     )
     .await;
 }
@@ -1106,23 +1086,27 @@ async fn retry_after_ms_header_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_seconds_header_is_honoured() {
     retry_after_case(
-        Answer::RateLimitedSecs(7),
+        |_| (Answer::RateLimitedSecs(7), Duration::from_secs(7)),
         &["7"],
-        Duration::from_secs(7),
-        Duration::ZERO,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_http_date_is_honoured() {
-    // An IMF-fixdate 20 s ahead has whole-second precision: the deadline is 19-20 s away. The
-    // gateway measures the date against the system time, not its clock: hence the slack.
+    // An IMF-fixdate has whole-second precision: the date is the clock's current second plus
+    // 20, and the gateway measures it against its clock, so the deadline is exact.
     retry_after_case(
-        Answer::RateLimitedDate(20),
-        &["19", "20"],
-        Duration::from_millis(19_500),
-        Duration::from_millis(1_000),
+        |clock| {
+            let now = clock.now_ms();
+            let until = now / 1000 + 20;
+            let left = until * 1000 - now;
+            (
+                Answer::RateLimitedUntil(until as u64),
+                Duration::from_millis(left as u64),
+            )
+        },
+        &["20"],
     )
     .await;
 }
@@ -1131,10 +1115,8 @@ async fn retry_after_http_date_is_honoured() {
 async fn rate_limit_without_retry_after_uses_the_default_cooldown() {
     // rate_limit_cooldown_secs = 60 in the test config.
     retry_after_case(
-        Answer::RateLimitedBare,
+        |_| (Answer::RateLimitedBare, Duration::from_secs(60)),
         &["60"],
-        Duration::from_secs(60),
-        Duration::ZERO,
     )
     .await;
 }

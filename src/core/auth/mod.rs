@@ -3,12 +3,11 @@
 //! on every request); JWTs are checked against a JWKS; anything else goes to token
 //! introspection. Verifiers never put a credential in a message or a log line.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use super::ttl_cache::TtlCache;
 use super::{Reason, Rejection};
 use crate::store::{KeyOwner, Store};
 
@@ -133,17 +132,18 @@ pub fn key_hint(key: &str) -> String {
 /// Verifies credentials against the store, with a short-lived cache of verified keys.
 pub struct Authenticator {
     store: Store,
-    ttl: Duration,
-    cache: RwLock<HashMap<String, (Identity, Instant)>>,
+    ttl_ms: u64,
+    /// Verified keys by hash, with the key's expiry so that a cached key still expires on time.
+    cache: TtlCache<String, (Identity, Option<i64>)>,
 }
 
 impl Authenticator {
     /// An authenticator over `store` caching verified keys for `ttl` (zero disables the cache).
     pub fn new(store: Store, ttl: Duration) -> Self {
         Self {
+            cache: TtlCache::new(store.clock().clone()),
             store,
-            ttl,
-            cache: RwLock::new(HashMap::new()),
+            ttl_ms: ttl.as_millis().min(u64::MAX as u128) as u64,
         }
     }
 
@@ -240,12 +240,9 @@ fn bearer_token(authorization: Option<&str>) -> Result<&str, Rejection> {
 impl Authenticator {
     async fn verify_key(&self, key: &str) -> Result<Identity, Rejection> {
         let hash = hash_key(key);
-        if !self.ttl.is_zero() {
-            if let Some((identity, at)) = self.cache.read().ok().and_then(|c| c.get(&hash).cloned())
-            {
-                if at.elapsed() < self.ttl {
-                    return Ok(identity);
-                }
+        if let Some((identity, expires_at)) = self.cache.get(&hash, self.ttl_ms) {
+            if expires_at.is_none_or(|t| t > self.store.clock().now_ms()) {
+                return Ok(identity);
             }
         }
         let found = self.store.find_key_by_hash(&hash).await.map_err(|e| {
@@ -285,23 +282,14 @@ impl Authenticator {
             blocked: user.blocked,
             user_service_type: user.service_type,
         };
-        if !self.ttl.is_zero() {
-            if let Ok(mut c) = self.cache.write() {
-                // Bound the cache: a flood of distinct valid keys cannot grow it without limit.
-                if c.len() > 100_000 {
-                    c.clear();
-                }
-                c.insert(hash, (identity.clone(), Instant::now()));
-            }
-        }
+        self.cache
+            .insert(hash, (identity.clone(), key.expires_at), self.ttl_ms);
         Ok(identity)
     }
 
     /// Forgets cached verifications (after a revocation in this process).
     pub fn forget_all(&self) {
-        if let Ok(mut c) = self.cache.write() {
-            c.clear();
-        }
+        self.cache.clear();
     }
 }
 

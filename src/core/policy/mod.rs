@@ -10,19 +10,19 @@
 pub mod budget;
 pub mod rate_limit;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use budget::{
     headers, limit_from_usd, parse_time, rfc3339, BudgetAdminError, BudgetUpdate, BudgetView,
-    HoldSlot, Period, ScopeKey, ScopeKind, UsageReport, UsageTotal,
+    HoldSlot, Period, ScopeKey, ScopeKind,
 };
 
 use self::budget::{Applied, CachedBudget, Reservation, Settler};
 use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimiter};
 use super::gateway::Principal;
 use super::pricing::{Pricing, Unpriced};
+use super::ttl_cache::TtlCache;
 use super::{Reason, Rejection};
 use crate::api::ChatRequest;
 use crate::clock::Clock;
@@ -36,7 +36,7 @@ pub struct Budgets {
     store: Store,
     clock: Clock,
     settler: Settler,
-    cache: Mutex<HashMap<ScopeKey, (Instant, ScopePolicy)>>,
+    cache: TtlCache<ScopeKey, ScopePolicy>,
     limiter: RateLimiter,
 }
 
@@ -106,9 +106,9 @@ impl Budgets {
         let settler = Settler::start(store.clone(), clock.clone(), config);
         Arc::new(Budgets {
             store,
-            clock,
+            clock: clock.clone(),
             settler,
-            cache: Mutex::new(HashMap::new()),
+            cache: TtlCache::new(clock.clone()),
             limiter: RateLimiter::default(),
         })
     }
@@ -204,12 +204,8 @@ impl Budgets {
     }
 
     async fn policy(&self, key: ScopeKey, ttl_ms: u64) -> Result<ScopePolicy, StoreError> {
-        if let Ok(c) = self.cache.lock() {
-            if let Some((at, p)) = c.get(&key) {
-                if at.elapsed() < Duration::from_millis(ttl_ms) {
-                    return Ok(p.clone());
-                }
-            }
+        if let Some(p) = self.cache.get(&key, ttl_ms) {
+            return Ok(p);
         }
         let (budget, limits) = self.store.budget_policy(key.0.as_str(), key.1).await?;
         let policy = ScopePolicy {
@@ -224,20 +220,13 @@ impl Budgets {
                 })
                 .unwrap_or_default(),
         };
-        if let Ok(mut c) = self.cache.lock() {
-            if c.len() > 100_000 {
-                c.clear();
-            }
-            c.insert(key, (Instant::now(), policy.clone()));
-        }
+        self.cache.insert(key, policy.clone(), ttl_ms);
         Ok(policy)
     }
 
     /// Forgets cached settings of a scope (after an admin change here).
     pub fn forget(&self, key: ScopeKey) {
-        if let Ok(mut c) = self.cache.lock() {
-            c.remove(&key);
-        }
+        self.cache.remove(&key);
     }
 }
 

@@ -1,11 +1,8 @@
-//! Budget admin operations: one scope's budget and rate limits read and set, and the usage
-//! query. The functions take a store, not a server, so that the CLI uses them too.
+//! One scope's budget and rate limits, read and set (for `core::admin::Admin`). The functions
+//! take a store, not a server, so that the CLI runs them too.
 
 use super::{Period, ScopeKind};
-use crate::core::policy::Budgets;
-use crate::core::Rejection;
-use crate::core::{Gateway, Principal};
-use crate::store::{Store, StoreError, UsageFilter};
+use crate::store::{Store, StoreError};
 
 /// What one scope's budget looks like now (admin API, Authorize).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,16 +42,6 @@ pub enum BudgetAdminError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<BudgetAdminError> for crate::core::admin::AdminError {
-    fn from(e: BudgetAdminError) -> Self {
-        match e {
-            BudgetAdminError::Invalid(m) => crate::core::admin::AdminError::Invalid(m),
-            BudgetAdminError::NotFound(m) => crate::core::admin::AdminError::NotFound(m),
-            BudgetAdminError::Store(e) => e.into(),
-        }
-    }
 }
 
 /// A scope's budget and rate limits as stored.
@@ -206,76 +193,4 @@ pub fn limit_from_usd(usd: f64) -> Result<i64, String> {
         ));
     }
     Ok(crate::core::pricing::usd_to_micros(usd))
-}
-
-impl Gateway {
-    /// The budget left to a principal: the least of what its user's and its key's budgets
-    /// have left in their current periods, in micro-dollars (`None` when no budget applies to
-    /// it). Reserves nothing; for `AuthorizeResponse.principal.remaining_budget_micros`.
-    pub async fn remaining_budget(&self, principal: &Principal) -> Result<Option<i64>, Rejection> {
-        let rt = self.runtime();
-        let st = rt.config.service_type(&principal.service_type);
-        self.budgets()
-            .remaining(principal, st.as_ref(), &rt.config.budgets)
-            .await
-            .map_err(|e| Rejection::internal(format!("budget lookup: {e}")))
-    }
-
-    /// A scope's budget and rate limits (admin).
-    pub async fn get_budget(
-        &self,
-        scope: ScopeKind,
-        id: i64,
-    ) -> Result<BudgetView, BudgetAdminError> {
-        Ok(self.budgets().view(scope, id).await?)
-    }
-
-    /// Sets a scope's budget and rate limits (admin). Takes effect on this replica at once and
-    /// on others within `budgets.policy_cache_ms` (a changed limit amount at once everywhere).
-    pub async fn set_budget(&self, update: &BudgetUpdate) -> Result<BudgetView, BudgetAdminError> {
-        self.budgets().set(update).await
-    }
-
-    /// Spend and tokens per resolved model, and their sum (admin).
-    pub async fn query_usage(&self, filter: &UsageFilter) -> Result<UsageReport, BudgetAdminError> {
-        let models = self.store().usage_by_model(filter).await?;
-        let mut total = UsageTotal::default();
-        for m in &models {
-            total.requests += m.requests;
-            total.prompt_tokens += m.prompt_tokens;
-            total.completion_tokens += m.completion_tokens;
-            total.cost_micros += m.cost_micros;
-        }
-        Ok(UsageReport { models, total })
-    }
-}
-
-/// What the usage query answers: per resolved model, and the sum of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageReport {
-    pub models: Vec<crate::store::ModelUsage>,
-    pub total: UsageTotal,
-}
-
-/// Requests, tokens and spend summed over the models of a usage report.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UsageTotal {
-    pub requests: i64,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub cost_micros: i64,
-}
-
-impl Budgets {
-    /// A scope's budget and rate limits as stored (the admin API's view).
-    pub async fn view(&self, scope: ScopeKind, id: i64) -> Result<BudgetView, StoreError> {
-        view(&self.store, self.clock.now_ms(), scope, id).await
-    }
-
-    /// Sets a scope's budget and rate limits (admin).
-    pub async fn set(&self, update: &BudgetUpdate) -> Result<BudgetView, BudgetAdminError> {
-        let view = set(&self.store, self.clock.now_ms(), update).await?;
-        self.forget((update.scope, update.id));
-        Ok(view)
-    }
 }

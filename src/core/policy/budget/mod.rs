@@ -25,9 +25,7 @@ mod period;
 mod reserve;
 mod settle;
 
-pub use admin::{
-    limit_from_usd, set, view, BudgetAdminError, BudgetUpdate, BudgetView, UsageReport, UsageTotal,
-};
+pub use admin::{limit_from_usd, set, view, BudgetAdminError, BudgetUpdate, BudgetView};
 pub use period::{parse_time, rfc3339, Period, PeriodError};
 pub use settle::{Hold, HoldSlot};
 pub(super) use settle::{Reservation, Settler};

@@ -1,0 +1,106 @@
+//! What both servers know about a call before its body is read: the protocol, the credential,
+//! the service type and purpose, and the request id (the caller's when it is sane, else a new
+//! one). Built once per request by `crate::context::RequestContextLayer` from the HTTP headers
+//! or the gRPC metadata, which use the same names.
+
+/// Header (and gRPC metadata) names tollgate reads and writes.
+pub mod headers {
+    pub const REQUEST_ID: &str = "x-request-id";
+    pub const SERVICE_TYPE: &str = "x-tollgate-service-type";
+    pub const PURPOSE: &str = "x-tollgate-purpose";
+    pub const RESOLVED_MODEL: &str = "x-tollgate-resolved-model";
+}
+
+/// Which wire a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// What an adapter knows about a call before reading its body: the protocol-neutral headers.
+#[derive(Clone)]
+pub struct CallContext {
+    pub protocol: Protocol,
+    /// The raw `authorization` value, if sent.
+    pub authorization: Option<String>,
+    pub service_type: Option<String>,
+    pub purpose: Option<String>,
+    pub request_id: String,
+}
+
+impl std::fmt::Debug for CallContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallContext")
+            .field("protocol", &self.protocol)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("service_type", &self.service_type)
+            .field("purpose", &self.purpose)
+            .field("request_id", &self.request_id)
+            .finish()
+    }
+}
+
+impl CallContext {
+    /// A context; `request_id` is kept when it is a sane token, otherwise a new one is made.
+    pub fn new(
+        protocol: Protocol,
+        authorization: Option<String>,
+        service_type: Option<String>,
+        purpose: Option<String>,
+        request_id: Option<&str>,
+    ) -> Self {
+        let request_id = match request_id {
+            Some(id) if is_sane_request_id(id) => id.to_string(),
+            _ => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        Self {
+            protocol,
+            authorization,
+            service_type: service_type.filter(|s| !s.is_empty()),
+            purpose: purpose.filter(|s| !s.is_empty()),
+            request_id,
+        }
+    }
+}
+
+/// A client-chosen request id goes into logs, the ledger and upstream headers, so it must be
+/// short and plain.
+fn is_sane_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+impl CallContext {
+    /// The context of a request with these headers (gRPC metadata is HTTP/2 headers).
+    pub fn from_headers(protocol: Protocol, h: &http::HeaderMap) -> CallContext {
+        let text = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        CallContext::new(
+            protocol,
+            text(http::header::AUTHORIZATION.as_str()),
+            text(headers::SERVICE_TYPE),
+            text(headers::PURPOSE),
+            h.get(headers::REQUEST_ID).and_then(|v| v.to_str().ok()),
+        )
+    }
+}
