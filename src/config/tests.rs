@@ -1,0 +1,110 @@
+//! Tests of loading and validating configuration files.
+
+use super::*;
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let err = Config::from_toml_str("[server]\nhttp_addr = \"127.0.0.1:1\"\nbogus_key = 1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("bogus_key"), "{err}");
+}
+
+#[test]
+fn env_is_interpolated_and_escaped() {
+    std::env::set_var("TG_TEST_SECRET_X", "a\"b");
+    let c = Config::from_toml_str(
+        "[server]\nadmin_token = \"${TG_TEST_SECRET_X}\"\n# keys = [\"${NOT_SET_ANYWHERE}\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.server.admin_token.as_deref(), Some("a\"b"));
+}
+
+#[test]
+fn missing_env_names_variable_and_line() {
+    let err = Config::from_toml_str("[server]\nadmin_token = \"${TG_SURELY_UNSET_VAR}\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 2") && err.contains("TG_SURELY_UNSET_VAR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn alias_must_name_configured_provider() {
+    let err = Config::from_toml_str("[aliases.fast]\nchain = [\"nope/x\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn a_bad_budget_period_is_refused_at_its_line() {
+    let err = Config::from_toml_str(
+        "[service_types.default]\nbudget = { limit_usd = 1.0, period = \"yearly\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("\"yearly\" is not a period"), "{err}");
+    let c = Config::from_toml_str(
+        "[service_types.default]\nbudget = { limit_usd = 1.0, period = \"12h\" }\n",
+    )
+    .unwrap();
+    let budget = c.service_types["default"].budget.as_ref().map(|b| b.period);
+    assert_eq!(budget, Some(Period::Every(12 * 3_600_000)));
+}
+
+#[test]
+fn duplicate_upstream_keys_are_refused() {
+    let err = Config::from_toml_str(
+        "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\nkeys = [\"k1\", \"k1\"]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("repeats"), "{err}");
+    assert!(!err.contains("k1\""), "key must not be echoed: {err}");
+}
+
+#[test]
+fn provider_kinds_validate_into_their_settings() {
+    let c = Config::from_toml_str(
+        "[providers.c]\nkind = \"anthropic\"\nkeys = [\"k\"]\nmodel_max_tokens = { big = 8192 }\n\
+         [providers.m]\nkind = \"mock\"\ntokens = 3\n",
+    )
+    .unwrap();
+    match &c.providers["c"].settings {
+        ProviderSettings::Anthropic(a) => {
+            assert_eq!(a.http.base_url, "https://api.anthropic.com");
+            assert_eq!(a.anthropic_version, "2023-06-01");
+            assert_eq!(a.max_tokens_for("big"), 8192);
+            assert_eq!(a.max_tokens_for("other"), 4096);
+        }
+        _ => panic!("not anthropic"),
+    }
+    assert!(matches!(&c.providers["m"].settings, ProviderSettings::Mock(m) if m.tokens == 3));
+}
+
+#[test]
+fn fields_of_another_kind_are_refused_with_their_line() {
+    let err = Config::from_toml_str(
+        "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\ntokens = 4\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`tokens` applies only to kind \"mock\""),
+        "{err}"
+    );
+    assert!(err.contains("line "), "{err}");
+    let err = Config::from_toml_str("[providers.m]\nkind = \"mock\"\nkeys = [\"k\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`keys`"), "{err}");
+    let err = Config::from_toml_str("[providers.o]\nkind = \"openai\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("base_url is required"), "{err}");
+}
