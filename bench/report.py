@@ -3,7 +3,11 @@
 
 Usage: python3 bench/report.py bench/results/latest.jsonl
 
-Kept apart from run.sh so a saved .jsonl can be re-read without re-running.
+Targets: "direct" (the mock alone), "bare" (a byte-forwarding proxy in front of
+it: the baseline) and each tollgate profile ("tg-min", "tg-full"). "added" is a
+target's figure minus direct's; "x bare" is a target's added figure over the
+bare proxy's, from the same run. Kept apart from run.sh so a saved .jsonl can
+be re-read without re-running.
 """
 
 import json
@@ -11,6 +15,7 @@ import statistics
 import sys
 
 PCTS = [("p50", "p50_us"), ("p90", "p90_us"), ("p99", "p99_us"), ("p99.9", "p999_us")]
+ORDER = ["direct", "bare", "tg-min", "tg-full"]
 
 
 def load(path):
@@ -29,6 +34,12 @@ def fmt(v, width=7):
     return f"{v:>{width}.0f}"
 
 
+def ratio(v, base, width=6):
+    if v is None or base is None or base <= 0:
+        return "-".rjust(width)
+    return f"{v / base:>{width - 1}.2f}x"
+
+
 def cpu_us_per_req(rec, clk_tck):
     done = rec["ok"] + rec["non_2xx"]
     if not done:
@@ -36,19 +47,26 @@ def cpu_us_per_req(rec, clk_tck):
     return rec["cpu_ticks"] * 1e6 / clk_tck / done
 
 
+def targets_of(recs):
+    seen = {r["target"] for r in recs if "target" in r and r["phase"] in ("ab", "frontier", "stream")}
+    return [t for t in ORDER if t in seen] + sorted(seen - set(ORDER))
+
+
 def main():
     recs = load(sys.argv[1])
     meta = next(r for r in recs if r["phase"] == "meta")
     clk = meta["clk_tck"]
-    direct_only = bool(meta["direct_only"])
+    targets = targets_of(recs)
+    others = [t for t in targets if t != "direct"]
     out = []
     p = out.append
 
     p(
-        f"tollgate bench  {meta['date']}  git {meta['git']}  {meta['cores']} cores  "
-        f"{meta['rounds']} rounds x {meta['round_secs']} s  {meta['connections']} connections"
+        f"tollgate bench  {meta['date']}  git {meta['git']}  {meta['cores']} cores ({meta.get('cpu', '?')})  "
+        f"{meta['rounds']} rounds x {meta['round_secs']} s  {meta['connections']} connections  "
+        f"db {meta.get('db', 'sqlite')}  "
+        + ("pinned: servers on core 1, mock and load on core 0" if str(meta.get("pinned")) == "1" else "unpinned")
         + ("  QUICK" if meta["quick"] else "")
-        + ("  DIRECT ONLY (tollgate not run)" if direct_only else "")
     )
     for r in recs:
         if r["phase"] == "machine":
@@ -65,28 +83,39 @@ def main():
                 f"errors {r['errors'] + r['non_2xx']}: {'PASS' if ok else 'FAIL (mock is a bottleneck)'}"
             )
 
-    # Added latency, medians of interleaved rounds.
+    # Added latency and CPU, medians of interleaved rounds.
     ab = [r for r in recs if r["phase"] == "ab"]
-    p("")
-    p(f"Latency, microseconds (medians of {meta['rounds']} interleaved rounds; added = via - direct)")
-    p("   rate  pctl   |  direct     via   added")
-    cpu_lines = []
-    for rate in sorted({r["rate"] for r in ab}):
-        d = [r for r in ab if r["rate"] == rate and r["target"] == "direct"]
-        v = [r for r in ab if r["rate"] == rate and r["target"] == "via"]
-        for name, k in PCTS:
-            dm = med([r[k] for r in d])
-            vm = med([r[k] for r in v])
-            added = None if dm is None or vm is None else vm - dm
-            p(f"{rate:7.0f}  {name:<6} | {fmt(dm)} {fmt(vm)} {fmt(added)}")
-        derr = sum(r["errors"] + r["non_2xx"] for r in d)
-        verr = sum(r["errors"] + r["non_2xx"] for r in v) if v else None
-        p(f"{rate:7.0f}  errors | {fmt(derr)} {fmt(verr)}")
-        mock_cpu = med([cpu_us_per_req(r, clk) for r in d])
-        tg_cpu = med([cpu_us_per_req(r, clk) for r in v])
-        cpu_lines.append(f"{rate:.0f} RPS: tollgate {fmt(tg_cpu, 0)} us, mock alone {fmt(mock_cpu, 0)} us")
-    if cpu_lines:
-        p("CPU per request (utime+stime / completed requests, medians): " + "; ".join(cpu_lines))
+    if ab:
+        p("")
+        p(
+            f"Latency, microseconds (medians of {meta['rounds']} interleaved rounds); "
+            "added = target - direct; x bare = added / bare's added"
+        )
+        head = "   rate  pctl   |  direct | " + " | ".join(f"{t:>7} added  x bare" for t in others)
+        p(head)
+        for rate in sorted({r["rate"] for r in ab}):
+            by = {t: [r for r in ab if r["rate"] == rate and r["target"] == t] for t in targets}
+            for name, k in PCTS:
+                d = med([r[k] for r in by["direct"]])
+                cells = []
+                base_added = None
+                for t in others:
+                    v = med([r[k] for r in by[t]])
+                    added = None if d is None or v is None else v - d
+                    if t == "bare":
+                        base_added = added
+                    cells.append(f"{fmt(v)} {fmt(added, 5)} {ratio(added, base_added) if t != 'bare' else '      '}")
+                p(f"{rate:7.0f}  {name:<6} | {fmt(d)} | " + " | ".join(cells))
+            errs = [sum(r["errors"] + r["non_2xx"] for r in by[t]) for t in targets]
+            p(f"{rate:7.0f}  errors | {fmt(errs[0])} | " + " | ".join(f"{fmt(e)} {'':>5} {'':>6}" for e in errs[1:]))
+        p("")
+        p("CPU per request, microseconds (utime+stime / completed requests, medians of rounds; x bare)")
+        for rate in sorted({r["rate"] for r in ab}):
+            cpu = {t: med([cpu_us_per_req(r, clk) for r in ab if r["rate"] == rate and r["target"] == t]) for t in targets}
+            cells = [f"mock alone {fmt(cpu.get('direct'), 0)}"]
+            for t in others:
+                cells.append(f"{t} {fmt(cpu.get(t), 0)}" + (f" ({ratio(cpu.get(t), cpu.get('bare'), 0).strip()})" if t != "bare" else ""))
+            p(f"{rate:7.0f} RPS: " + ", ".join(cells))
 
     # Throughput frontier.
     fr = [r for r in recs if r["phase"] == "frontier"]
@@ -94,15 +123,15 @@ def main():
         limit = meta["frontier_p99_us"]
         p("")
         p(f"Throughput frontier: highest rate with p99 < {limit} us and no errors")
-        p("   rate | direct p99   err | via p99      err")
+        p("   rate | " + " | ".join(f"{t:>8} p99   err" for t in targets))
         best = {}
         failed = set()
         for rate in sorted({r["rate"] for r in fr}):
             cells = []
-            for t in ("direct", "via"):
+            for t in targets:
                 tries = [x for x in fr if x["rate"] == rate and x["target"] == t]
                 if not tries:
-                    cells.append(f"{'-':>10} {'':>5}")
+                    cells.append(f"{'-':>12} {'':>5}")
                     continue
                 # A failed step is retried once by run.sh; the better try counts.
                 r = min(tries, key=lambda x: (x["errors"] + x["non_2xx"], x["p99_us"]))
@@ -112,21 +141,21 @@ def main():
                     best[t] = rate
                 elif not good:
                     failed.add(t)
-                cells.append(f"{r['p99_us']:>10} {err:>5}{'' if good else ' X'}")
-            p(f"{rate:7.0f} | " + " | ".join(cells if not direct_only else cells[:1]))
+                cells.append(f"{r['p99_us']:>12} {err:>5}{'' if good else ' X'}")
+            p(f"{rate:7.0f} | " + " | ".join(cells))
         top = max(r["rate"] for r in fr)
 
         def show(t):
             if t not in best:
                 return "none"
-            return f"{best[t]:.0f} RPS" + (" (not reached: raise FRONTIER_RATES)" if t not in failed and best[t] == top else "")
+            s = f"{best[t]:.0f} RPS"
+            if t not in failed and best[t] == top:
+                s += " (not reached: raise FRONTIER_RATES)"
+            if t not in ("direct", "bare") and "bare" in best:
+                s += f" ({best[t] / best['bare']:.2f}x bare)"
+            return s
 
-        line = f"frontier: direct {show('direct')}"
-        if not direct_only:
-            line += f", via tollgate {show('via')}"
-            if "direct" in best and "via" in best:
-                line += f", ratio {best['via'] / best['direct']:.2f}"
-        p(line)
+        p("frontier: " + ", ".join(f"{t} {show(t)}" for t in targets))
 
     # Streaming.
     st = [r for r in recs if r["phase"] == "stream"]
@@ -134,9 +163,10 @@ def main():
         p("")
         p(
             f"Streaming, microseconds ({meta['stream_chunks']} chunks every {meta['stream_interval_ms']} ms, "
-            f"{meta['stream_rate']} streams/s, medians of rounds; gap = largest gap between chunks of a stream)"
+            f"{meta['stream_rate']} streams/s, medians of rounds; gap = largest gap between chunks of a stream; "
+            "added = target - direct)"
         )
-        p("                |  direct |     via |   added")
+        p("                |  direct | " + " | ".join(f"{t:>7} added  x bare" for t in others))
         for label, key in [
             ("ttft p50", "ttft_p50_us"),
             ("ttft p99", "ttft_p99_us"),
@@ -145,10 +175,16 @@ def main():
             ("total p50", "p50_us"),
         ]:
             d = med([r[key] for r in st if r["target"] == "direct"])
-            v = med([r[key] for r in st if r["target"] == "via"])
-            a = None if d is None or v is None else v - d
-            p(f"{label:>15} | {fmt(d)} | {fmt(v)} | {fmt(a)}")
-        for t in ("direct", "via"):
+            cells = []
+            base_added = None
+            for t in others:
+                v = med([r[key] for r in st if r["target"] == t])
+                a = None if d is None or v is None else v - d
+                if t == "bare":
+                    base_added = a
+                cells.append(f"{fmt(v)} {fmt(a, 5)} {ratio(a, base_added) if t != 'bare' else '      '}")
+            p(f"{label:>15} | {fmt(d)} | " + " | ".join(cells))
+        for t in targets:
             rs = [r for r in st if r["target"] == t]
             if rs:
                 p(
@@ -158,23 +194,25 @@ def main():
                     f"{10 * meta['stream_interval_ms']} ms (10x the pacing)"
                 )
 
-    # Memory of tollgate.
-    if not direct_only:
-        rss = {r["at"]: r["kb"] for r in recs if r["phase"] == "rss"}
+    # Memory.
+    def mib(kb):
+        return "-" if kb is None else f"{kb / 1024:.1f} MiB"
 
-        def peak(phase):
-            vals = [r["rss_peak_kb"] for r in recs if r["phase"] == phase and r["target"] == "via"]
-            return max(vals) if vals else None
-
-        def mib(kb):
-            return "-" if kb is None else f"{kb / 1024:.1f} MiB"
-
+    mem = [t for t in others]
+    if mem:
         p("")
-        p(
-            f"tollgate RSS: idle {mib(rss.get('idle'))}, under load {mib(peak('ab'))} "
-            f"(frontier peak {mib(peak('frontier'))}, streaming peak {mib(peak('stream'))}), "
-            f"after load {mib(rss.get('after'))}"
-        )
+        for t in mem:
+            rss = {r["at"]: r["kb"] for r in recs if r["phase"] == "rss" and r.get("target", "tg") == t}
+
+            def peak(phase):
+                vals = [r["rss_peak_kb"] for r in recs if r["phase"] == phase and r["target"] == t]
+                return max(vals) if vals else None
+
+            p(
+                f"{t} RSS: idle {mib(rss.get('idle'))}, under load {mib(peak('ab'))} "
+                f"(frontier peak {mib(peak('frontier'))}, streaming peak {mib(peak('stream'))}), "
+                f"after load {mib(rss.get('after'))}"
+            )
     print("\n".join(out))
 
 

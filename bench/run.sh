@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Tollgate speed benchmark (DESIGN.md section 8): added latency, throughput
-# frontier, CPU per request, RSS and streaming overhead, tollgate versus
-# talking to the mock upstream directly. See bench/README.md.
+# frontier, CPU per request, RSS and streaming overhead of tollgate ("min" and
+# "full" policy profiles) and of a bare byte-forwarding proxy, each against
+# talking to the mock upstream directly, every figure also as a ratio to the
+# bare proxy's from the same run. See bench/README.md.
 #
-#   bash bench/run.sh            # full run, about 5 minutes
-#   QUICK=1 bash bench/run.sh    # smoke run, about 30 seconds
+#   bash bench/run.sh                 # full run, about 10 minutes
+#   QUICK=1 bash bench/run.sh         # smoke run, about a minute
+#   DB=postgres bash bench/run.sh     # tollgate on PostgreSQL (BENCH_PG_URL)
 #
 # Talks only to 127.0.0.1; every phase is bounded in time; all children are
 # stopped on exit.
@@ -36,12 +39,30 @@ SKIP_BUILD="${SKIP_BUILD:-0}"         # 1: use binaries already built
 DIRECT_ONLY="${DIRECT_ONLY:-0}"       # 1: no tollgate, measure the mock path only
 BIN_DIR="${BIN_DIR:-$ROOT/target/release}"
 TOLLGATE_BIN="${TOLLGATE_BIN:-$BIN_DIR/tollgate}"
-EXTRA_CONFIG="${EXTRA_CONFIG:-}"      # TOML text appended to the generated config
+EXTRA_CONFIG="${EXTRA_CONFIG:-}"      # TOML text appended to every generated config
+PROFILES="${PROFILES:-min full}"      # tollgate configurations: min, full (see README)
+DB="${DB:-sqlite}"                    # sqlite | postgres
+BENCH_PG_URL="${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+# Pinning: the servers under test on one core, the mock and the load generator
+# on the other, so that they do not take each other's CPU (needs 2+ cores).
+PIN="${PIN:-auto}"                    # auto (pin when there are 2+ cores) | 1 | 0
 RESULTS_DIR="$ROOT/bench/results"
 
 for tool in python3 curl timeout; do
   command -v "$tool" >/dev/null || { echo "run.sh: needs $tool" >&2; exit 2; }
 done
+[[ "$DB" == sqlite || "$DB" == postgres ]] || { echo "run.sh: DB is sqlite or postgres" >&2; exit 2; }
+[[ "$DB" == sqlite ]] || command -v psql >/dev/null || { echo "run.sh: DB=postgres needs psql" >&2; exit 2; }
+if [[ "$PIN" == auto ]]; then
+  if (($(nproc) >= 2)) && command -v taskset >/dev/null; then PIN=1; else PIN=0; fi
+fi
+# Command prefixes; taskset execs the program, so $! stays the program's pid.
+ON_SUT=()
+ON_LOAD=()
+if [[ "$PIN" == 1 ]]; then
+  ON_SUT=(taskset -c 1)
+  ON_LOAD=(taskset -c 0)
+fi
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -49,6 +70,7 @@ die() { log "FAILED: $*"; exit 1; }
 # ---- children and cleanup ------------------------------------------------
 TMP="$(mktemp -d /tmp/tollgate-bench.XXXXXX)"
 CHILDREN=()
+PG_DBS=()
 stop_pid() {
   local pid="$1" i
   kill "$pid" 2>/dev/null || return 0
@@ -64,9 +86,13 @@ cleanup() {
   local rc=$? pid
   trap - EXIT INT TERM
   for pid in "${CHILDREN[@]}"; do stop_pid "$pid"; done
-  if [[ -f "$TMP/tollgate.log" ]]; then
-    mkdir -p "$RESULTS_DIR" && cp "$TMP/tollgate.log" "$RESULTS_DIR/tollgate.log"
-  fi
+  for db in "${PG_DBS[@]}"; do
+    psql -q "$BENCH_PG_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  done
+  mkdir -p "$RESULTS_DIR"
+  for f in "$TMP"/tollgate-*.log; do
+    [[ -f "$f" ]] && cp "$f" "$RESULTS_DIR/"
+  done
   rm -rf "$TMP"
   exit "$rc"
 }
@@ -94,9 +120,14 @@ alive() { kill -0 "$1" 2>/dev/null; }
 step_ok() {
   (($(field "$1" errors) + $(field "$1" non_2xx) == 0 && $(field "$1" p99_us) < FRONTIER_P99_US))
 }
-check_tollgate() {
-  [[ "$DIRECT_ONLY" == 1 ]] && return 0
-  alive "$TG_PID" || { tail -n 30 "$TMP/tollgate.log" >&2; die "tollgate exited"; }
+# Every server under test is still running.
+check_servers() {
+  local t pid
+  for t in "${TARGETS[@]}"; do
+    [[ "$t" == direct ]] && continue
+    pid="${PID_OF[$t]}"
+    alive "$pid" || { tail -n 30 "$TMP/$t.log" >&2 2>/dev/null; die "$t exited"; }
+  done
 }
 # Append loadgen's line to the raw results, tagged: record PHASE TARGET ROUND JSON.
 record() {
@@ -107,25 +138,26 @@ record() {
 loadgen() {
   local secs="$1"
   shift
-  timeout --kill-after=5 "$(( ${secs%.*} + 30 ))" \
+  "${ON_LOAD[@]}" timeout --kill-after=5 "$(( ${secs%.*} + 30 ))" \
     "$BIN_DIR/loadgen" --duration-secs "$secs" --connections "$CONNECTIONS" \
     --workers "$LOADGEN_WORKERS" --gap-limit-ms "$((10 * STREAM_INTERVAL_MS))" "$@"
 }
 
-DIRECT_ARGS=()
-VIA_ARGS=()
-# run_target TARGET RATE SECS MODE: one load run against direct|via while
-# sampling the CPU of the process under test and, via tollgate, its peak RSS.
-# Prints loadgen's JSON line with cpu_ticks and rss_peak_kb added.
+declare -A PID_OF=() URL_OF=()
+HDR_ARGS=(--header "Authorization: Bearer tg-bench-key")
+# run_target TARGET RATE SECS MODE: one load run against a target (direct,
+# bare, tg-min, tg-full) while sampling the CPU of the process under test and
+# its peak RSS. Prints loadgen's JSON line with cpu_ticks and rss_peak_kb added.
 run_target() {
   local target="$1" rate="$2" secs="$3" mode="$4" pid body out
   local -a args
-  if [[ "$target" == direct ]]; then
-    pid="$MOCK_PID"; args=("${DIRECT_ARGS[@]}")
-    body="$TMP/direct-$mode.json"
-  else
-    pid="$TG_PID"; args=("${VIA_ARGS[@]}")
+  pid="${PID_OF[$target]}"
+  args=(--url "${URL_OF[$target]}/v1/chat/completions")
+  if [[ "$target" == tg-* ]]; then
+    args+=("${HDR_ARGS[@]}")
     body="$TMP/via-$mode.json"
+  else
+    body="$TMP/direct-$mode.json"
   fi
   out="$TMP/out.json"
   local before after peak=0 r lg
@@ -154,7 +186,7 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
     (cd "$ROOT" && cargo build --release -p tollgate -p tollgate-bench)
   fi
 fi
-for bin in mock-upstream loadgen; do
+for bin in mock-upstream loadgen bare-proxy; do
   [[ -x "$BIN_DIR/$bin" ]] || die "$BIN_DIR/$bin not built"
 done
 [[ "$DIRECT_ONLY" == 1 || -x "$TOLLGATE_BIN" ]] || die "$TOLLGATE_BIN not built"
@@ -168,14 +200,15 @@ CLK_TCK="$(getconf CLK_TCK)"
 read -r LOADAVG_START _ </proc/loadavg
 STAT_START="$(head -n 1 /proc/stat)"
 GIT_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)"
-printf '{"phase":"meta","date":"%s","git":"%s","cores":%s,"rounds":%s,"round_secs":%s,"frontier_secs":%s,"connections":%s,"clk_tck":%s,"frontier_p99_us":%s,"stream_rate":%s,"stream_chunks":%s,"stream_interval_ms":%s,"direct_only":%s,"quick":%s,"loadavg_start":%s}\n' \
+printf '{"phase":"meta","date":"%s","git":"%s","cores":%s,"rounds":%s,"round_secs":%s,"frontier_secs":%s,"connections":%s,"clk_tck":%s,"frontier_p99_us":%s,"stream_rate":%s,"stream_chunks":%s,"stream_interval_ms":%s,"direct_only":%s,"quick":%s,"loadavg_start":%s,"pinned":%s,"db":"%s","cpu":"%s"}\n' \
   "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$GIT_REV" "$(nproc)" "$ROUNDS" "$ROUND_SECS" \
   "$FRONTIER_SECS" "$CONNECTIONS" "$CLK_TCK" "$FRONTIER_P99_US" "$STREAM_RATE" \
-  "$STREAM_CHUNKS" "$STREAM_INTERVAL_MS" "$DIRECT_ONLY" "$QUICK" "$LOADAVG_START" >>"$RAW"
+  "$STREAM_CHUNKS" "$STREAM_INTERVAL_MS" "$DIRECT_ONLY" "$QUICK" "$LOADAVG_START" \
+  "$PIN" "$DB" "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo | tr -d '"')" >>"$RAW"
 
 # ---- mock upstream -------------------------------------------------------
 : >"$TMP/mock.out"
-"$BIN_DIR/mock-upstream" --addr 127.0.0.1:0 --workers "$MOCK_WORKERS" \
+"${ON_LOAD[@]}" "$BIN_DIR/mock-upstream" --addr 127.0.0.1:0 --workers "$MOCK_WORKERS" \
   --chunks "$STREAM_CHUNKS" --chunk-interval-ms "$STREAM_INTERVAL_MS" \
   >"$TMP/mock.out" 2>"$TMP/mock.err" &
 MOCK_PID=$!
@@ -195,7 +228,9 @@ printf '{"model":"gpt-bench",%s}' "$MSG" >"$TMP/direct-plain.json"
 printf '{"model":"gpt-bench",%s,"stream":true}' "$MSG" >"$TMP/direct-stream.json"
 printf '{"model":"up/gpt-bench",%s}' "$MSG" >"$TMP/via-plain.json"
 printf '{"model":"up/gpt-bench",%s,"stream":true}' "$MSG" >"$TMP/via-stream.json"
-DIRECT_ARGS=(--url "http://$MOCK_ADDR/v1/chat/completions")
+PID_OF[direct]="$MOCK_PID"
+URL_OF[direct]="http://$MOCK_ADDR"
+TARGETS=(direct)
 
 # The mock must not be the bottleneck: it has to hold 3x the highest A/B rate.
 max_rate=0
@@ -210,80 +245,158 @@ else
   log "WARNING: mock does not sustain $check_rate RPS cleanly ($line); results near that rate measure the machine, not tollgate"
 fi
 
-# ---- tollgate ------------------------------------------------------------
-if [[ "$DIRECT_ONLY" != 1 ]]; then
-  mkdir -p "$TMP/db"
-  CFG="$TMP/tollgate.toml"
-  # Free ports come from binding port 0 and letting go, so another process
-  # can take one before tollgate binds it; a bind failure is retried on fresh ports.
-  for attempt in 1 2 3; do
-    read -r HTTP_PORT GRPC_PORT < <(python3 -c '
+# ---- servers under test -------------------------------------------------
+# Free ports come from binding port 0 and letting go, so another process can
+# take one before the server binds it; a bind failure is retried on fresh ports.
+free_ports() {
+  python3 -c '
 import socket
 socks = [socket.socket() for _ in range(2)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
-    cat >"$CFG" <<EOF
+print(*[s.getsockname()[1] for s in socks])'
+}
+
+# wait_ready NAME PID URL: polls URL/readyz (or /, for the bare proxy) until 200.
+wait_ready() {
+  local name="$1" pid="$2" url="$3" deadline=$((SECONDS + READY_TIMEOUT_SECS))
+  while alive "$pid" && ((SECONDS < deadline)); do
+    if [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)" == 200 ]]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# The bare proxy: forwards bytes to the mock, parses nothing.
+if [[ "$DIRECT_ONLY" != 1 ]]; then
+  : >"$TMP/bare.out"
+  "${ON_SUT[@]}" "$BIN_DIR/bare-proxy" --addr 127.0.0.1:0 --upstream "$MOCK_ADDR" \
+    >"$TMP/bare.out" 2>"$TMP/bare.log" &
+  PID_OF[bare]=$!
+  CHILDREN+=("${PID_OF[bare]}")
+  BARE_ADDR=""
+  deadline=$((SECONDS + 10))
+  while [[ -z "$BARE_ADDR" ]]; do
+    alive "${PID_OF[bare]}" || { cat "$TMP/bare.log" >&2; die "bare-proxy exited"; }
+    ((SECONDS < deadline)) || die "bare-proxy did not report its address in 10 s"
+    read -r word addr <"$TMP/bare.out" 2>/dev/null || true
+    if [[ "${word:-}" == listening ]]; then BARE_ADDR="$addr"; else sleep 0.05; fi
+  done
+  URL_OF[bare]="http://$BARE_ADDR"
+  TARGETS+=(bare)
+  log "bare proxy on $BARE_ADDR (pid ${PID_OF[bare]})"
+fi
+
+# database_url PROFILE: a fresh database for one tollgate.
+database_url() {
+  local name="$1"
+  if [[ "$DB" == sqlite ]]; then
+    mkdir -p "$TMP/db-$name"
+    echo "sqlite://$TMP/db-$name/bench.db"
+  else
+    local db="tg_bench_${name}_$$"
+    psql -q "$BENCH_PG_URL" -c "CREATE DATABASE $db" >/dev/null || die "cannot create database $db"
+    python3 -c 'import sys; u=sys.argv[1]; b,q=(u.split("?",1)+[None])[:2]; s=b.find("://")+3; i=b.find("/",s); p=b if i<0 else b[:i]; print(p+"/"+sys.argv[2]+("?"+q if q else ""))' "$BENCH_PG_URL" "$db"
+  fi
+}
+
+# profile_config PROFILE: the TOML that makes a profile. "min": key auth and the
+# ledger. "full": also pricing, a dollar budget every request reserves and
+# settles, and RPM/TPM limits every request is counted against (all far above
+# what the run uses, so none refuses).
+profile_config() {
+  case "$1" in
+    min) ;;
+    full)
+      cat <<EOF
+[pricing."up/gpt-bench"]
+input_usd_per_mtok = 0.15
+output_usd_per_mtok = 0.60
+[service_types.default.budget]
+limit_usd = 1000000.0
+period = "monthly"
+[service_types.default.rate_limits]
+rpm = 100000000
+tpm = 100000000000
+EOF
+      ;;
+    *) die "unknown profile $1 (min or full)" ;;
+  esac
+}
+
+# start_tollgate PROFILE
+start_tollgate() {
+  local profile="$1" name="tg-$1" url cfg http grpc pid attempt
+  url="$(database_url "$profile")"
+  [[ "$DB" == postgres ]] && PG_DBS+=("tg_bench_${profile}_$$")
+  cfg="$TMP/$name.toml"
+  for attempt in 1 2 3; do
+    read -r http grpc < <(free_ports)
+    cat >"$cfg" <<EOF
 [server]
-http_addr = "127.0.0.1:$HTTP_PORT"
-grpc_addr = "127.0.0.1:$GRPC_PORT"
+http_addr = "127.0.0.1:$http"
+grpc_addr = "127.0.0.1:$grpc"
 [log]
 level = "warn"
 [database]
-url = "sqlite://$TMP/db/bench.db"
+url = "$url"
 [[auth.static_keys]]
 user = "bench"
 key = "tg-bench-key"
-[service_types.default]
-models = ["*"]
 [providers.up]
 kind = "openai"
 base_url = "http://$MOCK_ADDR/v1"
 keys = ["sk-bench"]
+[service_types.default]
+models = ["*"]
+$(profile_config "$profile")
 EOF
-    if [[ -n "$EXTRA_CONFIG" ]]; then printf '%s\n' "$EXTRA_CONFIG" >>"$CFG"; fi
-    "$TOLLGATE_BIN" serve --config "$CFG" \
-      --http-addr "127.0.0.1:$HTTP_PORT" --grpc-addr "127.0.0.1:$GRPC_PORT" \
-      >"$TMP/tollgate.log" 2>&1 &
-    TG_PID=$!
-    CHILDREN+=("$TG_PID")
-    TG_URL="http://127.0.0.1:$HTTP_PORT"
-    deadline=$((SECONDS + READY_TIMEOUT_SECS))
-    ready=0
-    while alive "$TG_PID" && ((SECONDS < deadline)); do
-      if [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$TG_URL/readyz" || true)" == 200 ]]; then
-        ready=1
-        break
-      fi
-      sleep 0.1
-    done
-    ((ready)) && break
-    if ! alive "$TG_PID" && ((attempt < 3)) && grep -qiE 'in ?use' "$TMP/tollgate.log"; then
-      log "tollgate could not bind port $HTTP_PORT or $GRPC_PORT; retrying on others"
+    if [[ -n "$EXTRA_CONFIG" ]]; then printf '%s\n' "$EXTRA_CONFIG" >>"$cfg"; fi
+    "${ON_SUT[@]}" "$TOLLGATE_BIN" serve --config "$cfg" >"$TMP/$name.log" 2>&1 &
+    pid=$!
+    CHILDREN+=("$pid")
+    if wait_ready "$name" "$pid" "http://127.0.0.1:$http/readyz"; then
+      PID_OF[$name]="$pid"
+      URL_OF[$name]="http://127.0.0.1:$http"
+      TARGETS+=("$name")
+      log "tollgate ($profile, $DB) on http://127.0.0.1:$http (pid $pid)"
+      return 0
+    fi
+    if ! alive "$pid" && ((attempt < 3)) && grep -qiE 'in ?use' "$TMP/$name.log"; then
+      log "tollgate could not bind port $http or $grpc; retrying on others"
       continue
     fi
-    tail -n 30 "$TMP/tollgate.log" >&2
-    die "tollgate not ready (exited, or no 200 from /readyz within $READY_TIMEOUT_SECS s)"
+    tail -n 30 "$TMP/$name.log" >&2
+    die "tollgate ($profile) not ready (exited, or no 200 from /readyz within $READY_TIMEOUT_SECS s)"
   done
-  log "tollgate ready on $TG_URL (pid $TG_PID)"
-  VIA_ARGS=(--url "$TG_URL/v1/chat/completions" --header "Authorization: Bearer tg-bench-key")
+}
 
+if [[ "$DIRECT_ONLY" != 1 ]]; then
+  for profile in $PROFILES; do start_tollgate "$profile"; done
   # One request by hand first: a bench of 401s or 429s would measure nothing.
-  for mode in plain stream; do
-    code="$(curl -s -o "$TMP/probe.out" -w '%{http_code}' --max-time 10 \
-      -H 'Authorization: Bearer tg-bench-key' -H 'Content-Type: application/json' \
-      --data-binary "@$TMP/via-$mode.json" "$TG_URL/v1/chat/completions" || true)"
-    [[ "$code" == 200 ]] || { head -c 500 "$TMP/probe.out" >&2; echo >&2; die "probe ($mode) via tollgate answered $code"; }
+  for t in "${TARGETS[@]}"; do
+    [[ "$t" == direct ]] && continue
+    for mode in plain stream; do
+      body="$TMP/direct-$mode.json"
+      [[ "$t" == tg-* ]] && body="$TMP/via-$mode.json"
+      code="$(curl -s -o "$TMP/probe.out" -D "$TMP/probe.h" -w '%{http_code}' --max-time 10 \
+        -H 'Authorization: Bearer tg-bench-key' -H 'Content-Type: application/json' \
+        --data-binary "@$body" "${URL_OF[$t]}/v1/chat/completions" || true)"
+      [[ "$code" == 200 ]] || { head -c 500 "$TMP/probe.out" >&2; echo >&2; die "probe ($mode) via $t answered $code"; }
+      if [[ "$t" == tg-full && "$mode" == plain ]]; then
+        grep -qi '^x-budget-remaining-usd' "$TMP/probe.h" || die "tg-full sent no budget headers: its budget is not on"
+        grep -qi '^x-ratelimit-remaining-requests' "$TMP/probe.h" || die "tg-full sent no rate-limit headers: its limits are not on"
+      fi
+    done
+    [[ "$t" == tg-* ]] && printf '{"phase":"rss","target":"%s","at":"idle","kb":%s}\n' "$t" "$(rss_kb "${PID_OF[$t]}")" >>"$RAW"
   done
-  printf '{"phase":"rss","at":"idle","kb":%s}\n' "$(rss_kb "$TG_PID")" >>"$RAW"
 fi
-
-TARGETS=(direct)
-[[ "$DIRECT_ONLY" == 1 ]] || TARGETS+=(via)
 
 # Warm-up, unrecorded: opens connections and pools on both paths.
 for t in "${TARGETS[@]}"; do line="$(run_target "$t" 200 1 plain)"; done
-check_tollgate
+check_servers
 
 # ---- interleaved A/B rounds ----------------------------------------------
 for rate in $RATES; do
@@ -292,7 +405,7 @@ for rate in $RATES; do
       log "A/B $rate RPS round $round/$ROUNDS: $t"
       line="$(run_target "$t" "$rate" "$ROUND_SECS" plain)"
       record ab "$t" "$round" "$line"
-      check_tollgate
+      check_servers
     done
   done
 done
@@ -309,7 +422,7 @@ for rate in $FRONTIER_RATES; do
       log "frontier $rate RPS: $t (attempt $attempt)"
       line="$(run_target "$t" "$rate" "$FRONTIER_SECS" plain)"
       record frontier "$t" "$attempt" "$line"
-      check_tollgate
+      check_servers
       step_ok "$line" && break
       ((attempt == 2)) && FAILED[$t]=1
     done
@@ -323,14 +436,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
     log "streaming round $round/$ROUNDS ($STREAM_RATE streams/s): $t"
     line="$(run_target "$t" "$STREAM_RATE" "$ROUND_SECS" stream)"
     record stream "$t" "$round" "$line"
-    check_tollgate
+    check_servers
   done
 done
 
 if [[ "$DIRECT_ONLY" != 1 ]]; then
   # Settling time before the after-load RSS reading; not a readiness wait.
   sleep 2
-  printf '{"phase":"rss","at":"after","kb":%s}\n' "$(rss_kb "$TG_PID")" >>"$RAW"
+  for t in "${TARGETS[@]}"; do
+    [[ "$t" == tg-* ]] && printf '{"phase":"rss","target":"%s","at":"after","kb":%s}\n' "$t" "$(rss_kb "${PID_OF[$t]}")" >>"$RAW"
+  done
 fi
 
 python3 - "$STAT_START" "$(head -n 1 /proc/stat)" >>"$RAW" <<'EOF'
