@@ -16,19 +16,34 @@ const PROVIDER_BETA: &str = "tollgate-provider-beta";
 /// The server, with the fake Anthropic API as provider `claude` (a configured beta value), and
 /// an alias whose first target is Claude (overloaded) and second the OpenAI-compatible fake.
 async fn start() -> (TestServer, AnthropicUpstream) {
+    start_with(Backend::Sqlite, "")
+        .await
+        .expect("SQLite is always there")
+}
+
+/// [`start`] on `backend` with lines added to `[server]`; `None` when the backend is skipped.
+async fn start_with(backend: Backend, server: &str) -> Option<(TestServer, AnthropicUpstream)> {
     let up = AnthropicUpstream::start().await;
     let extra = format!(
-        "{}anthropic_beta = [\"{PROVIDER_BETA}\"]\n\n\
+        "{}anthropic_beta = [\"{PROVIDER_BETA}\"]\n\n{}\
          [aliases.mixed]\nchain = [\"claude/claude-overloaded\", \"up/ok\"]\n\n\
          [aliases.claude_first]\nchain = [\"claude/claude-ok\", \"up/ok\"]\n\n",
         up.provider_toml("claude", &[fake::GOOD_KEY]),
+        up.provider_toml(
+            "claude_pool",
+            &[&format!("{}-1", fake::RATE_LIMITED_PREFIX), fake::GOOD_KEY]
+        ),
     );
-    let s = TestServer::sqlite(Opts {
-        extra,
-        ..Opts::default()
-    })
-    .await;
-    (s, up)
+    let s = TestServer::start(
+        backend,
+        Opts {
+            extra,
+            server: server.to_owned(),
+            ..Opts::default()
+        },
+    )
+    .await?;
+    Some((s, up))
 }
 
 /// `POST /v1/messages` as alice with `x-api-key`, the given raw body and extra headers.
@@ -104,6 +119,19 @@ fn messages_avail<'a>(outcome: &'a str, reason: &'a str) -> Vec<(&'a str, &'a st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_is_byte_exact_but_for_the_model() {
     let (s, up) = start().await;
+    passthrough_byte_exact(&s, &up).await;
+}
+
+/// The same on PostgreSQL (the ledger's `api` column of its migration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_is_byte_exact_on_postgres() {
+    let Some((s, up)) = start_with(Backend::Postgres, "").await else {
+        return;
+    };
+    passthrough_byte_exact(&s, &up).await;
+}
+
+async fn passthrough_byte_exact(s: &TestServer, up: &AnthropicUpstream) {
     let rid = new_request_id();
     let body = format!(
         r#"{{ "model" :  "claude/claude-ok", "max_tokens": 2048, "top_k": 5,
@@ -211,6 +239,50 @@ async fn passthrough_stream_is_byte_exact_and_accounted() {
         assert_eq!(row.prompt_tokens as u64, usage.prompt_total(), "{model}");
         assert_eq!(row.completion_tokens as u64, usage.output, "{model}");
     }
+}
+
+/// The pass-through walks the provider's key pool like any call: a rate-limited key cools down
+/// and the same body goes to the next key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_walks_the_key_pool() {
+    let (s, up) = start().await;
+    let rid = new_request_id();
+    let body = json!({"model": "claude_pool/claude-ok", "max_tokens": 5,
+        "messages": [{"role": "user", "content": format!("pool {rid}")}]})
+    .to_string();
+    let resp = post(&s, "/v1/messages", &body, &rid, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let tried: Vec<u16> = up
+        .find_all("claude-ok", &rid)
+        .iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(tried, [429, 200]);
+    let row = s.ledger_row(&rid).await;
+    assert_eq!(row.resolved_model.as_deref(), Some("claude_pool/claude-ok"));
+}
+
+/// A body over the limit is `request_too_large` (413), counted with `api="messages"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_is_request_too_large() {
+    let (s, _up) = start_with(Backend::Sqlite, "max_body_bytes = 2000")
+        .await
+        .unwrap();
+    let before = s.metrics().await;
+    let rid = new_request_id();
+    let body = json!({"model": "mock/echo", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x".repeat(4000)}]})
+    .to_string();
+    let resp = post(&s, "/v1/messages", &body, &rid, &[]).await;
+    expect_anthropic_error(resp, 413, "request_too_large").await;
+    s.assert_delta_now(
+        &before,
+        AVAILABILITY,
+        &messages_avail("excluded", "payload_too_large"),
+        1.0,
+    )
+    .await;
+    assert_eq!(s.ledger_row(&rid).await.api, "messages");
 }
 
 /// A pass-through stream the upstream breaks with an `error` event ends with an `error` event
