@@ -147,7 +147,7 @@ async fn passthrough_byte_exact(s: &TestServer, up: &AnthropicUpstream) {
     );
     let before = s.metrics().await;
     let resp = post(
-        &s,
+        s,
         "/v1/messages",
         &body,
         &rid,
