@@ -34,7 +34,7 @@ pub async fn messages(
     let call = gw.model_call(with_api_key(ctx, &headers), Api::Messages);
     let limit = gw.runtime().config.server.max_body_bytes;
     let decoded = read_body(&headers, body, limit).await.and_then(|b| {
-        anthropic::parse_messages_request(&b, Endpoint::Messages, inbound_headers(&headers))
+        anthropic::parse_messages_request(b, Endpoint::Messages, inbound_headers(&headers))
     });
     match call.run(decoded).await {
         Ok(ChatReply::Complete(c)) => {
@@ -66,7 +66,7 @@ pub async fn count_tokens(
     let ctx = with_api_key(ctx, &headers);
     let limit = gw.runtime().config.server.max_body_bytes;
     let decoded = read_body(&headers, body, limit).await.and_then(|b| {
-        anthropic::parse_messages_request(&b, Endpoint::CountTokens, inbound_headers(&headers))
+        anthropic::parse_messages_request(b, Endpoint::CountTokens, inbound_headers(&headers))
     });
     match gw.count_tokens(&ctx, decoded).await {
         Ok(n) => (

@@ -32,11 +32,11 @@ pub struct InboundHeaders {
 
 /// Validates a Messages body into a neutral request that carries the body natively too.
 pub fn parse_messages_request(
-    bytes: &[u8],
+    bytes: bytes::Bytes,
     endpoint: Endpoint,
     headers: InboundHeaders,
 ) -> Result<ChatRequest, Rejection> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         Rejection::new(
             Reason::InvalidRequest,
             format!("the body is not valid JSON: {e}"),
@@ -51,7 +51,7 @@ pub fn parse_messages_request(
     let mut req = request_from_object(&body, endpoint)?;
     req.native = Some(Arc::new(NativeBody {
         api: Api::Messages,
-        body: bytes::Bytes::copy_from_slice(bytes),
+        body: bytes,
         anthropic_version: headers.version,
         anthropic_beta: headers.beta,
     }));

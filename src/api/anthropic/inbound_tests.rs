@@ -14,7 +14,7 @@ use crate::error::{Reason, Rejection};
 
 fn parse(v: &Value) -> Result<crate::api::ChatRequest, Rejection> {
     parse_messages_request(
-        v.to_string().as_bytes(),
+        v.to_string().into(),
         Endpoint::Messages,
         InboundHeaders::default(),
     )
@@ -53,7 +53,7 @@ fn a_full_body_becomes_the_neutral_request_and_keeps_its_bytes() {
     });
     let text = body.to_string();
     let req = parse_messages_request(
-        text.as_bytes(),
+        text.clone().into(),
         Endpoint::Messages,
         InboundHeaders {
             version: Some("2023-06-01".into()),
@@ -136,14 +136,16 @@ fn caller_mistakes_are_invalid_requests() {
         assert_eq!(e.reason, Reason::InvalidRequest, "{body}");
         assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
     }
-    let e = parse_messages_request(b"{not json", Endpoint::Messages, InboundHeaders::default())
-        .unwrap_err();
+    let e = parse_messages_request(
+        bytes::Bytes::from_static(b"{not json"),
+        Endpoint::Messages,
+        InboundHeaders::default(),
+    )
+    .unwrap_err();
     assert_eq!(e.reason, Reason::InvalidRequest);
     // count_tokens needs no max_tokens.
     let ok = parse_messages_request(
-        json!({"model": "m", "messages": user})
-            .to_string()
-            .as_bytes(),
+        json!({"model": "m", "messages": user}).to_string().into(),
         Endpoint::CountTokens,
         InboundHeaders::default(),
     );

@@ -515,9 +515,10 @@ fn answer(method: &Method, uri: &Uri, headers: &HeaderMap, body: &Value) -> Repl
         );
     };
     if counting {
-        // count_tokens takes a Messages body without max_tokens (and without stream).
+        // count_tokens takes a Messages body without max_tokens (and without stream); the
+        // rest is checked as a Messages body with a cap above any thinking budget.
         let mut with_cap = obj.clone();
-        with_cap.insert("max_tokens".into(), json!(1));
+        with_cap.insert("max_tokens".into(), json!(u32::MAX));
         return match validate(&with_cap) {
             Err(message) => error(400, "invalid_request_error", &message),
             Ok(()) if obj.contains_key("max_tokens") || obj.contains_key("stream") => error(
