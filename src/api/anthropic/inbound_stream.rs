@@ -30,8 +30,8 @@ pub struct StreamEncoder {
     started: bool,
     open: Option<(u32, Open)>,
     next_index: u32,
-    /// Neutral tool-call index to its block index.
-    tools: HashMap<u32, u32>,
+    /// Neutral tool-call index to its block index and call id.
+    tools: HashMap<u32, (u32, Option<String>)>,
     stop: Option<StopReason>,
     usage: Option<Usage>,
     finished: bool,
@@ -89,13 +89,19 @@ impl StreamEncoder {
                 out.push(block_delta(i, json!({"type": "text_delta", "text": t})));
             }
             for call in &c.tool_calls {
-                let index = match self.tools.get(&call.index) {
-                    Some(i) if call.id.is_none() => *i,
-                    _ => {
+                // Some servers repeat the call's id on every piece: the same id is the same call.
+                let known = self
+                    .tools
+                    .get(&call.index)
+                    .filter(|(_, id)| call.id.is_none() || call.id == *id)
+                    .map(|(i, _)| *i);
+                let index = match known {
+                    Some(i) => i,
+                    None => {
                         self.close(&mut out);
                         let i = self.next_index;
                         self.next_index += 1;
-                        self.tools.insert(call.index, i);
+                        self.tools.insert(call.index, (i, call.id.clone()));
                         self.open = Some((i, Open::Tool(call.index)));
                         out.push((
                             "content_block_start",

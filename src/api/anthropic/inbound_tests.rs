@@ -261,6 +261,8 @@ fn deltas_become_the_anthropic_event_sequence() {
         ChoiceDelta {
             tool_calls: vec![ToolCallDelta {
                 index: 0,
+                // Repeated, as some servers send it: still the same block.
+                id: Some("call_1".into()),
                 arguments: ":1}".into(),
                 ..ToolCallDelta::default()
             }],
