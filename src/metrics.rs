@@ -13,6 +13,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChatLabels {
     pub protocol: &'static str,
+    /// The inbound API: `chat_completions`, `messages`.
+    pub api: &'static str,
     pub outcome: &'static str,
     pub reason: &'static str,
     pub model: String,

@@ -3,8 +3,11 @@
 //! of these. What a type does not model rides in its `extra` map, so a request that enters as
 //! OpenAI JSON and leaves as OpenAI JSON loses nothing.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
+use super::native::{Api, NativeBody};
 use super::{JsonObject, Usage};
 use crate::error::Rejection;
 
@@ -224,6 +227,11 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Fields not modelled (`response_format`, `seed`, `logprobs`, vendor extensions, ...).
     pub extra: JsonObject,
+    /// The inbound API the request came in on.
+    pub api: Api,
+    /// The caller's body in its own wire, for a provider that takes that wire natively (an
+    /// Anthropic upstream for a Messages request); `None` when only the neutral form exists.
+    pub native: Option<Arc<NativeBody>>,
 }
 
 impl ChatRequest {
@@ -242,6 +250,8 @@ impl ChatRequest {
             stream: false,
             include_usage: false,
             extra: JsonObject::new(),
+            api: Api::ChatCompletions,
+            native: None,
         }
     }
 

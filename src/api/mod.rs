@@ -6,6 +6,7 @@
 pub mod anthropic;
 pub mod chat;
 pub mod embeddings;
+pub mod native;
 pub mod openai_chat;
 pub mod stream;
 pub mod usage;
@@ -15,6 +16,7 @@ pub use chat::{
     Reasoning, Role, StopReason, Tool, ToolCall, ToolChoice,
 };
 pub use embeddings::{EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat};
+pub use native::{Api, NativeBody};
 pub use stream::{ChatDelta, ChoiceDelta, ToolCallDelta};
 pub use usage::Usage;
 

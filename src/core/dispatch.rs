@@ -4,13 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use super::gateway::{ChatCompletion, Gateway};
+use super::gateway::{ChatCompletion, ChatReply, Gateway};
+use super::native::{NativeCompletion, PassthroughStream};
 use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
 use super::{Reason, Rejection};
-use crate::api::{ChatRequest, ChatResponse, Usage};
+use crate::api::{ChatDelta, ChatRequest, ChatResponse, NativeBody, Usage};
 use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
-use crate::providers::{UpstreamCall, UpstreamError};
+use crate::providers::{
+    DeltaStream, NativeCall, NativeChunk, NativeResponse, NativeStream, UpstreamCall, UpstreamError,
+};
 use crate::routing::{Route, Target};
 
 /// One request's upstream stage.
@@ -175,41 +178,83 @@ impl Dispatch<'_> {
         }
     }
 
-    /// A whole completion from the first target that gives one.
+    /// The caller's native body, when this target takes the request's wire natively.
+    fn native_for<'r>(&self, target: &Target, req: &'r ChatRequest) -> Option<&'r NativeBody> {
+        req.native
+            .as_deref()
+            .filter(|n| target.provider.client.native(n.api))
+    }
+
+    /// A whole answer from the first target that gives one: passed through from a target that
+    /// takes the caller's wire natively, else translated through the neutral types.
     pub async fn complete(
         &self,
         route: Route,
         req: ChatRequest,
         mut guard: OutcomeGuard,
-    ) -> Result<ChatCompletion, (OutcomeGuard, Rejection)> {
+    ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
         let mut walk = ChainWalk::new(&route);
         while let Some(target) = walk.next_target(self.gateway) {
             let started = Instant::now();
-            let result = target
-                .provider
-                .client
-                .complete(self.call(target, &req))
-                .await;
+            let result = match self.native_for(target, &req) {
+                Some(native) => target
+                    .provider
+                    .client
+                    .native_complete(NativeCall {
+                        model: &target.model,
+                        native,
+                        request_id: self.request_id,
+                        answer_model: &target.resolved,
+                    })
+                    .await
+                    .map(Whole::Native),
+                None => target
+                    .provider
+                    .client
+                    .complete(self.call(target, &req))
+                    .await
+                    .map(Whole::Neutral),
+            };
             guard.record().upstream_wait += started.elapsed();
             self.observe(target, started, result.as_ref().map(|_| ()));
             match result {
-                Ok(mut response) => {
+                Ok(whole) => {
                     self.resolved(&route, target);
-                    response.model.clone_from(&target.resolved);
-                    let usage = response
-                        .usage
-                        .unwrap_or_else(|| estimate_reply_usage(&req, &response));
+                    let (reply, usage) = match whole {
+                        Whole::Neutral(mut response) => {
+                            response.model.clone_from(&target.resolved);
+                            let usage = response
+                                .usage
+                                .unwrap_or_else(|| estimate_reply_usage(&req, &response));
+                            let c = ChatCompletion {
+                                response,
+                                resolved_model: target.resolved.clone(),
+                                usage,
+                                policy_headers: Vec::new(),
+                            };
+                            (ChatReply::Complete(Box::new(c)), usage)
+                        }
+                        Whole::Native(n) => {
+                            let usage = n.usage.unwrap_or_else(|| Usage {
+                                prompt_tokens: req.estimate_prompt_tokens(),
+                                completion_tokens: crate::api::estimate_tokens(n.generated_chars),
+                                ..Usage::default()
+                            });
+                            let c = NativeCompletion {
+                                body: n.body,
+                                resolved_model: target.resolved.clone(),
+                                usage,
+                                policy_headers: Vec::new(),
+                            };
+                            (ChatReply::Passthrough(Box::new(c)), usage)
+                        }
+                    };
                     let rec = guard.record();
                     rec.resolved_model = Some(target.resolved.clone());
                     rec.resolved_label = Some(target.label.clone());
                     rec.usage = usage;
                     guard.finish(Reason::Success);
-                    return Ok(ChatCompletion {
-                        response,
-                        resolved_model: target.resolved.clone(),
-                        usage,
-                        policy_headers: Vec::new(),
-                    });
+                    return Ok(reply);
                 }
                 Err(e) => {
                     if !walk.failed(target, e) {
@@ -228,38 +273,64 @@ impl Dispatch<'_> {
         route: Route,
         req: ChatRequest,
         mut guard: OutcomeGuard,
-    ) -> Result<ChatStream, (OutcomeGuard, Rejection)> {
+    ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
+        use futures_util::StreamExt;
         let mut walk = ChainWalk::new(&route);
         while let Some(target) = walk.next_target(self.gateway) {
             let started = Instant::now();
-            let first = match target.provider.client.stream(self.call(target, &req)).await {
-                Ok(mut s) => {
-                    use futures_util::StreamExt;
-                    match s.next().await {
-                        Some(Ok(chunk)) => Ok((s, chunk)),
-                        Some(Err(e)) => Err(e),
-                        None => Err(UpstreamError::BadResponse(
-                            "the stream ended before its first chunk".into(),
-                        )),
+            let first = match self.native_for(target, &req) {
+                Some(native) => {
+                    let call = NativeCall {
+                        model: &target.model,
+                        native,
+                        request_id: self.request_id,
+                        answer_model: &target.resolved,
+                    };
+                    match target.provider.client.native_stream(call).await {
+                        Ok(mut s) => match s.next().await {
+                            Some(Ok(chunk)) => Ok(Started::Native(s, chunk)),
+                            Some(Err(e)) => Err(e),
+                            None => Err(empty_stream()),
+                        },
+                        Err(e) => Err(e),
                     }
                 }
-                Err(e) => Err(e),
+                None => match target.provider.client.stream(self.call(target, &req)).await {
+                    Ok(mut s) => match s.next().await {
+                        Some(Ok(chunk)) => Ok(Started::Neutral(s, chunk)),
+                        Some(Err(e)) => Err(e),
+                        None => Err(empty_stream()),
+                    },
+                    Err(e) => Err(e),
+                },
             };
             guard.record().upstream_wait += started.elapsed();
             self.observe(target, started, first.as_ref().map(|_| ()));
             match first {
-                Ok((s, first)) => {
+                Ok(started) => {
                     self.resolved(&route, target);
                     guard.record().resolved_model = Some(target.resolved.clone());
                     guard.record().resolved_label = Some(target.label.clone());
-                    return Ok(ChatStream::new(
-                        s,
-                        Some(first),
-                        guard,
-                        target.resolved.clone(),
-                        req.include_usage,
-                        req.estimate_prompt_tokens(),
-                    ));
+                    let prompt_estimate = req.estimate_prompt_tokens();
+                    return Ok(match started {
+                        Started::Neutral(s, first) => ChatReply::Stream(Box::new(ChatStream::new(
+                            s,
+                            Some(first),
+                            guard,
+                            target.resolved.clone(),
+                            req.include_usage,
+                            prompt_estimate,
+                        ))),
+                        Started::Native(s, first) => {
+                            ChatReply::PassthroughStream(Box::new(PassthroughStream::new(
+                                s,
+                                first,
+                                guard,
+                                target.resolved.clone(),
+                                prompt_estimate,
+                            )))
+                        }
+                    });
                 }
                 Err(e) => {
                     if !walk.failed(target, e) {
@@ -270,6 +341,48 @@ impl Dispatch<'_> {
         }
         Err((guard, walk.into_rejection()))
     }
+
+    /// The input tokens of a request, for `count_tokens`: counted by the first usable target
+    /// that takes the caller's wire natively, else estimated the way a budget reservation
+    /// estimates them.
+    pub async fn count_tokens(&self, route: &Route, req: &ChatRequest) -> Result<u64, Rejection> {
+        let mut walk = ChainWalk::new(route);
+        let Some(target) = walk.next_target(self.gateway) else {
+            return Ok(req.estimate_prompt_tokens());
+        };
+        let Some(native) = self.native_for(target, req) else {
+            return Ok(req.estimate_prompt_tokens());
+        };
+        let call = NativeCall {
+            model: &target.model,
+            native,
+            request_id: self.request_id,
+            answer_model: &target.resolved,
+        };
+        match target.provider.client.native_count_tokens(call).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                walk.failed(target, e);
+                Err(walk.into_rejection())
+            }
+        }
+    }
+}
+
+/// A whole answer of one attempt.
+enum Whole {
+    Neutral(ChatResponse),
+    Native(NativeResponse),
+}
+
+/// A stream that produced its first item.
+enum Started {
+    Neutral(DeltaStream, ChatDelta),
+    Native(NativeStream, NativeChunk),
+}
+
+fn empty_stream() -> UpstreamError {
+    UpstreamError::BadResponse("the stream ended before its first chunk".into())
 }
 
 /// The reason an upstream error counts as.

@@ -9,11 +9,12 @@ use super::admin::{verify_admin_token, Admin, AdminError, LocalCaches};
 use super::auth::{Authenticator, Credential, Identity, Verifiers};
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
+use super::native::{NativeCompletion, PassthroughStream};
 use super::outcome::{OutcomeGuard, Recorder};
 use super::provision::Provisioner;
 use super::stream::ChatStream;
 use super::{CallContext, Reason, Rejection};
-use crate::api::{ChatRequest, ChatResponse, Usage};
+use crate::api::{Api, ChatRequest, ChatResponse, Usage};
 use crate::config::{Config, Overrides, ServiceTypeConfig};
 use crate::metrics::Metrics;
 use crate::providers::key_pool::KeySnapshot;
@@ -408,13 +409,45 @@ impl Gateway {
 
     /// Opens a chat request: from here on exactly one outcome will be recorded for it.
     pub fn chat(self: &Arc<Self>, ctx: CallContext) -> ChatCall {
-        let guard = OutcomeGuard::new(self.recorder.clone(), ctx.protocol, ctx.request_id.clone());
+        self.model_call(ctx, Api::ChatCompletions)
+    }
+
+    /// Opens a model request that came in on `api` (`Gateway::chat` is chat completions).
+    pub fn model_call(self: &Arc<Self>, ctx: CallContext, api: Api) -> ChatCall {
+        let guard = OutcomeGuard::new(
+            self.recorder.clone(),
+            ctx.protocol,
+            api,
+            ctx.request_id.clone(),
+        );
         ChatCall {
             gateway: self.clone(),
             runtime: self.runtime(),
             ctx,
             guard,
         }
+    }
+
+    /// The input tokens of a request (`/v1/messages/count_tokens`): authenticated and checked
+    /// like a model request (blocked, model known and allowed) but not one (no outcome, no
+    /// budget, no ledger row). `decoded` is the adapter's decoding of the body.
+    pub async fn count_tokens(
+        &self,
+        ctx: &CallContext,
+        decoded: Result<ChatRequest, Rejection>,
+    ) -> Result<u64, Rejection> {
+        let rt = self.runtime();
+        let req = decoded?;
+        let principal = self.authenticate(&rt, ctx, &mut None).await?;
+        check_blocked(&principal)?;
+        let route = rt.router.resolve(&req.model)?;
+        check_model_allowed(&principal, &req.model)?;
+        Dispatch {
+            gateway: self,
+            request_id: &ctx.request_id,
+        }
+        .count_tokens(&route, &req)
+        .await
     }
 
     /// Verifies the credential, settles the service type and purpose, and provisions a new
@@ -559,6 +592,22 @@ pub enum ChatReply {
     Complete(Box<ChatCompletion>),
     /// Chunks as the upstream produces them.
     Stream(Box<ChatStream>),
+    /// A whole answer passed through in the caller's own wire (only for a request that carries
+    /// a native body).
+    Passthrough(Box<NativeCompletion>),
+    /// Events passed through in the caller's own wire.
+    PassthroughStream(Box<PassthroughStream>),
+}
+
+impl ChatReply {
+    fn set_policy_headers(&mut self, headers: Vec<(&'static str, String)>) {
+        match self {
+            ChatReply::Complete(c) => c.policy_headers = headers,
+            ChatReply::Stream(s) => s.set_policy_headers(headers),
+            ChatReply::Passthrough(c) => c.policy_headers = headers,
+            ChatReply::PassthroughStream(s) => s.set_policy_headers(headers),
+        }
+    }
 }
 
 /// A finished, non-streamed completion.
@@ -701,25 +750,21 @@ impl ChatCall {
             gateway: &gateway,
             request_id: &ctx.request_id,
         };
-        if req.stream {
+        let reply = if req.stream {
             upstream
                 .stream(route, req, guard)
                 .instrument(tracing::debug_span!("upstream"))
                 .await
-                .map(|mut s| {
-                    s.set_policy_headers(policy_headers);
-                    ChatReply::Stream(Box::new(s))
-                })
         } else {
             upstream
                 .complete(route, req, guard)
                 .instrument(tracing::debug_span!("upstream"))
                 .await
-                .map(|mut c| {
-                    c.policy_headers = policy_headers;
-                    ChatReply::Complete(Box::new(c))
-                })
-        }
+        };
+        reply.map(|mut r| {
+            r.set_policy_headers(policy_headers);
+            r
+        })
     }
 }
 

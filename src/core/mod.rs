@@ -7,6 +7,7 @@ pub mod context;
 mod dispatch;
 mod gateway;
 pub mod ledger;
+mod native;
 pub mod outcome;
 pub mod policy;
 pub mod pricing;
@@ -19,6 +20,7 @@ pub use gateway::{
     ChatCall, ChatCompletion, ChatReply, ConfigSource, Gateway, GatewayParts, ModelEntry,
     Principal, ProviderStatus, Runtime,
 };
+pub use native::{NativeCompletion, PassthroughStream};
 pub use stream::ChatStream;
 
 pub use context::{headers, CallContext, Protocol};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::policy::{Budgets, HoldSlot};
 use super::pricing::Pricing;
 use super::{Protocol, Reason};
+use crate::api::Api;
 use crate::clock::Clock;
 use crate::core::ledger::Ledger;
 use crate::metrics::{
@@ -31,6 +32,8 @@ pub struct Recorder {
 #[derive(Debug, Clone)]
 pub struct ChatRecord {
     pub protocol: Protocol,
+    /// The inbound API the request came in on.
+    pub api: Api,
     pub request_id: String,
     pub stream: bool,
     pub requested_model: String,
@@ -67,7 +70,7 @@ pub struct OutcomeGuard {
 
 impl OutcomeGuard {
     /// Opens the record of a chat request.
-    pub fn new(recorder: Recorder, protocol: Protocol, request_id: String) -> Self {
+    pub fn new(recorder: Recorder, protocol: Protocol, api: Api, request_id: String) -> Self {
         let started_ms = recorder.clock.now_ms();
         Self {
             recorder,
@@ -75,6 +78,7 @@ impl OutcomeGuard {
             started_ms,
             record: Some(ChatRecord {
                 protocol,
+                api,
                 request_id,
                 stream: false,
                 requested_model: String::new(),
@@ -126,6 +130,7 @@ impl OutcomeGuard {
         m.chat_availability
             .get_or_create(&ChatLabels {
                 protocol: r.protocol.as_str(),
+                api: r.api.as_str(),
                 outcome: outcome.as_str(),
                 reason: reason.as_str(),
                 model: r.model_label.clone(),
@@ -194,6 +199,7 @@ impl OutcomeGuard {
             cost_micros: r.cost_micros,
             started_at: self.started_ms,
             finished_at: self.recorder.clock.now_ms(),
+            api: r.api.as_str(),
         };
         // With a budget reservation the row is written together with its settlement, so the
         // ledger and the budget agree; otherwise it goes to the ledger writer.

@@ -84,8 +84,8 @@ impl proto::gateway_server::Gateway for GatewayService {
                     &policy,
                 ))
             }
-            Ok(ChatReply::Stream(_)) => Err(rejection_status(
-                &Rejection::internal("Complete produced a stream"),
+            Ok(_) => Err(rejection_status(
+                &Rejection::internal("Complete produced no whole chat completion"),
                 &request_id,
             )),
             Err(e) => Err(rejection_status(&e, &request_id)),
@@ -117,8 +117,8 @@ impl proto::gateway_server::Gateway for GatewayService {
                 };
                 Ok(reply(Box::pin(chunks) as ChunkStream, &resolved, &policy))
             }
-            Ok(ChatReply::Complete(_)) => Err(rejection_status(
-                &Rejection::internal("StreamComplete produced a whole answer"),
+            Ok(_) => Err(rejection_status(
+                &Rejection::internal("StreamComplete produced no chat stream"),
                 &request_id,
             )),
             Err(e) => Err(rejection_status(&e, &request_id)),

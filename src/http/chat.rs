@@ -48,11 +48,15 @@ pub async fn chat_completions(
             r
         }
         Ok(ChatReply::Stream(s)) => sse_response(*s),
+        // Only a request with a native body is passed through, and this one has none.
+        Ok(ChatReply::Passthrough(_) | ChatReply::PassthroughStream(_)) => {
+            Rejection::internal("a chat completion was passed through").into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
 
-fn set_header(resp: &mut Response, name: &'static str, value: &str) {
+pub(super) fn set_header(resp: &mut Response, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         resp.headers_mut().insert(name, v);
     }

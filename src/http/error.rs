@@ -23,7 +23,12 @@ pub fn error_body(r: &Rejection) -> serde_json::Value {
 pub fn error_response(r: &Rejection) -> Response {
     let status =
         StatusCode::from_u16(r.reason.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, Json(error_body(r))).into_response();
+    with_headers(r, (status, Json(error_body(r))).into_response())
+}
+
+/// A rejection's Retry-After and policy headers set on its error response (whatever its body's
+/// shape).
+pub(super) fn with_headers(r: &Rejection, mut resp: Response) -> Response {
     if let Some(after) = r.retry_after {
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {

@@ -6,6 +6,7 @@ mod authorize;
 mod budgets;
 mod chat;
 mod error;
+mod messages;
 mod ops;
 mod telemetry;
 
@@ -25,6 +26,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let metrics = gateway.metrics().clone();
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(ops::models))
         .route("/v1/authorize", post(authorize::authorize))
         .route("/healthz", get(ops::healthz))

@@ -8,17 +8,19 @@ use futures_util::StreamExt;
 
 use super::http::{HttpUpstream, KeyHeader};
 use super::{
-    unix_secs, Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, Provider,
-    UpstreamCall, UpstreamError,
+    unix_secs, Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall,
+    NativeChunk, NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
 };
 use crate::api::anthropic::{self, StreamDecoder, StreamError};
-use crate::api::{ChatResponse, EmbeddingsResponse};
+use crate::api::native::replace_string;
+use crate::api::{Api, ChatResponse, EmbeddingsResponse};
 use crate::clock::Clock;
 use crate::config::{AnthropicConfig, ProviderKind};
 
 /// An Anthropic upstream.
 pub struct AnthropicProvider {
     url: String,
+    count_url: String,
     http: HttpUpstream,
     config: AnthropicConfig,
     beta: Option<String>,
@@ -38,6 +40,7 @@ impl AnthropicProvider {
         let beta = (!cfg.anthropic_beta.is_empty()).then(|| cfg.anthropic_beta.join(","));
         Ok(Self {
             url: format!("{base}/v1/messages"),
+            count_url: format!("{base}/v1/messages/count_tokens"),
             http: HttpUpstream::new(name, &cfg.http, KeyHeader::XApiKey, clock.clone(), observer)?,
             config: cfg.clone(),
             beta,
@@ -70,8 +73,125 @@ impl AnthropicProvider {
     }
 }
 
+impl AnthropicProvider {
+    /// POSTs the caller's own body, `model` changed to the upstream's name and nothing else, with
+    /// the caller's `anthropic-version` (else the configured one) and the caller's
+    /// `anthropic-beta` values merged with the configured ones.
+    async fn send_native(
+        &self,
+        url: &str,
+        call: NativeCall<'_>,
+        deadline: std::time::Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let body = replace_string(&call.native.body, &["model"], call.model).ok_or_else(|| {
+            UpstreamError::Unsupported("the request body has no `model` string".into())
+        })?;
+        let version = call
+            .native
+            .anthropic_version
+            .as_deref()
+            .unwrap_or(&self.config.anthropic_version);
+        let mut betas: Vec<&str> = Vec::new();
+        for b in call
+            .native
+            .anthropic_beta
+            .iter()
+            .chain(&self.config.anthropic_beta)
+        {
+            for one in b.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+                if !betas.contains(&one) {
+                    betas.push(one);
+                }
+            }
+        }
+        let beta = betas.join(",");
+        let mut headers = vec![("anthropic-version", version)];
+        if !beta.is_empty() {
+            headers.push(("anthropic-beta", beta.as_str()));
+        }
+        self.http
+            .post(url, call.request_id, &headers, body.into(), deadline)
+            .await
+    }
+}
+
+/// The generated characters of a whole answer's content blocks, for an estimate.
+fn generated_chars(v: &serde_json::Value) -> usize {
+    v.get("content")
+        .and_then(serde_json::Value::as_array)
+        .map(|blocks| {
+            blocks
+                .iter()
+                .map(|b| {
+                    ["text", "thinking"]
+                        .iter()
+                        .filter_map(|k| b.get(*k).and_then(serde_json::Value::as_str))
+                        .map(str::len)
+                        .sum::<usize>()
+                        + b.get("input").map_or(0, |i| i.to_string().len())
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 #[async_trait::async_trait]
 impl Provider for AnthropicProvider {
+    fn native(&self, api: Api) -> bool {
+        api == Api::Messages
+    }
+
+    async fn native_complete(&self, call: NativeCall<'_>) -> Result<NativeResponse, UpstreamError> {
+        let deadline = self.http.deadline();
+        let resp = self.send_native(&self.url, call, deadline).await?;
+        let bytes = self.http.body(resp, deadline).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| UpstreamError::BadResponse(format!("the answer is not JSON: {e}")))?;
+        if v.get("type").and_then(serde_json::Value::as_str) != Some("message") {
+            return Err(UpstreamError::BadResponse(
+                "the answer is not a message".into(),
+            ));
+        }
+        let body = replace_string(&bytes, &["model"], call.answer_model)
+            .map(bytes::Bytes::from)
+            .unwrap_or(bytes);
+        Ok(NativeResponse {
+            usage: v.get("usage").and_then(anthropic::usage),
+            generated_chars: generated_chars(&v),
+            body,
+        })
+    }
+
+    async fn native_stream(&self, call: NativeCall<'_>) -> Result<NativeStream, UpstreamError> {
+        let deadline = self.http.deadline();
+        let resp = self.send_native(&self.url, call, deadline).await?;
+        let mut decoder = StreamDecoder::new(unix_secs(&self.clock));
+        let answer_model = call.answer_model.to_string();
+        let mut over = false;
+        let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {
+            let out = if over {
+                None
+            } else {
+                Some(item.and_then(|(raw, data)| {
+                    native_event(&mut decoder, raw, data.as_deref(), &answer_model)
+                }))
+            };
+            over |= matches!(out, Some(Err(_))) || decoder.is_finished();
+            futures_util::future::ready(out)
+        });
+        Ok(Box::pin(events))
+    }
+
+    async fn native_count_tokens(&self, call: NativeCall<'_>) -> Result<u64, UpstreamError> {
+        let deadline = self.http.deadline();
+        let resp = self.send_native(&self.count_url, call, deadline).await?;
+        let bytes = self.http.body(resp, deadline).await?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("input_tokens").and_then(serde_json::Value::as_u64))
+            .ok_or_else(|| UpstreamError::BadResponse("no input_tokens in the answer".into()))
+    }
+
     fn kind(&self) -> ProviderKind {
         ProviderKind::Anthropic
     }
@@ -133,4 +253,62 @@ impl Provider for AnthropicProvider {
             "this model does not serve embeddings".into(),
         ))
     }
+}
+
+/// One pass-through event: read for accounting (and for an `error` event, which ends the
+/// stream as a failure), its bytes kept, `message_start`'s `message.model` rewritten.
+fn native_event(
+    decoder: &mut StreamDecoder,
+    raw: bytes::Bytes,
+    data: Option<&str>,
+    answer_model: &str,
+) -> Result<NativeChunk, UpstreamError> {
+    let Some(data) = data else {
+        return Ok(NativeChunk {
+            bytes: raw,
+            ..NativeChunk::default()
+        });
+    };
+    let delta = match decoder.event(data) {
+        Ok(d) => d,
+        Err(StreamError::Upstream {
+            error_type,
+            message,
+        }) => {
+            return Err(UpstreamError::BadResponse(format!(
+                "{error_type}: {message}"
+            )))
+        }
+        Err(StreamError::Malformed(m)) => {
+            return Err(UpstreamError::BadResponse(format!("bad event: {m}")))
+        }
+    };
+    let is_start = data.contains("\"message_start\"")
+        && serde_json::from_str::<serde_json::Value>(data)
+            .ok()
+            .is_some_and(|v| v["type"] == "message_start");
+    let bytes = if is_start {
+        rewrite_data(&raw, data, answer_model).unwrap_or(raw)
+    } else {
+        raw
+    };
+    Ok(NativeChunk {
+        bytes,
+        usage: delta.as_ref().and_then(|d| d.usage),
+        generated_chars: delta.as_ref().map_or(0, |d| d.generated_chars()),
+        finished: decoder.is_finished(),
+    })
+}
+
+/// The event's bytes with `message.model` of its data replaced; the data is one line in every
+/// stream Anthropic sends, so it appears verbatim in the bytes.
+fn rewrite_data(raw: &[u8], data: &str, answer_model: &str) -> Option<bytes::Bytes> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let at = text.find(data)?;
+    let new_data = replace_string(data.as_bytes(), &["message", "model"], answer_model)?;
+    let mut out = Vec::with_capacity(raw.len() + answer_model.len());
+    out.extend_from_slice(&raw[..at]);
+    out.extend_from_slice(&new_data);
+    out.extend_from_slice(&raw[at + data.len()..]);
+    Some(out.into())
 }

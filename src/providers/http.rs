@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::key_pool::{KeyPoolSettings, KeyVerdict};
-use super::sse::SseParser;
+use super::sse::{EventSplitter, SseParser};
 use super::{KeyPool, KeyPoolObserver, UpstreamError};
 use crate::clock::Clock;
 use crate::config::HttpUpstreamConfig;
@@ -237,6 +237,66 @@ impl HttpUpstream {
         )
     }
 }
+
+impl HttpUpstream {
+    /// The events of a streamed answer as their exact bytes and `data` payloads (for a
+    /// pass-through), with the same deadlines as [`HttpUpstream::sse_data`].
+    pub fn sse_raw(
+        &self,
+        resp: reqwest::Response,
+        deadline: Instant,
+    ) -> impl Stream<Item = Result<RawEvent, UpstreamError>> + Send + 'static {
+        let idle = self.idle_timeout;
+        let state = (
+            resp.bytes_stream(),
+            EventSplitter::default(),
+            VecDeque::<RawEvent>::new(),
+            false,
+        );
+        futures_util::stream::unfold(
+            state,
+            move |(mut bytes, mut splitter, mut pending, mut done)| async move {
+                loop {
+                    if let Some(ev) = pending.pop_front() {
+                        return Some((Ok(ev), (bytes, splitter, pending, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Some((
+                            Err(UpstreamError::Timeout("total")),
+                            (bytes, splitter, pending, true),
+                        ));
+                    }
+                    let wait = idle.min(deadline - now);
+                    match tokio::time::timeout(wait, bytes.next()).await {
+                        Err(_) => {
+                            let phase = if wait < idle { "total" } else { "next chunk" };
+                            return Some((
+                                Err(UpstreamError::Timeout(phase)),
+                                (bytes, splitter, pending, true),
+                            ));
+                        }
+                        Ok(Some(Ok(b))) => pending.extend(splitter.push(&b)),
+                        Ok(Some(Err(e))) => {
+                            let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
+                            return Some((Err(err), (bytes, splitter, pending, true)));
+                        }
+                        Ok(None) => {
+                            pending.extend(splitter.finish());
+                            done = true;
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).
+pub type RawEvent = (bytes::Bytes, Option<String>);
 
 /// Connection failures are `Connect`; anything else while sending is a bad response.
 fn classify(e: reqwest::Error) -> UpstreamError {

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use futures_util::Stream;
 
-use crate::api::{ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
+use crate::api::{
+    Api, ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, NativeBody,
+};
 pub use crate::api::{JsonObject, Usage};
 use crate::clock::Clock;
 use crate::config::{ProviderConfig, ProviderKind, ProviderSettings};
@@ -37,6 +39,44 @@ pub struct EmbedCall<'a> {
     pub request: &'a EmbeddingsRequest,
     pub request_id: &'a str,
 }
+
+/// One pass-through call: the caller's body, in the upstream's own wire, with only `model`
+/// changed to the upstream's name for it.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeCall<'a> {
+    /// The model name the upstream knows (without the `provider/` prefix).
+    pub model: &'a str,
+    pub native: &'a NativeBody,
+    pub request_id: &'a str,
+    /// What the answer's `model` is rewritten to (the resolved `provider/model`).
+    pub answer_model: &'a str,
+}
+
+/// A whole pass-through answer: the upstream's bytes (only `model` rewritten) and the usage read
+/// from them.
+#[derive(Debug, Clone)]
+pub struct NativeResponse {
+    pub body: bytes::Bytes,
+    /// As the upstream reported it.
+    pub usage: Option<Usage>,
+    /// Characters generated, for an estimate when no usage came.
+    pub generated_chars: usize,
+}
+
+/// One event of a pass-through stream: its bytes as the upstream sent them (only `model`
+/// rewritten), and what it says for accounting.
+#[derive(Debug, Clone, Default)]
+pub struct NativeChunk {
+    pub bytes: bytes::Bytes,
+    /// Usage so far, when this event reports it.
+    pub usage: Option<Usage>,
+    pub generated_chars: usize,
+    /// The event that ends a complete answer (`message_stop`).
+    pub finished: bool,
+}
+
+/// Pass-through events as they arrive.
+pub type NativeStream = Pin<Box<dyn Stream<Item = Result<NativeChunk, UpstreamError>> + Send>>;
 
 /// Streamed deltas as they arrive; ends after the upstream's end of stream.
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<ChatDelta, UpstreamError>> + Send>>;
@@ -99,6 +139,36 @@ pub trait Provider: Send + Sync {
 
     /// Embedding vectors for the inputs.
     async fn embed(&self, call: EmbedCall<'_>) -> Result<EmbeddingsResponse, UpstreamError>;
+
+    /// Whether it takes requests of `api` natively (the caller's body passed through).
+    fn native(&self, _api: Api) -> bool {
+        false
+    }
+
+    /// One non-streamed pass-through call (only for an `api` that [`Provider::native`] takes).
+    async fn native_complete(
+        &self,
+        _call: NativeCall<'_>,
+    ) -> Result<NativeResponse, UpstreamError> {
+        Err(UpstreamError::Unsupported(
+            "this provider takes no pass-through requests".into(),
+        ))
+    }
+
+    /// One streamed pass-through call; returns once the upstream has accepted the request.
+    async fn native_stream(&self, _call: NativeCall<'_>) -> Result<NativeStream, UpstreamError> {
+        Err(UpstreamError::Unsupported(
+            "this provider takes no pass-through requests".into(),
+        ))
+    }
+
+    /// The upstream's own count of the request's input tokens (Anthropic's
+    /// `/v1/messages/count_tokens`).
+    async fn native_count_tokens(&self, _call: NativeCall<'_>) -> Result<u64, UpstreamError> {
+        Err(UpstreamError::Unsupported(
+            "this provider counts no tokens".into(),
+        ))
+    }
 }
 
 /// Builds the provider for a configuration.

@@ -66,9 +66,71 @@ impl SseParser {
     }
 }
 
+/// Splits a byte stream into whole SSE events, each as its exact bytes (the blank line that
+/// ends it included) and its `data` payload, for a pass-through that must not change a byte.
+#[derive(Default)]
+pub struct EventSplitter {
+    buf: BytesMut,
+}
+
+impl EventSplitter {
+    /// Feeds bytes; returns the events they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<(bytes::Bytes, Option<String>)> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(end) = event_end(&self.buf) {
+            let raw = self.buf.split_to(end).freeze();
+            out.push(with_data(raw));
+        }
+        out
+    }
+
+    /// Ends the stream; returns what is left (an event with no blank line after it).
+    pub fn finish(&mut self) -> Option<(bytes::Bytes, Option<String>)> {
+        (!self.buf.is_empty()).then(|| with_data(self.buf.split().freeze()))
+    }
+}
+
+/// Where the first event in `buf` ends (after its blank line), if it is complete.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            match buf.get(i + 1) {
+                Some(b'\n') => return Some(i + 2),
+                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn with_data(raw: bytes::Bytes) -> (bytes::Bytes, Option<String>) {
+    let mut p = SseParser::default();
+    let mut data = p.push(&raw);
+    data.extend(p.finish());
+    (raw, data.into_iter().next())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_events_keep_their_bytes() {
+        let mut s = EventSplitter::default();
+        assert!(s.push(b"event: ping\ndata: {}").is_empty());
+        let got = s.push(b"\n\nevent: a\r\ndata: 1\r\n\r\n: c\n\n");
+        assert_eq!(got.len(), 3);
+        assert_eq!(&got[0].0[..], b"event: ping\ndata: {}\n\n");
+        assert_eq!(got[0].1.as_deref(), Some("{}"));
+        assert_eq!(&got[1].0[..], b"event: a\r\ndata: 1\r\n\r\n");
+        assert_eq!(got[1].1.as_deref(), Some("1"));
+        assert_eq!(got[2].1, None);
+        assert!(s.finish().is_none());
+    }
 
     #[test]
     fn events_split_across_reads() {

@@ -26,6 +26,8 @@ pub struct NewLedgerRow {
     pub cost_micros: i64,
     pub started_at: i64,
     pub finished_at: i64,
+    /// The inbound API (`chat_completions`, `messages`).
+    pub api: &'static str,
 }
 
 /// A ledger row as stored.
@@ -51,6 +53,8 @@ pub struct LedgerRow {
     pub started_at_ms: i64,
     #[diesel(column_name = finished_at)]
     pub finished_at_ms: i64,
+    /// The inbound API (`chat_completions`, `messages`).
+    pub api: String,
 }
 
 impl Store {

@@ -48,6 +48,7 @@ diesel::table! {
         cost_micros -> BigInt,
         started_at -> BigInt,
         finished_at -> BigInt,
+        api -> Text,
     }
 }
 

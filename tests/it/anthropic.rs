@@ -20,7 +20,7 @@ const CLAUDE_CACHED: i64 = 300;
 const CLAUDE_OUT: i64 = 15000;
 
 /// `TOLLGATE_PYTHON`, or `None` (after a notice) when it is unset outside CI.
-fn python(what: &str) -> Option<String> {
+pub(crate) fn python(what: &str) -> Option<String> {
     match std::env::var("TOLLGATE_PYTHON") {
         Ok(p) if !p.trim().is_empty() => Some(p),
         _ => {
@@ -34,7 +34,7 @@ fn python(what: &str) -> Option<String> {
 }
 
 /// Runs `script` (under tests/sdk/) with `args`; fails the test with its output unless it passed.
-async fn run_script(python: String, script: &str, args: Vec<String>) -> String {
+pub(crate) async fn run_script(python: String, script: &str, args: Vec<String>) -> String {
     let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
     assert!(std::path::Path::new(&path).exists(), "{path} is missing");
     let out = blocking(move || {

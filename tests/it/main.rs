@@ -11,5 +11,6 @@ mod chat;
 mod cli;
 mod contract;
 mod key_pools;
+mod messages;
 mod operator;
 mod routing;

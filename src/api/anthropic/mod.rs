@@ -1,13 +1,21 @@
 //! The Anthropic Messages API (`POST /v1/messages`) as pure conversions to and from the neutral
-//! types: [`encode_request`] builds the body, [`parse_response`] reads a whole answer,
-//! [`StreamDecoder`] turns streaming events into deltas, [`error_body`] reads an error. The HTTP
-//! client (keys, headers, SSE framing) lives in `providers`.
+//! types. Upstream (tollgate calling Anthropic): [`encode_request`] builds the body,
+//! [`parse_response`] reads a whole answer, [`StreamDecoder`] turns streaming events into
+//! deltas, [`error_body`] reads an error. Inbound (a caller speaking Messages to tollgate):
+//! [`parse_messages_request`] validates the caller's body, [`encode_message`] and
+//! [`StreamEncoder`] say a neutral answer as a Message or as events, [`error_json`] says a
+//! rejection. The HTTP client (keys, headers, SSE framing) lives in `providers`.
 
 mod error;
+mod inbound_request;
+mod inbound_response;
+mod inbound_stream;
 mod request;
 mod response;
 mod stream;
 
+#[cfg(test)]
+mod inbound_tests;
 #[cfg(test)]
 mod request_tests;
 #[cfg(test)]
@@ -20,6 +28,9 @@ use serde_json::Value;
 use super::{StopReason, Usage};
 
 pub use error::{error_body, StreamError, TranslateError};
+pub use inbound_request::{parse_messages_request, Endpoint, InboundHeaders};
+pub use inbound_response::{encode_response as encode_message, error_json, error_type};
+pub use inbound_stream::{sse, StreamEncoder};
 pub use request::encode_request;
 pub use response::parse_response;
 pub use stream::StreamDecoder;

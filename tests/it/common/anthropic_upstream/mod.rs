@@ -14,6 +14,10 @@
 //! | `claude-midstream-error` | streamed: `message_start`, one text delta [`MIDSTREAM_TEXT`], then an `error` event (`overloaded_error`); not streamed: like `claude-ok` |
 //! | `claude-max` | text [`MAX_TEXT`], stop reason `max_tokens` |
 //!
+//! `POST /v1/messages/count_tokens` answers `{"input_tokens": COUNT_TOKENS}` to a valid body
+//! (a Messages body without `max_tokens`). Each exchange records the body and the answer as raw
+//! bytes too, so a pass-through can be checked byte for byte.
+//!
 //! Keys (`x-api-key`, or `Authorization: Bearer` as newer SDKs send them): [`GOOD_KEY`] and [`GOOD_KEY_2`] are accepted; keys starting with
 //! [`RATE_LIMITED_PREFIX`] get 429 `rate_limit_error` with `retry-after: 60`; any other key, or
 //! none, gets 401 `authentication_error`. Every request is recorded with the status it got.
@@ -60,6 +64,8 @@ pub const MAX_TEXT: &str = "Hello from Claude, and then the tokens ran";
 pub const MAX_USAGE: Usage = Usage::plain(13, 10);
 pub const INVALID_MESSAGE: &str = "max_tokens: too large (test)";
 pub const MIDSTREAM_TEXT: &str = "Hello";
+/// What `/v1/messages/count_tokens` answers for any valid body.
+pub const COUNT_TOKENS: u64 = 42;
 
 /// `{"city":"Oslo","unit":"celsius"}`, the input of the `claude-tools` tool call.
 pub fn tool_input() -> Value {
@@ -112,6 +118,10 @@ pub struct Exchange {
     pub headers: HeaderMap,
     /// The body as JSON (`Value::Null` if it was not JSON).
     pub body: Value,
+    /// The body exactly as received (for pass-through assertions).
+    pub raw: Bytes,
+    /// The answer's body exactly as sent (a Message, the SSE frames, or an error body).
+    pub answer: Bytes,
     /// The HTTP status answered.
     pub status: u16,
     /// `error.type` and `error.message` when the answer was an error.
@@ -252,6 +262,8 @@ enum Reply {
     },
     Message(Plan),
     Stream(Plan),
+    /// The answer of `/v1/messages/count_tokens`.
+    Count(u64),
 }
 
 fn owned(pieces: &[&str]) -> Vec<String> {
@@ -457,7 +469,8 @@ fn error(status: u16, kind: &'static str, message: &str) -> Reply {
 }
 
 fn answer(method: &Method, uri: &Uri, headers: &HeaderMap, body: &Value) -> Reply {
-    if method != Method::POST || uri.path() != "/v1/messages" {
+    let counting = uri.path() == "/v1/messages/count_tokens";
+    if method != Method::POST || (uri.path() != "/v1/messages" && !counting) {
         return error(404, "not_found_error", "Not Found");
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -501,6 +514,21 @@ fn answer(method: &Method, uri: &Uri, headers: &HeaderMap, body: &Value) -> Repl
             "There was an issue with your request body: invalid JSON",
         );
     };
+    if counting {
+        // count_tokens takes a Messages body without max_tokens (and without stream); the
+        // rest is checked as a Messages body with a cap above any thinking budget.
+        let mut with_cap = obj.clone();
+        with_cap.insert("max_tokens".into(), json!(u32::MAX));
+        return match validate(&with_cap) {
+            Err(message) => error(400, "invalid_request_error", &message),
+            Ok(()) if obj.contains_key("max_tokens") || obj.contains_key("stream") => error(
+                400,
+                "invalid_request_error",
+                "max_tokens: Extra inputs are not permitted",
+            ),
+            Ok(()) => Reply::Count(COUNT_TOKENS),
+        };
+    }
     if let Err(message) = validate(obj) {
         return error(400, "invalid_request_error", &message);
     }
@@ -535,20 +563,23 @@ async fn handle(
 ) -> Response {
     let json_body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let reply = answer(&method, &uri, &headers, &json_body);
+    let (status, error) = match &reply {
+        Reply::Error {
+            status,
+            kind,
+            message,
+        } => (*status, Some(((*kind).to_owned(), message.clone()))),
+        _ => (200, None),
+    };
+    // Numbered before answering, so the ids in the answer match the record.
     let n = {
         let mut ex = shared.exchanges.lock().unwrap();
-        let (status, error) = match &reply {
-            Reply::Error {
-                status,
-                kind,
-                message,
-            } => (*status, Some(((*kind).to_owned(), message.clone()))),
-            _ => (200, None),
-        };
         ex.push(Exchange {
             path: uri.path().to_owned(),
             headers,
             body: json_body,
+            raw: body,
+            answer: Bytes::new(),
             status,
             error,
         });
@@ -557,7 +588,7 @@ async fn handle(
     let request_id = format!("req_test_{n:06}");
     let message_id = format!("msg_test_{n:06}");
     let builder = Response::builder().header("request-id", &request_id);
-    match reply {
+    let (builder, answer) = match reply {
         Reply::Error {
             status,
             kind,
@@ -570,25 +601,39 @@ async fn handle(
                 b = b.header("retry-after", "60");
             }
             let body = json!({"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id});
-            b.body(Body::from(body.to_string())).unwrap()
+            (b, body.to_string())
         }
-        Reply::Message(plan) => builder
-            .status(200)
-            .header("content-type", "application/json")
-            .body(Body::from(plan.message(&message_id).to_string()))
-            .unwrap(),
+        Reply::Count(n) => (
+            builder
+                .status(200)
+                .header("content-type", "application/json"),
+            json!({ "input_tokens": n }).to_string(),
+        ),
+        Reply::Message(plan) => (
+            builder
+                .status(200)
+                .header("content-type", "application/json"),
+            plan.message(&message_id).to_string(),
+        ),
         Reply::Stream(plan) => {
             let frames: Vec<Result<Bytes, std::convert::Infallible>> = plan
                 .events(&message_id)
                 .into_iter()
                 .map(|(name, data)| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n"))))
                 .collect();
-            builder
+            let all: Vec<u8> = frames
+                .iter()
+                .flat_map(|f| f.as_ref().unwrap().to_vec())
+                .collect();
+            shared.exchanges.lock().unwrap()[n - 1].answer = Bytes::from(all);
+            return builder
                 .status(200)
                 .header("content-type", "text/event-stream; charset=utf-8")
                 .header("cache-control", "no-cache")
                 .body(Body::from_stream(futures_util::stream::iter(frames)))
-                .unwrap()
+                .unwrap();
         }
-    }
+    };
+    shared.exchanges.lock().unwrap()[n - 1].answer = Bytes::from(answer.clone());
+    builder.body(Body::from(answer)).unwrap()
 }

@@ -1,0 +1,205 @@
+//! What lets a request pass through to an upstream that speaks the caller's own wire: which
+//! inbound API a request came in on, the body exactly as the caller sent it, and a byte-exact
+//! rewrite of one JSON string value (the `model`) that leaves every other byte alone.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+/// Which inbound API a model request came in on (the `api` label and ledger column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Api {
+    /// OpenAI chat completions (HTTP `/v1/chat/completions`, gRPC `Complete`/`StreamComplete`).
+    #[default]
+    ChatCompletions,
+    /// The Anthropic Messages API (`/v1/messages`).
+    Messages,
+}
+
+impl Api {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat_completions",
+            Api::Messages => "messages",
+        }
+    }
+}
+
+/// A request body in the caller's own wire, kept for an upstream that speaks it natively.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeBody {
+    /// The wire the body is in.
+    pub api: Api,
+    /// The body exactly as received.
+    pub body: Bytes,
+    /// The caller's `anthropic-version`, if sent.
+    pub anthropic_version: Option<String>,
+    /// The caller's `anthropic-beta` values, in order.
+    pub anthropic_beta: Vec<String>,
+}
+
+/// `json` with the string value at `path` (object keys from the top) replaced by `value`,
+/// every other byte as it was. `None` when `json` has no string at `path`.
+pub fn replace_string(json: &[u8], path: &[&str], value: &str) -> Option<Vec<u8>> {
+    let span = string_span(json, path)?;
+    let encoded = serde_json::to_string(value).ok()?;
+    let mut out = Vec::with_capacity(json.len() + encoded.len());
+    out.extend_from_slice(&json[..span.start]);
+    out.extend_from_slice(encoded.as_bytes());
+    out.extend_from_slice(&json[span.end..]);
+    Some(out)
+}
+
+/// The byte range (quotes included) of the string value at `path`.
+fn string_span(json: &[u8], path: &[&str]) -> Option<Range<usize>> {
+    let mut s = Scanner { b: json, i: 0 };
+    let mut range = s.value_range()?;
+    for key in path {
+        let mut inner = Scanner {
+            b: json,
+            i: range.start,
+        };
+        range = inner.member(key)?;
+    }
+    (json.get(range.start) == Some(&b'"')).then_some(range)
+}
+
+/// A minimal JSON scanner: it finds value boundaries without building values.
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn ws(&mut self) {
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    /// Skips a string starting at the current `"`; returns its decoded text.
+    fn string(&mut self) -> Option<String> {
+        let start = self.i;
+        if self.peek()? != b'"' {
+            return None;
+        }
+        self.i += 1;
+        while self.i < self.b.len() {
+            match self.b[self.i] {
+                b'\\' => self.i += 2,
+                b'"' => {
+                    self.i += 1;
+                    return serde_json::from_slice(&self.b[start..self.i]).ok();
+                }
+                _ => self.i += 1,
+            }
+        }
+        None
+    }
+
+    /// Skips one value; returns its range.
+    fn value_range(&mut self) -> Option<Range<usize>> {
+        self.ws();
+        let start = self.i;
+        match self.peek()? {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.i += 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                while self.i < self.b.len() && !matches!(self.b[self.i], b',' | b'}' | b']') {
+                    self.i += 1;
+                }
+                while self.i > start && matches!(self.b[self.i - 1], b' ' | b'\t' | b'\n' | b'\r') {
+                    self.i -= 1;
+                }
+            }
+        }
+        Some(start..self.i)
+    }
+
+    /// In the object at the current position, the range of the value of `key` (the last one
+    /// when it repeats, as a JSON parser keeps it).
+    fn member(&mut self, key: &str) -> Option<Range<usize>> {
+        self.ws();
+        if self.peek()? != b'{' {
+            return None;
+        }
+        self.i += 1;
+        let mut found = None;
+        loop {
+            self.ws();
+            match self.peek()? {
+                b'}' => return found,
+                b',' => {
+                    self.i += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            let k = self.string()?;
+            self.ws();
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.i += 1;
+            let r = self.value_range()?;
+            if k == key {
+                found = Some(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_the_model_bytes() {
+        let body = br#"{ "max_tokens" : 5,"model":"claude-x",  "messages":[{"model":"no"}], "z": 1.50e0 }"#;
+        let out = replace_string(body, &["model"], "claude-y").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{ "max_tokens" : 5,"model":"claude-y",  "messages":[{"model":"no"}], "z": 1.50e0 }"#
+        );
+    }
+
+    #[test]
+    fn nested_path_and_escapes() {
+        let body = br#"{"type":"message_start","message":{"id":"m\"1","model":"a\u00e9","x":[1,{"y":"}"}]}}"#;
+        let out = replace_string(body, &["message", "model"], "p/m").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"type":"message_start","message":{"id":"m\"1","model":"p/m","x":[1,{"y":"}"}]}}"#
+        );
+        assert!(replace_string(body, &["model"], "x").is_none());
+        assert!(replace_string(b"[1]", &["model"], "x").is_none());
+        assert!(replace_string(br#"{"model":5}"#, &["model"], "x").is_none());
+    }
+}
