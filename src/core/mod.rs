@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod context;
 mod dispatch;
+mod embed;
 mod gateway;
 pub mod ledger;
 pub mod outcome;
@@ -15,6 +16,7 @@ mod stream;
 mod ttl_cache;
 
 pub use crate::error::{GrpcCode, Outcome, Reason, Rejection};
+pub use embed::{Embeddings, EmbeddingsCall};
 pub use gateway::{
     ChatCall, ChatCompletion, ChatReply, ConfigSource, Gateway, GatewayParts, ModelEntry,
     Principal, ProviderStatus, Runtime,

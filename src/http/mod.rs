@@ -5,6 +5,7 @@ mod admin;
 mod authorize;
 mod budgets;
 mod chat;
+mod embeddings;
 mod error;
 mod ops;
 mod telemetry;
@@ -25,6 +26,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let metrics = gateway.metrics().clone();
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(ops::models))
         .route("/v1/authorize", post(authorize::authorize))
         .route("/healthz", get(ops::healthz))
