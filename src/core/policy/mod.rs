@@ -1,5 +1,6 @@
-//! The policy stage: rate limits and budgets, checked for every chat request after it is
-//! authorized and routed, before any upstream is called.
+//! The policy stage: rate limits and budgets, checked for every model request (chat,
+//! embeddings) after it is authorized and routed, before any upstream is called. A request is
+//! seen through its [`Demand`] (estimated prompt tokens and an output cap).
 //!
 //! [`Budgets::admit`] runs the steps in order: refuse an unpriced model where those are
 //! refused; load the settings of the request's scopes (its user and its key, cached briefly);
