@@ -283,17 +283,15 @@ impl Dispatch<'_> {
         mut guard: OutcomeGuard,
     ) -> Result<Embeddings, (OutcomeGuard, Rejection)> {
         let mut walk = ChainWalk::new(&route);
+        let mut cannot_embed = false;
         while let Some(target) = walk.next_target(self.gateway) {
-            if !target
-                .provider
-                .client
-                .capabilities(&target.model)
-                .embeddings
-            {
+            let caps = target.provider.client.capabilities(&target.model);
+            if !caps.embeddings {
                 walk.failed(
                     target,
                     UpstreamError::Unsupported("this model does not serve embeddings".into()),
                 );
+                cannot_embed = true;
                 break;
             }
             let started = Instant::now();
@@ -338,7 +336,7 @@ impl Dispatch<'_> {
             }
         }
         let rejection = walk.into_rejection();
-        let rejection = if rejection.reason == Reason::InvalidRequest {
+        let rejection = if cannot_embed {
             rejection.with_param("model")
         } else {
             rejection

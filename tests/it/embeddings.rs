@@ -485,6 +485,10 @@ async fn bad_requests_are_refused_and_every_one_counted() {
     )
     .await;
     expect_http_error(resp, 404, "model_not_found").await;
+    // The mock bounds what it allocates, as a real upstream would.
+    let huge = json!({"model": "mock/echo", "input": "a", "dimensions": 4_000_000_000u32});
+    let resp = embed(&s, &huge, &new_request_id()).await;
+    expect_http_error(resp, 400, "upstream_rejected").await;
     let big = "x".repeat(MAX_BODY + 1);
     let resp = embed(
         &s,
