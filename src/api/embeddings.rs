@@ -43,14 +43,29 @@ pub enum EncodingFormat {
     Base64,
 }
 
+impl EncodingFormat {
+    /// OpenAI's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncodingFormat::Float => "float",
+            EncodingFormat::Base64 => "base64",
+        }
+    }
+}
+
 /// A validated embeddings request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbeddingsRequest {
     pub model: String,
     pub input: EmbeddingInput,
+    /// The input came as one string or one token array rather than a list of them; an
+    /// OpenAI-compatible upstream is sent the same shape.
+    pub single_input: bool,
     /// Requested vector size, where the model supports it.
     pub dimensions: Option<u32>,
-    pub encoding_format: EncodingFormat,
+    /// As the caller sent it (`None`: not sent, floats); an OpenAI-compatible upstream is asked
+    /// for the same, so its body is the caller's.
+    pub encoding_format: Option<EncodingFormat>,
     /// Other fields (`user`, vendor extensions), kept as sent.
     pub extra: JsonObject,
 }

@@ -1,6 +1,6 @@
 //! Typed, protocol-neutral values: what the core works on (docs/architecture.md). Every wire
 //! format is a pair of conversions to and from these, kept beside them: [`openai_chat`] for
-//! OpenAI chat completions and `anthropic` for the Anthropic Messages API. The gRPC proto
+//! OpenAI chat completions, [`openai_embeddings`] for OpenAI embeddings and `anthropic` for the Anthropic Messages API. The gRPC proto
 //! converts in the gRPC adapter.
 
 pub mod anthropic;
@@ -8,6 +8,7 @@ pub mod chat;
 pub mod embeddings;
 pub mod native;
 pub mod openai_chat;
+pub mod openai_embeddings;
 pub mod stream;
 pub mod usage;
 

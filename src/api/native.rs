@@ -14,6 +14,8 @@ pub enum Api {
     ChatCompletions,
     /// The Anthropic Messages API (`/v1/messages`).
     Messages,
+    /// OpenAI embeddings (HTTP `/v1/embeddings`, gRPC `Embed`).
+    Embeddings,
 }
 
 impl Api {
@@ -22,6 +24,7 @@ impl Api {
         match self {
             Api::ChatCompletions => "chat_completions",
             Api::Messages => "messages",
+            Api::Embeddings => "embeddings",
         }
     }
 }

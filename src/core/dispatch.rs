@@ -4,15 +4,17 @@
 
 use std::time::{Duration, Instant};
 
+use super::embed::Embeddings;
 use super::gateway::{ChatCompletion, ChatReply, Gateway};
 use super::native::{NativeCompletion, PassthroughStream};
 use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
 use super::{Reason, Rejection};
-use crate::api::{ChatDelta, ChatRequest, ChatResponse, NativeBody, Usage};
+use crate::api::{ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, NativeBody, Usage};
 use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
 use crate::providers::{
-    DeltaStream, NativeCall, NativeChunk, NativeResponse, NativeStream, UpstreamCall, UpstreamError,
+    DeltaStream, EmbedCall, NativeCall, NativeChunk, NativeResponse, NativeStream, UpstreamCall,
+    UpstreamError,
 };
 use crate::routing::{Route, Target};
 
@@ -383,6 +385,78 @@ enum Started {
 
 fn empty_stream() -> UpstreamError {
     UpstreamError::BadResponse("the stream ended before its first chunk".into())
+}
+
+impl Dispatch<'_> {
+    /// Vectors from the first target that gives them. A target whose provider cannot embed ends
+    /// the walk with `invalid_request`: another target would not make the request right.
+    pub async fn embed(
+        &self,
+        route: Route,
+        req: EmbeddingsRequest,
+        mut guard: OutcomeGuard,
+    ) -> Result<Embeddings, (OutcomeGuard, Rejection)> {
+        let mut walk = ChainWalk::new(&route);
+        let mut cannot_embed = false;
+        while let Some(target) = walk.next_target(self.gateway) {
+            let caps = target.provider.client.capabilities(&target.model);
+            if !caps.embeddings {
+                walk.failed(
+                    target,
+                    UpstreamError::Unsupported("this model does not serve embeddings".into()),
+                );
+                cannot_embed = true;
+                break;
+            }
+            let started = Instant::now();
+            let call = EmbedCall {
+                model: &target.model,
+                request: &req,
+                request_id: self.request_id,
+            };
+            let result = target.provider.client.embed(call).await;
+            guard.record().upstream_wait += started.elapsed();
+            self.observe(target, started, result.as_ref().map(|_| ()));
+            match result {
+                Ok(mut response) => {
+                    self.resolved(&route, target);
+                    response.model.clone_from(&target.resolved);
+                    // Settled on what the upstream counted; the estimate only when it is silent.
+                    let usage = Usage {
+                        prompt_tokens: response
+                            .prompt_tokens
+                            .unwrap_or_else(|| req.input.estimate_tokens()),
+                        ..Usage::default()
+                    };
+                    let rec = guard.record();
+                    rec.resolved_model = Some(target.resolved.clone());
+                    rec.resolved_label = Some(target.label.clone());
+                    rec.usage = usage;
+                    guard.finish(Reason::Success);
+                    return Ok(Embeddings {
+                        response,
+                        requested_model: req.model,
+                        resolved_model: target.resolved.clone(),
+                        usage,
+                        encoding_format: req.encoding_format.unwrap_or_default(),
+                        policy_headers: Vec::new(),
+                    });
+                }
+                Err(e) => {
+                    if !walk.failed(target, e) {
+                        break;
+                    }
+                }
+            }
+        }
+        let rejection = walk.into_rejection();
+        let rejection = if cannot_embed {
+            rejection.with_param("model")
+        } else {
+            rejection
+        };
+        Err((guard, rejection))
+    }
 }
 
 /// The reason an upstream error counts as.

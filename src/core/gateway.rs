@@ -1,5 +1,6 @@
-//! `Gateway`: the one struct both protocol adapters call. A chat request runs
-//! authorize -> route -> upstream -> settle here, under an [`OutcomeGuard`].
+//! `Gateway`: the one struct both protocol adapters call. A model request (chat here,
+//! embeddings in `embed.rs`) runs authorize -> route -> upstream -> settle, under an
+//! [`OutcomeGuard`].
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -450,6 +451,22 @@ impl Gateway {
         .await
     }
 
+    /// Opens an embeddings request: from here on exactly one outcome will be recorded for it.
+    pub fn embed(self: &Arc<Self>, ctx: CallContext) -> super::embed::EmbeddingsCall {
+        let guard = OutcomeGuard::new(
+            self.recorder.clone(),
+            ctx.protocol,
+            Api::Embeddings,
+            ctx.request_id.clone(),
+        );
+        super::embed::EmbeddingsCall {
+            gateway: self.clone(),
+            runtime: self.runtime(),
+            ctx,
+            guard,
+        }
+    }
+
     /// Verifies the credential, settles the service type and purpose, and provisions a new
     /// token identity. `service_type_seen` receives the service type as soon as it is known, so
     /// that a refusal after that point is still labelled with it.
@@ -670,13 +687,7 @@ impl ChatCall {
             ctx,
             mut guard,
         } = self;
-        {
-            let rec = guard.record();
-            rec.service_type = ctx.service_type.clone();
-            rec.purpose = ctx.purpose.clone();
-            rec.service_type_label = service_type_label(&rt, ctx.service_type.as_deref());
-            rec.purpose_label = purpose_label(&rt, ctx.purpose.as_deref());
-        }
+        open_record(&rt, &ctx, &mut guard);
         let req = match decoded {
             Ok(r) => r,
             Err(e) => return Err((guard, e)),
@@ -687,65 +698,12 @@ impl ChatCall {
             rec.requested_model = req.model.clone();
             rec.model_label = rt.router.label(&req.model);
         }
-        let mut service_type_seen = None;
-        let principal = match tracing::Instrument::instrument(
-            gateway.authenticate(&rt, &ctx, &mut service_type_seen),
-            tracing::debug_span!("auth"),
-        )
-        .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                if let Some(st) = service_type_seen {
-                    let rec = guard.record();
-                    rec.service_type_label = service_type_label(&rt, Some(&st));
-                    rec.service_type = Some(st);
-                }
-                return Err((guard, e));
-            }
-        };
-        {
-            let rec = guard.record();
-            rec.user_id = Some(principal.identity.user_id);
-            rec.key_id = principal.identity.key_id;
-            rec.service_type = Some(principal.service_type.clone());
-            rec.service_type_label = service_type_label(&rt, Some(&principal.service_type));
-        }
-        if let Err(e) = check_blocked(&principal) {
-            return Err((guard, e));
-        }
-        let route = match rt.router.resolve(&req.model) {
-            Ok(r) => r,
-            Err(e) => return Err((guard, e)),
-        };
-        if let Err(e) = check_model_allowed(&principal, &req.model) {
-            return Err((guard, e));
-        }
-        // Policy: rate limits, then the request's maximum cost reserved in its budgets; the
-        // hold rides on the outcome guard, which settles it however the request ends.
-        guard.record().pricing = Some(rt.pricing.clone());
-        let st = rt.config.service_type(&principal.service_type);
-        let admission = gateway
-            .recorder
-            .budgets
-            .admit(super::policy::AdmitArgs {
-                principal: &principal,
-                service_type: st.as_ref(),
-                route: &route,
-                request: &req,
-                request_id: &ctx.request_id,
-                pricing: &rt.pricing,
-                config: &rt.config.budgets,
-            })
-            .instrument(tracing::debug_span!("policy"))
-            .await;
-        let policy_headers = match admission {
-            Ok(a) => {
-                guard.record().hold = a.hold;
-                a.headers
-            }
-            Err(e) => return Err((guard, e)),
-        };
+        let demand = super::policy::Demand::chat(&req);
+        let (route, policy_headers) =
+            match admit(&gateway, &rt, &ctx, &mut guard, &req.model, demand).await {
+                Ok(admitted) => admitted,
+                Err(e) => return Err((guard, e)),
+            };
         let upstream = Dispatch {
             gateway: &gateway,
             request_id: &ctx.request_id,
@@ -766,6 +724,75 @@ impl ChatCall {
             r
         })
     }
+}
+
+/// Fills what a model request's record knows before its body is decoded.
+pub(super) fn open_record(rt: &Runtime, ctx: &CallContext, guard: &mut OutcomeGuard) {
+    let rec = guard.record();
+    rec.service_type = ctx.service_type.clone();
+    rec.purpose = ctx.purpose.clone();
+    rec.service_type_label = service_type_label(rt, ctx.service_type.as_deref());
+    rec.purpose_label = purpose_label(rt, ctx.purpose.as_deref());
+}
+
+/// The stages every model request (chat, embeddings) runs before its upstream: authentication
+/// and provisioning, the blocked check, routing, the model allow-list, then policy (rate limits,
+/// then the maximum cost of `demand` reserved in every budget that applies; the hold rides on
+/// the outcome guard, which settles it however the request ends). Returns the route and the
+/// policy headers.
+pub(super) async fn admit(
+    gateway: &Gateway,
+    rt: &Runtime,
+    ctx: &CallContext,
+    guard: &mut OutcomeGuard,
+    model: &str,
+    demand: super::policy::Demand,
+) -> Result<(crate::routing::Route, crate::error::PolicyHeaders), Rejection> {
+    use tracing::Instrument;
+    let mut service_type_seen = None;
+    let principal = match gateway
+        .authenticate(rt, ctx, &mut service_type_seen)
+        .instrument(tracing::debug_span!("auth"))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(st) = service_type_seen {
+                let rec = guard.record();
+                rec.service_type_label = service_type_label(rt, Some(&st));
+                rec.service_type = Some(st);
+            }
+            return Err(e);
+        }
+    };
+    {
+        let rec = guard.record();
+        rec.user_id = Some(principal.identity.user_id);
+        rec.key_id = principal.identity.key_id;
+        rec.service_type = Some(principal.service_type.clone());
+        rec.service_type_label = service_type_label(rt, Some(&principal.service_type));
+    }
+    check_blocked(&principal)?;
+    let route = rt.router.resolve(model)?;
+    check_model_allowed(&principal, model)?;
+    guard.record().pricing = Some(rt.pricing.clone());
+    let st = rt.config.service_type(&principal.service_type);
+    let admission = gateway
+        .recorder
+        .budgets
+        .admit(super::policy::AdmitArgs {
+            principal: &principal,
+            service_type: st.as_ref(),
+            route: &route,
+            demand,
+            request_id: &ctx.request_id,
+            pricing: &rt.pricing,
+            config: &rt.config.budgets,
+        })
+        .instrument(tracing::debug_span!("policy"))
+        .await?;
+    guard.record().hold = admission.hold;
+    Ok((route, admission.headers))
 }
 
 fn service_type_label(rt: &Runtime, st: Option<&str>) -> String {

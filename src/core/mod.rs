@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod context;
 mod dispatch;
+mod embed;
 mod gateway;
 pub mod ledger;
 mod native;
@@ -16,6 +17,7 @@ mod stream;
 mod ttl_cache;
 
 pub use crate::error::{GrpcCode, Outcome, Reason, Rejection};
+pub use embed::{Embeddings, EmbeddingsCall};
 pub use gateway::{
     ChatCall, ChatCompletion, ChatReply, ConfigSource, Gateway, GatewayParts, ModelEntry,
     Principal, ProviderStatus, Runtime,

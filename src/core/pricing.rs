@@ -62,6 +62,16 @@ pub fn micros_to_usd(micros: i64) -> String {
     format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
 }
 
+/// How many output tokens a request may produce, for its maximum cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputCap {
+    /// None: an embeddings request is priced on its input alone.
+    Nothing,
+    /// The caller's `max_tokens`, capped by each model's `max_output_tokens` (see
+    /// [`Pricing::max_output_tokens`]).
+    UpTo(Option<u64>),
+}
+
 /// Why a model cannot be given a maximum cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unpriced(pub String);
@@ -137,7 +147,7 @@ impl Pricing {
         &self,
         targets: impl IntoIterator<Item = &'a str>,
         prompt_tokens: u64,
-        max_tokens: Option<u64>,
+        output: OutputCap,
     ) -> Result<i64, Unpriced> {
         let mut max = 0;
         for resolved in targets {
@@ -149,7 +159,10 @@ impl Pricing {
             };
             let usage = Usage {
                 prompt_tokens,
-                completion_tokens: self.max_output_tokens(resolved, max_tokens),
+                completion_tokens: match output {
+                    OutputCap::Nothing => 0,
+                    OutputCap::UpTo(max_tokens) => self.max_output_tokens(resolved, max_tokens),
+                },
                 cached_prompt_tokens: 0,
                 cache_creation_tokens: 0,
             };
@@ -228,15 +241,27 @@ mod tests {
         );
         let pricing = Pricing::from_config(&config);
         // cheap: 10 * 1 + 100 (model cap) * 2 = 210; dear: 10 * 10 + 500 * 20 = 10100.
-        assert_eq!(pricing.max_cost_micros(["a/cheap"], 10, Some(500)), Ok(210));
         assert_eq!(
-            pricing.max_cost_micros(["a/cheap", "a/dear", "a/free"], 10, Some(500)),
+            pricing.max_cost_micros(["a/cheap"], 10, OutputCap::UpTo(Some(500))),
+            Ok(210)
+        );
+        // Embeddings: input only, 10 * 10 at the dearest.
+        assert_eq!(
+            pricing.max_cost_micros(["a/cheap", "a/dear"], 10, OutputCap::Nothing),
+            Ok(100)
+        );
+        assert_eq!(
+            pricing.max_cost_micros(
+                ["a/cheap", "a/dear", "a/free"],
+                10,
+                OutputCap::UpTo(Some(500))
+            ),
             Ok(10_100)
         );
         config.pricing_policy.unpriced = UnpricedPolicy::Refuse;
         let pricing = Pricing::from_config(&config);
         assert_eq!(
-            pricing.max_cost_micros(["a/cheap", "a/free"], 10, Some(500)),
+            pricing.max_cost_micros(["a/cheap", "a/free"], 10, OutputCap::UpTo(Some(500))),
             Err(Unpriced("a/free".into()))
         );
     }

@@ -55,7 +55,8 @@ pub fn rejection_status(r: &Rejection, request_id: &str) -> Status {
     status
 }
 
-fn parse_object(json: &str, field: &str) -> Result<JsonObject, Rejection> {
+/// A JSON text field that must hold an object.
+pub(super) fn parse_object(json: &str, field: &str) -> Result<JsonObject, Rejection> {
     match serde_json::from_str::<Value>(json) {
         Ok(Value::Object(o)) => Ok(o),
         Ok(_) => Err(Rejection::invalid(

@@ -125,6 +125,28 @@ impl proto::gateway_server::Gateway for GatewayService {
         }
     }
 
+    async fn embed(
+        &self,
+        request: Request<proto::EmbedRequest>,
+    ) -> Result<Response<proto::EmbedResponse>, Status> {
+        let ctx = context(&request);
+        let request_id = ctx.request_id.clone();
+        let call = self.gateway.embed(ctx);
+        let decoded = super::embeddings::embed_request(request.into_inner());
+        match call.run(decoded).await {
+            Ok(mut e) => {
+                let resolved = e.resolved_model.clone();
+                let policy = std::mem::take(&mut e.policy_headers);
+                Ok(reply(
+                    super::embeddings::embed_response(e, &request_id),
+                    &resolved,
+                    &policy,
+                ))
+            }
+            Err(e) => Err(rejection_status(&e, &request_id)),
+        }
+    }
+
     async fn list_models(
         &self,
         request: Request<proto::ListModelsRequest>,

@@ -1,4 +1,4 @@
-//! The request size limit for chat RPCs, enforced from the gRPC frame header before the
+//! The request size limit for model RPCs (chat and embeddings), enforced from the gRPC frame header before the
 //! message is read, so that an oversized request is refused as `payload_too_large`
 //! (RESOURCE_EXHAUSTED) and counted like any other chat request. tonic's own decode limit would
 //! answer OUT_OF_RANGE before the core ever saw the call.
@@ -20,6 +20,9 @@ const CHAT_METHODS: &[&str] = &[
     "/tollgate.v1.Gateway/Complete",
     "/tollgate.v1.Gateway/StreamComplete",
 ];
+
+/// The method whose request is an embeddings request.
+const EMBED_METHOD: &str = "/tollgate.v1.Gateway/Embed";
 
 /// gRPC length-prefixed message header: one flag byte and a big-endian u32 length.
 const FRAME_HEADER: usize = 5;
@@ -76,7 +79,8 @@ where
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !CHAT_METHODS.contains(&req.uri().path()) {
+        let embed = req.uri().path() == EMBED_METHOD;
+        if !embed && !CHAT_METHODS.contains(&req.uri().path()) {
             return Box::pin(inner.call(req.map(tonic::body::Body::new)));
         }
         let gateway = self.gateway.clone();
@@ -105,10 +109,15 @@ where
                         Reason::PayloadTooLarge,
                         format!("the request message is larger than {limit} bytes"),
                     );
-                    let recorded = gateway.chat(ctx).run(Err(rejection)).await;
+                    // Recorded as the kind of request it is, like any other refusal.
+                    let recorded = if embed {
+                        gateway.embed(ctx).run(Err(rejection)).await.err()
+                    } else {
+                        gateway.chat(ctx).run(Err(rejection)).await.err()
+                    };
                     let status = match recorded {
-                        Err(r) => rejection_status(&r, &request_id),
-                        Ok(_) => tonic::Status::internal("unexpected reply"),
+                        Some(r) => rejection_status(&r, &request_id),
+                        None => tonic::Status::internal("unexpected reply"),
                     };
                     return Ok(status.into_http());
                 }

@@ -4,6 +4,7 @@
 mod admin;
 mod budgets;
 mod convert;
+mod embeddings;
 mod gateway;
 mod limit;
 mod telemetry;

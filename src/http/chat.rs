@@ -56,6 +56,7 @@ pub async fn chat_completions(
     }
 }
 
+/// Sets a response header; a value that cannot be one is left out.
 pub(super) fn set_header(resp: &mut Response, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         resp.headers_mut().insert(name, v);

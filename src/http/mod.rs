@@ -5,6 +5,7 @@ mod admin;
 mod authorize;
 mod budgets;
 mod chat;
+mod embeddings;
 mod error;
 mod messages;
 mod ops;
@@ -28,6 +29,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(ops::models))
         .route("/v1/authorize", post(authorize::authorize))
         .route("/healthz", get(ops::healthz))

@@ -18,6 +18,10 @@ use crate::config::{MockConfig, ProviderKind};
 
 /// Vector size of mock embeddings when the request names none.
 const MOCK_DIMENSIONS: u32 = 16;
+/// The most dimensions the mock embeds (OpenAI's largest model has 3072).
+const MOCK_MAX_DIMENSIONS: u32 = 4096;
+/// The most inputs the mock embeds in one request (OpenAI's limit).
+const MOCK_MAX_INPUTS: usize = 2048;
 
 /// Answers every model name with the same deterministic text.
 pub struct MockProvider {
@@ -151,7 +155,19 @@ impl Provider for MockProvider {
     }
 
     async fn embed(&self, call: EmbedCall<'_>) -> Result<EmbeddingsResponse, UpstreamError> {
-        let dims = call.request.dimensions.unwrap_or(MOCK_DIMENSIONS).max(1) as usize;
+        let dims = call.request.dimensions.unwrap_or(MOCK_DIMENSIONS).max(1);
+        // Refused as a real upstream would, so that a caller cannot make the gateway allocate
+        // without bound.
+        if dims > MOCK_MAX_DIMENSIONS || call.request.input.len() > MOCK_MAX_INPUTS {
+            return Err(UpstreamError::Status {
+                status: 400,
+                message: format!(
+                    "the mock embeds at most {MOCK_MAX_INPUTS} inputs of at most {MOCK_MAX_DIMENSIONS} dimensions"
+                ),
+                retry_after: None,
+            });
+        }
+        let dims = dims as usize;
         let seeds: Vec<Vec<u8>> = match &call.request.input {
             EmbeddingInput::Texts(t) => t.iter().map(|s| s.as_bytes().to_vec()).collect(),
             EmbeddingInput::Tokens(t) => t

@@ -3,14 +3,13 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
 
 use super::http::{HttpUpstream, KeyHeader};
 use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, Provider, UpstreamCall,
     UpstreamError,
 };
-use crate::api::{openai_chat, ChatResponse, EmbeddingInput, EmbeddingsResponse};
+use crate::api::{openai_chat, openai_embeddings, ChatResponse, EmbeddingsResponse};
 use crate::clock::Clock;
 use crate::config::{HttpUpstreamConfig, ProviderKind};
 
@@ -101,93 +100,19 @@ impl Provider for OpenAiProvider {
 
     async fn embed(&self, call: EmbedCall<'_>) -> Result<EmbeddingsResponse, UpstreamError> {
         let deadline = self.http.deadline();
-        let req = call.request;
-        let mut body = req.extra.clone();
-        body.insert("model".into(), Value::String(call.model.to_string()));
-        body.insert(
-            "input".into(),
-            match &req.input {
-                EmbeddingInput::Texts(t) => json!(t),
-                EmbeddingInput::Tokens(t) => json!(t),
-            },
-        );
-        if let Some(d) = req.dimensions {
-            body.insert("dimensions".into(), d.into());
-        }
-        // Floats from the upstream; the adapter encodes what the caller asked for.
-        body.remove("encoding_format");
-        let bytes = serde_json::to_vec(&body)
-            .map_err(|e| UpstreamError::BadResponse(format!("cannot encode request: {e}")))?;
+        let body = openai_embeddings::encode_request(call.request, call.model);
         let resp = self
             .http
             .post(
                 &self.embeddings_url,
                 call.request_id,
                 &[],
-                bytes.into(),
+                body.into(),
                 deadline,
             )
             .await?;
         let bytes = self.http.body(resp, deadline).await?;
-        parse_embeddings(&bytes, req.input.len())
-    }
-}
-
-/// An OpenAI embeddings answer: `data[].embedding` in `index` order, `usage.prompt_tokens`.
-fn parse_embeddings(bytes: &[u8], expected: usize) -> Result<EmbeddingsResponse, UpstreamError> {
-    let bad = |m: String| UpstreamError::BadResponse(m);
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let data = v
-        .get("data")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("no `data` in the answer".into()))?;
-    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; expected];
-    for (i, item) in data.iter().enumerate() {
-        let index = item
-            .get("index")
-            .and_then(Value::as_u64)
-            .map_or(i, |n| n as usize);
-        let embedding = item
-            .get("embedding")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad(format!("data[{i}].embedding is not an array")))?
-            .iter()
-            .map(|x| x.as_f64().map(|f| f as f32))
-            .collect::<Option<Vec<f32>>>()
-            .ok_or_else(|| bad(format!("data[{i}].embedding holds a non-number")))?;
-        match vectors.get_mut(index) {
-            Some(slot) => *slot = Some(embedding),
-            None => return Err(bad(format!("data[{i}].index {index} is out of range"))),
-        }
-    }
-    let vectors = vectors
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad(format!("expected {expected} vectors")))?;
-    Ok(EmbeddingsResponse {
-        model: v
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        vectors,
-        prompt_tokens: v.pointer("/usage/prompt_tokens").and_then(Value::as_u64),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embeddings_in_index_order() {
-        let r = parse_embeddings(
-            br#"{"data":[{"index":1,"embedding":[3.0]},{"index":0,"embedding":[1.0,2.0]}],"model":"e","usage":{"prompt_tokens":5}}"#,
-            2,
-        )
-        .unwrap();
-        assert_eq!(r.vectors, vec![vec![1.0, 2.0], vec![3.0]]);
-        assert_eq!(r.prompt_tokens, Some(5));
-        assert!(parse_embeddings(br#"{"data":[]}"#, 1).is_err());
+        openai_embeddings::parse_response(&bytes, call.request.input.len())
+            .map_err(UpstreamError::BadResponse)
     }
 }

@@ -12,6 +12,7 @@
 //! | `caller_4xx` | `upstream_rejected` (400), also in a chain: no fallback |
 //! | `rate_limited_key` | a 429 key cools down (`temporary`), the request succeeds on the next key, later requests skip it |
 //! | `unauthorized_key` | a 401 key is disabled (`permanent`), likewise |
+//! | `embeddings` | `POST /v1/embeddings`: vectors in OpenAI's shape, ledger row with the input tokens; a 5xx falls back along a chain. A kind that cannot embed answers `invalid_request` naming `model`, also in a chain: no fallback |
 //!
 //! Tests are named `<kind>::<scenario>` (`cargo test --test contract anthropic::`).
 
@@ -34,6 +35,8 @@ struct Kind {
     rate_limited: Option<KeyCase>,
     /// `ok`'s model behind the pool [`unauthorized_key`, good key].
     unauthorized: Option<KeyCase>,
+    /// Whether `ok` serves embeddings.
+    embeds: bool,
 }
 
 /// A pool whose first key is refused and whose second is good.
@@ -58,6 +61,7 @@ const OPENAI: Kind = Kind {
         bad_key: "sk-revoked-c1",
         good_key: UPSTREAM_KEY,
     }),
+    embeds: true,
 };
 
 const ANTHROPIC: Kind = Kind {
@@ -75,6 +79,7 @@ const ANTHROPIC: Kind = Kind {
         bad_key: "sk-ant-revoked-c1",
         good_key: claude_fake::GOOD_KEY,
     }),
+    embeds: false,
 };
 
 const MOCK: Kind = Kind {
@@ -84,6 +89,7 @@ const MOCK: Kind = Kind {
     fail_4xx: None,
     rate_limited: None,
     unauthorized: None,
+    embeds: true,
 };
 
 /// Every row, for reading; the tests below are generated per row by [`contract_suite`].
@@ -110,6 +116,8 @@ macro_rules! contract_suite {
             async fn unauthorized_key() {
                 super::bad_key(&$kind, $kind.unauthorized.as_ref(), "permanent", "unauthorized").await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embeddings() { super::embeddings(&$kind).await }
         }
     )*};
 }
@@ -396,6 +404,96 @@ async fn upstream_5xx(kind: &'static Kind) {
         1.0,
     )
     .await;
+    h.shutdown().await;
+}
+
+fn embed_request(h: &Harness, model: &str, rid: &str) -> reqwest::RequestBuilder {
+    h.s.client
+        .post(h.s.url("/v1/embeddings"))
+        .bearer_auth(ALICE_KEY)
+        .header("x-request-id", rid)
+        .json(&json!({"model": model, "input": [format!("first {rid}"), "second"]}))
+}
+
+async fn embeddings(kind: &'static Kind) {
+    let h = Harness::start(kind).await;
+    let before = h.s.metrics().await;
+    let rid = new_request_id();
+    let resp = embed_request(&h, kind.ok, &rid).send().await.unwrap();
+    if !kind.embeds {
+        let body = expect_http_error(resp, 400, "invalid_request").await;
+        assert_eq!(body["error"]["param"], "model", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("does not serve embeddings"), "{body}");
+        if let Some(failing) = kind.fail_5xx {
+            // In a chain, the request is wrong for the target: no fallback to mock/echo.
+            let rid = new_request_id();
+            let resp = embed_request(&h, "contract_5xx", &rid)
+                .send()
+                .await
+                .unwrap();
+            expect_http_error(resp, 400, "invalid_request").await;
+            let row = h.s.ledger_row(&rid).await;
+            assert_eq!(row.resolved_model, None, "{failing}: {row:?}");
+        }
+        h.s.expect_delta(
+            &before,
+            AVAILABILITY,
+            &[("protocol", "http"), ("reason", "invalid_request")],
+            1.0 + f64::from(u8::from(kind.fail_5xx.is_some())),
+        )
+        .await;
+        return h.shutdown().await;
+    }
+    let resolved = resp
+        .headers()
+        .get("x-tollgate-resolved-model")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = ok_json(resp).await;
+    assert_eq!(resolved.as_deref(), Some(kind.ok));
+    assert_eq!(body["object"], "list", "{body}");
+    assert_eq!(body["model"], kind.ok, "{body}");
+    let data = body["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2, "{body}");
+    for (i, item) in data.iter().enumerate() {
+        assert_eq!(item["index"], i, "{body}");
+        assert!(
+            item["embedding"].as_array().is_some_and(|v| !v.is_empty()),
+            "{body}"
+        );
+    }
+    let p = body["usage"]["prompt_tokens"].as_i64().unwrap_or(0);
+    assert!(p > 0, "{body}");
+    assert_eq!(body["usage"]["total_tokens"].as_i64(), Some(p), "{body}");
+    let row = h.s.ledger_row(&rid).await;
+    assert_eq!(row.resolved_model.as_deref(), Some(kind.ok));
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (p, 0));
+
+    if let Some(failing) = kind.fail_5xx {
+        let rid = new_request_id();
+        let resp = embed_request(&h, "contract_5xx", &rid)
+            .send()
+            .await
+            .unwrap();
+        let body = ok_json(resp).await;
+        assert_eq!(body["model"], "contract_5xx", "{body}");
+        assert_eq!(
+            h.s.ledger_row(&rid).await.resolved_model.as_deref(),
+            Some("mock/echo")
+        );
+        h.s.assert_delta_now(
+            &before,
+            "tollgate_fallback_total",
+            &[
+                ("from_model", failing),
+                ("to_model", "mock/echo"),
+                ("reason", "upstream_5xx"),
+            ],
+            1.0,
+        )
+        .await;
+    }
     h.shutdown().await;
 }
 

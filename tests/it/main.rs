@@ -10,6 +10,7 @@ mod budgets;
 mod chat;
 mod cli;
 mod contract;
+mod embeddings;
 mod key_pools;
 mod messages;
 mod operator;

@@ -1,5 +1,6 @@
-//! The policy stage: rate limits and budgets, checked for every chat request after it is
-//! authorized and routed, before any upstream is called.
+//! The policy stage: rate limits and budgets, checked for every model request (chat,
+//! embeddings) after it is authorized and routed, before any upstream is called. A request is
+//! seen through its [`Demand`] (estimated prompt tokens and an output cap).
 //!
 //! [`Budgets::admit`] runs the steps in order: refuse an unpriced model where those are
 //! refused; load the settings of the request's scopes (its user and its key, cached briefly);
@@ -21,10 +22,10 @@ pub use budget::{
 use self::budget::{Applied, CachedBudget, Reservation, Settler};
 use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimiter};
 use super::gateway::Principal;
-use super::pricing::{Pricing, Unpriced};
+use super::pricing::{OutputCap, Pricing, Unpriced};
 use super::ttl_cache::TtlCache;
 use super::{Reason, Rejection};
-use crate::api::ChatRequest;
+use crate::api::{ChatRequest, EmbeddingsRequest};
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ServiceTypeConfig};
 use crate::error::PolicyHeaders;
@@ -57,10 +58,44 @@ pub struct AdmitArgs<'a> {
     pub principal: &'a Principal,
     pub service_type: Option<&'a ServiceTypeConfig>,
     pub route: &'a Route,
-    pub request: &'a ChatRequest,
+    pub demand: Demand,
     pub request_id: &'a str,
     pub pricing: &'a Pricing,
     pub config: &'a BudgetsConfig,
+}
+
+/// What a request may consume, estimated before it runs: the tokens its rate-limit windows are
+/// charged and the maximum cost its budgets reserve (both settled on what it really used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    pub prompt_tokens: u64,
+    pub output: OutputCap,
+}
+
+impl Demand {
+    /// A chat request: its estimated prompt and up to its `max_tokens` of output.
+    pub fn chat(req: &ChatRequest) -> Demand {
+        Demand {
+            prompt_tokens: req.estimate_prompt_tokens(),
+            output: OutputCap::UpTo(req.max_tokens),
+        }
+    }
+
+    /// An embeddings request: its estimated input tokens and no output.
+    pub fn embeddings(req: &EmbeddingsRequest) -> Demand {
+        Demand {
+            prompt_tokens: req.input.estimate_tokens(),
+            output: OutputCap::Nothing,
+        }
+    }
+
+    /// The tokens charged to tokens-per-minute windows up front.
+    fn rate_tokens(&self) -> u64 {
+        match self.output {
+            OutputCap::Nothing | OutputCap::UpTo(None) => self.prompt_tokens,
+            OutputCap::UpTo(Some(max)) => self.prompt_tokens + max,
+        }
+    }
 }
 
 /// What a replica knows about one scope's settings (cached for `budgets.policy_cache_ms`).
@@ -132,11 +167,8 @@ impl Budgets {
                 headers: Vec::new(),
             });
         }
-        let prompt = a.request.estimate_prompt_tokens();
-        let max_tokens = a.request.max_tokens;
-        let (rate, mut headers) =
-            self.take_rate(now, &rate_scopes, prompt + max_tokens.unwrap_or(0))?;
-        match self.reserve_max_cost(&a, applied, prompt, max_tokens).await {
+        let (rate, mut headers) = self.take_rate(now, &rate_scopes, a.demand.rate_tokens())?;
+        match self.reserve_max_cost(&a, applied).await {
             Ok((reservation, budget_headers)) => {
                 headers.extend(budget_headers);
                 Ok(Admission {
@@ -177,13 +209,11 @@ impl Budgets {
         self: &Arc<Self>,
         a: &AdmitArgs<'_>,
         applied: Vec<Applied>,
-        prompt: u64,
-        max_tokens: Option<u64>,
     ) -> Result<(Option<Reservation>, PolicyHeaders), Rejection> {
         let targets = a.route.targets.iter().map(|t| t.resolved.as_str());
         let max_cost = a
             .pricing
-            .max_cost_micros(targets, prompt, max_tokens)
+            .max_cost_micros(targets, a.demand.prompt_tokens, a.demand.output)
             .map_err(|Unpriced(model)| unpriced(&model))?;
         if applied.is_empty() || max_cost == 0 {
             return Ok((None, Vec::new()));

@@ -12,6 +12,9 @@
 //! | `gated`    | SSE: chunk `g0`, then waits for [`Upstream::release_gate`] (per request marker), then `g1`, `g2` (20 ms apart), usage, `[DONE]` |
 //! | `badjson`  | 200 `application/json` whose body is not JSON |
 //!
+//! `POST /v1/embeddings` answers `ok*` with [`EMBED_DIMS`] values per input and
+//! `prompt_tokens` = [`EMBED_TOKENS_PER_INPUT`] per input, `fail500` and `fail400` as above.
+//!
 //! Keys: [`UPSTREAM_KEY`] is accepted; keys starting with [`RATE_LIMITED_KEY_PREFIX`] get 429
 //! with `Retry-After: 60`; any other key gets 401.
 //!
@@ -44,6 +47,10 @@ pub const FAIL400_MESSAGE: &str = "max_tokens is too large for this model (upstr
 pub const OK_USAGE: (i64, i64) = (11, 7);
 pub const STREAM_USAGE: (i64, i64) = (11, 5);
 pub const STREAM_CHUNKS: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+/// Values in each vector of an embeddings answer.
+pub const EMBED_DIMS: usize = 3;
+/// Prompt tokens an embeddings answer reports per input.
+pub const EMBED_TOKENS_PER_INPUT: u64 = 2;
 
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
@@ -213,6 +220,41 @@ fn sse(body: Body) -> Response {
         .unwrap()
 }
 
+/// An embeddings answer (floats) for `ok*`, or the failure the model names.
+fn embeddings(model: &str, body: &Value) -> Response {
+    match model {
+        "fail500" => {
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error_body("server error", "server_error", "server_error"),
+            )
+        }
+        m if !m.starts_with("ok") => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                error_body(FAIL400_MESSAGE, "invalid_request_error", "invalid_value"),
+            )
+        }
+        _ => {}
+    }
+    let n = match &body["input"] {
+        Value::Array(a) if !a.first().is_some_and(Value::is_number) => a.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..n)
+        .map(|i| {
+            let v: Vec<f32> = (0..EMBED_DIMS).map(|j| (i + j) as f32 * 0.25).collect();
+            json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    let tokens = EMBED_TOKENS_PER_INPUT * n as u64;
+    json_response(
+        StatusCode::OK,
+        json!({"object": "list", "data": data, "model": format!("{model}-embed"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+    )
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
@@ -226,7 +268,7 @@ async fn handle(
         body: json_body.clone(),
     });
 
-    if uri.path() != "/v1/chat/completions" {
+    if uri.path() != "/v1/chat/completions" && uri.path() != "/v1/embeddings" {
         return json_response(
             StatusCode::NOT_FOUND,
             error_body(
@@ -269,6 +311,9 @@ async fn handle(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
+    if uri.path() == "/v1/embeddings" {
+        return embeddings(&model, &json_body);
+    }
     let stream = json_body
         .get("stream")
         .and_then(Value::as_bool)
