@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod native;
 pub mod openai_chat;
 pub mod openai_embeddings;
+pub mod openai_responses;
 pub mod stream;
 pub mod usage;
 
