@@ -188,7 +188,8 @@ fn request_from_object(
     if let Some(format) = text_format(body)? {
         req.extra.insert("response_format".into(), format);
     }
-    if !stateful {
+    // A body only a native upstream can serve may hold no translatable message at all.
+    if !stateful && refusal.is_none() {
         req.check_required()?;
     }
     Ok((req, refusal))

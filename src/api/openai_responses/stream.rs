@@ -47,6 +47,8 @@ enum Open {
 pub struct StreamEncoder {
     echo: Echo,
     started: bool,
+    /// The upstream's id, which item ids are made from.
+    base: String,
     id: String,
     created: u64,
     seq: u64,
@@ -67,6 +69,7 @@ impl StreamEncoder {
         StreamEncoder {
             echo,
             started: false,
+            base: String::new(),
             id: String::new(),
             created: 0,
             seq: 0,
@@ -111,6 +114,7 @@ impl StreamEncoder {
         }
         if !self.started {
             self.started = true;
+            self.base.clone_from(&delta.id);
             self.id = id_with("resp_", &delta.id, 0);
             self.created = delta.created;
             let r = self.snapshot("in_progress", Value::Null, None);
@@ -164,7 +168,7 @@ impl StreamEncoder {
                         arguments: String::new(),
                         extra: Default::default(),
                     };
-                    let id = id_with("fc_", &self.id, self.output_index() + 1);
+                    let id = id_with("fc_", &self.base, self.output_index() + 1);
                     let item = function_call_item(&id, &call, "in_progress");
                     let data = json!({"output_index": self.output_index(), "item": item});
                     self.event("response.output_item.added", data, &mut out);
@@ -192,7 +196,7 @@ impl StreamEncoder {
     }
 
     fn open_message(&mut self, out: &mut Vec<Event>) {
-        let id = id_with("msg_", &self.id, self.output_index() + 1);
+        let id = id_with("msg_", &self.base, self.output_index() + 1);
         let index = self.output_index();
         let item = json!({"id": id, "type": "message", "status": "in_progress",
             "role": "assistant", "content": []});
@@ -211,7 +215,7 @@ impl StreamEncoder {
     }
 
     fn open_reasoning(&mut self, out: &mut Vec<Event>) {
-        let id = id_with("rs_", &self.id, self.output_index() + 1);
+        let id = id_with("rs_", &self.base, self.output_index() + 1);
         let index = self.output_index();
         let item = json!({"id": id, "type": "reasoning", "status": "in_progress",
             "summary": [], "content": []});
