@@ -511,3 +511,22 @@ async fn openai_sdk_against_responses() {
         env.claude.refused()
     );
 }
+
+/// A body over the limit is `payload_too_large` in OpenAI's shape, counted once as a Responses
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_too_large_is_counted() {
+    let s = TestServer::sqlite(Opts {
+        server: "max_body_bytes = 256".to_owned(),
+        ..Opts::default()
+    })
+    .await;
+    let rid = new_request_id();
+    let body = json!({"model": "mock/echo", "input": "x".repeat(1000)}).to_string();
+    expect_http_error(post(&s, &body, &rid).await, 413, "payload_too_large").await;
+    let row = s.ledger_row(&rid).await;
+    assert_eq!(
+        (row.api.as_str(), row.reason.as_str()),
+        ("responses", "payload_too_large")
+    );
+}

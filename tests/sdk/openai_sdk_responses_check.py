@@ -25,7 +25,10 @@ try:
         Response,
         ResponseCompletedEvent,
         ResponseCreatedEvent,
+        ResponseErrorEvent,
+        ResponseFailedEvent,
         ResponseFunctionToolCall,
+        ResponseIncompleteEvent,
         ResponseOutputMessage,
         ResponseTextDeltaEvent,
     )
@@ -136,6 +139,22 @@ def check_passthrough(client, expect):
     check(events[-1].response.model == "gpt/gpt-ok", f"passthrough stream: model {events[-1].response.model!r}")
 
 
+def check_terminal_events(client, expect):
+    events = collect(client.responses.create(model="claude/claude-max", input="long", stream=True,
+                                             max_output_tokens=10), "incomplete stream")
+    last = events[-1]
+    check(isinstance(last, ResponseIncompleteEvent), f"incomplete stream: last {last!r}")
+    check(last.response.incomplete_details.reason == "max_output_tokens", f"incomplete stream: {last!r}")
+    events = collect(client.responses.create(model="claude/claude-midstream-error", input="x", stream=True),
+                     "failed stream")
+    last = events[-1]
+    check(isinstance(last, ResponseFailedEvent), f"failed stream: last {last!r}")
+    check(last.response.status == "failed" and last.response.error.message, f"failed stream: {last!r}")
+    events = collect(client.responses.create(model="gpt/gpt-failed", input="x", stream=True),
+                     "failed pass-through")
+    check(isinstance(events[-1], ResponseErrorEvent), f"failed pass-through: last {events[-1]!r}")
+
+
 def check_errors(client, expect):
     try:
         client.responses.create(model="mock/echo", input="hi", previous_response_id="resp_1")
@@ -163,7 +182,7 @@ def main():
     base_url, api_key, expect = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=TIMEOUT_SECS)
     checks = [check_mock_whole, check_mock_stream, check_claude_tool_round_trip, check_claude_tool_stream,
-              check_passthrough, check_errors]
+              check_passthrough, check_terminal_events, check_errors]
     failed = 0
     for c in checks:
         try:
