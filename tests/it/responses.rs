@@ -25,7 +25,9 @@ async fn start_with(backend: Backend) -> Option<Env> {
     let claude = AnthropicUpstream::start().await;
     let gpt = ResponsesUpstream::start().await;
     let extra = format!(
-        "{}{}[aliases.gpt_then_claude]\nchain = [\"gpt/gpt-fail500\", \"claude/claude-ok\"]\n\n",
+        "{}{}[aliases.gpt_then_claude]\nchain = [\"gpt/gpt-fail500\", \"claude/claude-ok\"]\n\n\
+         [pricing.\"gpt/gpt-ok\"]\ninput_usd_per_mtok = 1000.0\n\
+         cached_input_usd_per_mtok = 100.0\noutput_usd_per_mtok = 2000.0\n\n",
         claude.provider_toml("claude", &[fake::GOOD_KEY]),
         gpt.provider_toml("gpt"),
     );
