@@ -1,6 +1,7 @@
 //! Typed, protocol-neutral values: what the core works on (docs/architecture.md). Every wire
 //! format is a pair of conversions to and from these, kept beside them: [`openai_chat`] for
-//! OpenAI chat completions, [`openai_embeddings`] for OpenAI embeddings and `anthropic` for the Anthropic Messages API. The gRPC proto
+//! OpenAI chat completions, [`openai_embeddings`] for OpenAI embeddings, `anthropic` for the Anthropic Messages API
+//! and [`openai_responses`] for the OpenAI Responses API. The gRPC proto
 //! converts in the gRPC adapter.
 
 pub mod anthropic;
@@ -9,6 +10,7 @@ pub mod embeddings;
 pub mod native;
 pub mod openai_chat;
 pub mod openai_embeddings;
+pub mod openai_responses;
 pub mod stream;
 pub mod usage;
 

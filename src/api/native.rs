@@ -16,6 +16,8 @@ pub enum Api {
     Messages,
     /// OpenAI embeddings (HTTP `/v1/embeddings`, gRPC `Embed`).
     Embeddings,
+    /// The OpenAI Responses API (`/v1/responses`).
+    Responses,
 }
 
 impl Api {
@@ -25,6 +27,7 @@ impl Api {
             Api::ChatCompletions => "chat_completions",
             Api::Messages => "messages",
             Api::Embeddings => "embeddings",
+            Api::Responses => "responses",
         }
     }
 }
@@ -40,6 +43,9 @@ pub struct NativeBody {
     pub anthropic_version: Option<String>,
     /// The caller's `anthropic-beta` values, in order.
     pub anthropic_beta: Vec<String>,
+    /// Why the body cannot be translated for an upstream that does not speak its wire (it
+    /// needs state or a built-in tool only such an upstream has); `None` when it can be.
+    pub untranslatable: Option<String>,
 }
 
 /// `json` with the string value at `path` (object keys from the top) replaced by `value`,

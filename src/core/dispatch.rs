@@ -187,6 +187,15 @@ impl Dispatch<'_> {
             .filter(|n| target.provider.client.native(n.api))
     }
 
+    /// Why this target cannot serve the request: its body needs the wire natively (stored
+    /// state, a built-in tool) and the target does not take that wire.
+    fn untranslatable(&self, target: &Target, req: &ChatRequest) -> Option<UpstreamError> {
+        let native = req.native.as_deref()?;
+        let why = native.untranslatable.as_deref()?;
+        (!target.provider.client.native(native.api))
+            .then(|| UpstreamError::Unsupported(why.to_string()))
+    }
+
     /// A whole answer from the first target that gives one: passed through from a target that
     /// takes the caller's wire natively, else translated through the neutral types.
     pub async fn complete(
@@ -197,6 +206,10 @@ impl Dispatch<'_> {
     ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
         let mut walk = ChainWalk::new(&route);
         while let Some(target) = walk.next_target(self.gateway) {
+            if let Some(e) = self.untranslatable(target, &req) {
+                walk.failed(target, e);
+                break;
+            }
             let started = Instant::now();
             let result = match self.native_for(target, &req) {
                 Some(native) => target
@@ -279,6 +292,10 @@ impl Dispatch<'_> {
         use futures_util::StreamExt;
         let mut walk = ChainWalk::new(&route);
         while let Some(target) = walk.next_target(self.gateway) {
+            if let Some(e) = self.untranslatable(target, &req) {
+                walk.failed(target, e);
+                break;
+            }
             let started = Instant::now();
             let first = match self.native_for(target, &req) {
                 Some(native) => {

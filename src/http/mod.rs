@@ -9,6 +9,7 @@ mod embeddings;
 mod error;
 mod messages;
 mod ops;
+mod responses;
 mod telemetry;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(ops::models))
         .route("/v1/authorize", post(authorize::authorize))

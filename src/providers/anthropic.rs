@@ -288,7 +288,8 @@ fn native_event(
             .ok()
             .is_some_and(|v| v["type"] == "message_start");
     let bytes = if is_start {
-        rewrite_data(&raw, data, answer_model).unwrap_or(raw)
+        super::sse::rewrite_event_data(&raw, data, &["message", "model"], answer_model)
+            .unwrap_or(raw)
     } else {
         raw
     };
@@ -298,17 +299,4 @@ fn native_event(
         generated_chars: delta.as_ref().map_or(0, |d| d.generated_chars()),
         finished: decoder.is_finished(),
     })
-}
-
-/// The event's bytes with `message.model` of its data replaced; the data is one line in every
-/// stream Anthropic sends, so it appears verbatim in the bytes.
-fn rewrite_data(raw: &[u8], data: &str, answer_model: &str) -> Option<bytes::Bytes> {
-    let text = std::str::from_utf8(raw).ok()?;
-    let at = text.find(data)?;
-    let new_data = replace_string(data.as_bytes(), &["message", "model"], answer_model)?;
-    let mut out = Vec::with_capacity(raw.len() + answer_model.len());
-    out.extend_from_slice(&raw[..at]);
-    out.extend_from_slice(&new_data);
-    out.extend_from_slice(&raw[at + data.len()..]);
-    Some(out.into())
 }

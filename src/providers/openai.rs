@@ -1,4 +1,5 @@
-//! Any OpenAI-compatible server: chat completions and embeddings.
+//! Any OpenAI-compatible server: chat completions, embeddings, and the Responses API natively
+//! (the caller's `/v1/responses` body passed through to `{base_url}/responses`).
 
 use std::sync::Arc;
 
@@ -6,10 +7,13 @@ use futures_util::StreamExt;
 
 use super::http::{HttpUpstream, KeyHeader};
 use super::{
-    Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, Provider, UpstreamCall,
-    UpstreamError,
+    Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
+    NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
 };
-use crate::api::{openai_chat, openai_embeddings, ChatResponse, EmbeddingsResponse};
+use crate::api::native::replace_string;
+use crate::api::{
+    openai_chat, openai_embeddings, openai_responses, Api, ChatResponse, EmbeddingsResponse,
+};
 use crate::clock::Clock;
 use crate::config::{HttpUpstreamConfig, ProviderKind};
 
@@ -17,6 +21,7 @@ use crate::config::{HttpUpstreamConfig, ProviderKind};
 pub struct OpenAiProvider {
     chat_url: String,
     embeddings_url: String,
+    responses_url: String,
     http: HttpUpstream,
 }
 
@@ -31,13 +36,157 @@ impl OpenAiProvider {
         Ok(Self {
             chat_url: format!("{}/chat/completions", cfg.base_url),
             embeddings_url: format!("{}/embeddings", cfg.base_url),
+            responses_url: format!("{}/responses", cfg.base_url),
             http: HttpUpstream::new(name, cfg, KeyHeader::Bearer, clock, observer)?,
         })
     }
 }
 
+impl OpenAiProvider {
+    /// POSTs the caller's Responses body with only `model` changed to the upstream's name.
+    async fn send_native(
+        &self,
+        call: NativeCall<'_>,
+        deadline: std::time::Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let body = replace_string(&call.native.body, &["model"], call.model).ok_or_else(|| {
+            UpstreamError::Unsupported("the request body has no `model` string".into())
+        })?;
+        self.http
+            .post(
+                &self.responses_url,
+                call.request_id,
+                &[],
+                body.into(),
+                deadline,
+            )
+            .await
+    }
+}
+
+/// One pass-through Responses event: read for accounting, its bytes kept, `response.model`
+/// rewritten where the event carries the response. `response.failed` and `error` end the
+/// stream as a failure.
+fn native_event(
+    raw: bytes::Bytes,
+    data: Option<&str>,
+    answer_model: &str,
+) -> Result<NativeChunk, UpstreamError> {
+    let Some(data) = data else {
+        return Ok(NativeChunk {
+            bytes: raw,
+            ..NativeChunk::default()
+        });
+    };
+    if data.trim() == "[DONE]" {
+        return Ok(NativeChunk {
+            bytes: raw,
+            finished: true,
+            ..NativeChunk::default()
+        });
+    }
+    let v: serde_json::Value = serde_json::from_str(data)
+        .map_err(|e| UpstreamError::BadResponse(format!("bad event: {e}")))?;
+    let ty = v
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let message = |v: &serde_json::Value| {
+        v.get("message")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("no message")
+            .to_string()
+    };
+    match ty {
+        "error" => {
+            return Err(UpstreamError::BadResponse(format!(
+                "error: {}",
+                message(&v)
+            )))
+        }
+        "response.failed" => {
+            let e = &v["response"]["error"];
+            return Err(UpstreamError::BadResponse(format!(
+                "response.failed: {}",
+                message(e)
+            )));
+        }
+        _ => {}
+    }
+    let response = v.get("response");
+    let bytes = if response
+        .and_then(|r| r.get("model"))
+        .is_some_and(|m| m.is_string())
+    {
+        super::sse::rewrite_event_data(&raw, data, &["response", "model"], answer_model)
+            .unwrap_or(raw)
+    } else {
+        raw
+    };
+    let finished = matches!(ty, "response.completed" | "response.incomplete");
+    let generated_chars = if ty.ends_with(".delta") {
+        v.get("delta")
+            .and_then(serde_json::Value::as_str)
+            .map_or(0, str::len)
+    } else {
+        0
+    };
+    Ok(NativeChunk {
+        bytes,
+        usage: finished
+            .then(|| response.and_then(|r| r.get("usage")))
+            .flatten()
+            .and_then(openai_responses::usage),
+        generated_chars,
+        finished,
+    })
+}
+
 #[async_trait::async_trait]
 impl Provider for OpenAiProvider {
+    fn native(&self, api: Api) -> bool {
+        api == Api::Responses
+    }
+
+    async fn native_complete(&self, call: NativeCall<'_>) -> Result<NativeResponse, UpstreamError> {
+        let deadline = self.http.deadline();
+        let resp = self.send_native(call, deadline).await?;
+        let bytes = self.http.body(resp, deadline).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| UpstreamError::BadResponse(format!("the answer is not JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(UpstreamError::BadResponse(
+                "the answer is not a response object".into(),
+            ));
+        }
+        let body = replace_string(&bytes, &["model"], call.answer_model)
+            .map(bytes::Bytes::from)
+            .unwrap_or(bytes);
+        Ok(NativeResponse {
+            usage: v.get("usage").and_then(openai_responses::usage),
+            generated_chars: openai_responses::generated_chars(&v),
+            body,
+        })
+    }
+
+    async fn native_stream(&self, call: NativeCall<'_>) -> Result<NativeStream, UpstreamError> {
+        let deadline = self.http.deadline();
+        let resp = self.send_native(call, deadline).await?;
+        let answer_model = call.answer_model.to_string();
+        let mut over = false;
+        let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {
+            let out = if over {
+                None
+            } else {
+                Some(item.and_then(|(raw, data)| native_event(raw, data.as_deref(), &answer_model)))
+            };
+            // After a failure nothing more is for the caller; a trailing `[DONE]` still is.
+            over |= matches!(out, Some(Err(_)));
+            futures_util::future::ready(out)
+        });
+        Ok(Box::pin(events))
+    }
+
     fn kind(&self) -> ProviderKind {
         ProviderKind::Openai
     }

@@ -114,6 +114,25 @@ fn with_data(raw: bytes::Bytes) -> (bytes::Bytes, Option<String>) {
     (raw, data.into_iter().next())
 }
 
+/// An event's bytes with the string at `path` of its data replaced by `value`. The data is one
+/// line in the streams Anthropic and OpenAI send, so it appears verbatim in the bytes; `None`
+/// when it does not or has no string there.
+pub fn rewrite_event_data(
+    raw: &[u8],
+    data: &str,
+    path: &[&str],
+    value: &str,
+) -> Option<bytes::Bytes> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let at = text.find(data)?;
+    let new_data = crate::api::native::replace_string(data.as_bytes(), path, value)?;
+    let mut out = Vec::with_capacity(raw.len() + value.len());
+    out.extend_from_slice(&raw[..at]);
+    out.extend_from_slice(&new_data);
+    out.extend_from_slice(&raw[at + data.len()..]);
+    Some(out.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

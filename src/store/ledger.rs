@@ -26,7 +26,7 @@ pub struct NewLedgerRow {
     pub cost_micros: i64,
     pub started_at: i64,
     pub finished_at: i64,
-    /// The inbound API (`chat_completions`, `messages`).
+    /// The inbound API (`chat_completions`, `messages`, `responses`, `embeddings`).
     pub api: &'static str,
 }
 
@@ -53,7 +53,7 @@ pub struct LedgerRow {
     pub started_at_ms: i64,
     #[diesel(column_name = finished_at)]
     pub finished_at_ms: i64,
-    /// The inbound API (`chat_completions`, `messages`).
+    /// The inbound API (`chat_completions`, `messages`, `responses`, `embeddings`).
     pub api: String,
 }
 

@@ -14,4 +14,5 @@ mod embeddings;
 mod key_pools;
 mod messages;
 mod operator;
+mod responses;
 mod routing;

@@ -7,6 +7,7 @@ pub mod anthropic_upstream;
 pub mod auth_servers;
 pub mod budget_util;
 pub mod process;
+pub mod responses_upstream;
 pub mod upstream;
 
 use std::future::Future;
