@@ -309,6 +309,7 @@ impl From<ModelEntry> for proto::ModelInfo {
             owned_by: m.owned_by,
             description: m.description,
             chain: m.chain,
+            apis: m.apis.iter().map(|a| a.as_str().to_string()).collect(),
         }
     }
 }

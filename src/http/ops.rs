@@ -57,6 +57,7 @@ pub async fn models(
                             "kind": if m.alias { "alias" } else { "model" },
                             "description": m.description,
                             "chain": m.chain,
+                            "apis": m.apis.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
                         },
                     })
                 })

@@ -808,3 +808,60 @@ async fn python_openai_sdk_embeddings() {
     );
     s.shutdown().await;
 }
+
+/// `/v1/models` and gRPC `ListModels` say which APIs each model and alias serves: every one
+/// serves the chat-shaped APIs; embeddings only where every target's provider embeds (not an
+/// anthropic model, nor an alias with one in its chain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_list_the_apis_each_serves() {
+    let (_e, mut s) = start().await;
+    let resp = s
+        .client
+        .get(s.url("/v1/models"))
+        .bearer_auth(ALICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    let apis_of = |id: &str| -> Vec<String> {
+        let entry = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("{id} listed: {v}"));
+        entry["tollgate"]["apis"]
+            .as_array()
+            .unwrap_or_else(|| panic!("apis of {id}: {entry}"))
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let chat = ["chat_completions", "messages", "responses"];
+    let all = ["chat_completions", "messages", "responses", "embeddings"];
+    assert_eq!(apis_of("emb/small"), all);
+    assert_eq!(apis_of("vectors"), all, "both targets embed");
+    assert_eq!(apis_of("wordy"), chat, "its first target is anthropic");
+    assert_eq!(apis_of("claude/claude-test"), chat);
+
+    let mut client = s.grpc().await;
+    let models = client
+        .list_models(grpc_request(
+            tollgate::proto::ListModelsRequest {},
+            Some(ALICE_KEY),
+            None,
+        ))
+        .await
+        .expect("ListModels")
+        .into_inner()
+        .models;
+    let wordy = models.iter().find(|m| m.id == "wordy").expect("wordy");
+    assert_eq!(wordy.apis, chat);
+    let small = models
+        .iter()
+        .find(|m| m.id == "emb/small")
+        .expect("emb/small");
+    assert_eq!(small.apis, all);
+    s.shutdown().await;
+}

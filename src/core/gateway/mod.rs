@@ -88,6 +88,8 @@ pub struct ModelEntry {
     pub owned_by: String,
     pub description: String,
     pub chain: Vec<String>,
+    /// The inbound APIs it serves (every target of an alias must serve one for the alias to).
+    pub apis: Vec<Api>,
 }
 
 /// Where a reload reads the configuration from.
@@ -392,6 +394,7 @@ impl Gateway {
                     owned_by: "tollgate".into(),
                     description: alias.description.clone(),
                     chain: alias.chain.clone(),
+                    apis: served_apis(&rt, name),
                 });
             }
         }
@@ -402,6 +405,7 @@ impl Gateway {
                     .map(|(p, _)| p.to_string())
                     .unwrap_or_default();
                 out.push(ModelEntry {
+                    apis: served_apis(&rt, &model),
                     id: model,
                     alias: false,
                     owned_by,
@@ -550,4 +554,21 @@ impl Gateway {
             remaining_budget_micros: None,
         })
     }
+}
+
+/// The inbound APIs a model or alias serves. Every kind serves the chat-shaped APIs (chat
+/// completions, Messages and Responses are translated where a kind does not speak them);
+/// embeddings need every target's provider to embed, as a chain stops at one that cannot.
+fn served_apis(rt: &Runtime, name: &str) -> Vec<Api> {
+    let mut apis = vec![Api::ChatCompletions, Api::Messages, Api::Responses];
+    let embeds = rt.router.resolve(name).is_ok_and(|route| {
+        route
+            .targets
+            .iter()
+            .all(|t| t.provider.client.capabilities(&t.model).embeddings)
+    });
+    if embeds {
+        apis.push(Api::Embeddings);
+    }
+    apis
 }
