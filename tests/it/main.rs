@@ -5,6 +5,7 @@
 mod common;
 
 mod anthropic;
+mod apis;
 mod auth;
 mod budgets;
 mod chat;
