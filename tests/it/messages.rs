@@ -626,3 +626,62 @@ async fn anthropic_sdk_against_tollgate() {
     assert!(out.contains(" passed, 0 failed"), "{out}");
     assert!(up.refused().is_empty(), "{:?}", up.refused());
 }
+
+/// One event of a stream's shape: its name, block index, and block or delta type.
+type ShapeItem = (String, Option<u64>, Option<String>);
+
+/// The shape of an Anthropic event stream: each event's name, block index and block or delta
+/// type (pings left out, runs of one delta kind counted once), and the final stop reason.
+fn stream_shape(text: &str) -> (Vec<ShapeItem>, Value) {
+    let mut shape: Vec<ShapeItem> = Vec::new();
+    let mut stop = Value::Null;
+    for (name, data) in events(text) {
+        if name == "ping" {
+            continue;
+        }
+        if name == "message_delta" {
+            stop = data["delta"]["stop_reason"].clone();
+        }
+        let kind = match name.as_str() {
+            "content_block_start" => data["content_block"]["type"].as_str(),
+            "content_block_delta" => data["delta"]["type"].as_str(),
+            _ => None,
+        }
+        .map(str::to_string);
+        let item = (name, data["index"].as_u64(), kind);
+        if item.0 == "content_block_delta" && shape.last() == Some(&item) {
+            continue;
+        }
+        shape.push(item);
+    }
+    (shape, stop)
+}
+
+/// A stream translated from an OpenAI upstream has the shape of the real Messages API's
+/// (recorded in `tests/fixtures/anthropic/`): the same events, block indexes, block and delta
+/// types in the same order, and the same stop reason; for text, and for text then two tool
+/// calls with streamed arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translated_streams_have_the_real_apis_shape() {
+    let (s, _up) = start().await;
+    for (model, fixture) in [("up/stream", "text.sse"), ("up/tools", "tool_use.sse")] {
+        let body = json!({"model": model, "max_tokens": 64, "stream": true,
+            "messages": [{"role": "user", "content": "weather and time in Paris?"}]});
+        let resp = post(
+            &s,
+            "/v1/messages",
+            &body.to_string(),
+            &new_request_id(),
+            &[],
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{model}");
+        let got = stream_shape(&resp.text().await.unwrap());
+        let recorded = std::fs::read_to_string(format!(
+            "{}/tests/fixtures/anthropic/{fixture}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture");
+        assert_eq!(got, stream_shape(&recorded), "{model} against {fixture}");
+    }
+}

@@ -11,6 +11,7 @@
 //! | `reset`    | 200, two chunks (or half a JSON body), then the body errors: the connection is cut |
 //! | `gated`    | SSE: chunk `g0`, then waits for [`Upstream::release_gate`] (per request marker), then `g1`, `g2` (20 ms apart), usage, `[DONE]` |
 //! | `badjson`  | 200 `application/json` whose body is not JSON |
+//! | `tools`    | SSE: a text chunk, then two tool calls (`get_weather`, its arguments in three pieces, and `get_time`), `finish_reason: tool_calls`, usage (when asked), `[DONE]` |
 //!
 //! `POST /v1/embeddings` answers `ok*` with [`EMBED_DIMS`] values per input and
 //! `prompt_tokens` = [`EMBED_TOKENS_PER_INPUT`] per input, `fail500` and `fail400` as above.
@@ -349,6 +350,39 @@ async fn handle(
                     chunk(&model, Some(c), finish)
                 })
                 .collect();
+            if include_usage {
+                parts.push(usage_chunk(&model, STREAM_USAGE));
+            }
+            parts.push(done());
+            sse(Body::from_stream(stream::iter(
+                parts.into_iter().map(Ok::<_, Infallible>),
+            )))
+        }
+        "tools" if stream => {
+            let c = |delta: Value, finish: Option<&str>| {
+                let v = json!({"id": "chatcmpl-upstream-tools", "object": "chat.completion.chunk",
+                    "created": 1, "model": "tools",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                Bytes::from(format!("data: {v}\n\n"))
+            };
+            let call = |index: u32, args: &str, head: Option<&str>| {
+                let mut tc = json!({"index": index, "function": {"arguments": args}});
+                if let Some(name) = head {
+                    tc["id"] = json!(format!("call_{name}"));
+                    tc["type"] = json!("function");
+                    tc["function"]["name"] = json!(name);
+                }
+                json!({"tool_calls": [tc]})
+            };
+            let mut parts = vec![
+                c(json!({"role": "assistant", "content": "Checking."}), None),
+                c(call(0, "", Some("get_weather")), None),
+                c(call(0, "{\"locati", None), None),
+                c(call(0, "on\": \"Paris\"}", None), None),
+                c(call(1, "", Some("get_time")), None),
+                c(call(1, "{\"city\": \"Paris\"}", None), None),
+                c(json!({}), Some("tool_calls")),
+            ];
             if include_usage {
                 parts.push(usage_chunk(&model, STREAM_USAGE));
             }
