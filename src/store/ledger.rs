@@ -64,10 +64,7 @@ impl Store {
             return Ok(());
         }
         with_conn!(self, conn => {
-            conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                conn.insert_rows(rows).await
-            })
-            .await?;
+            conn.insert_batch(rows).await?;
             Ok(())
         })
     }
@@ -88,24 +85,35 @@ impl Store {
     }
 }
 
-/// Ledger rows written in a transaction of the caller's: many rows a statement where the
-/// backend can.
+/// A batch of ledger rows written in one transaction: many rows a statement where the backend
+/// can, one thread hop where the backend is synchronous.
 pub(super) trait LedgerRows {
-    /// Inserts `rows`.
-    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()>;
+    /// Inserts `rows` in one transaction.
+    async fn insert_batch(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()>;
 }
 
 impl LedgerRows for diesel_async::AsyncPgConnection {
-    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
-        // 16 parameters a row; PostgreSQL takes at most 65535 in one statement.
-        for chunk in rows.chunks(1000) {
-            diesel::insert_into(usage_ledger::table)
-                .values(chunk)
-                .execute(self)
-                .await?;
-        }
-        Ok(())
+    async fn insert_batch(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+        self.transaction::<_, diesel::result::Error, _>(async |conn| {
+            pg_insert_rows(conn, rows).await
+        })
+        .await
     }
+}
+
+/// Inserts ledger rows on PostgreSQL inside the caller's transaction, many rows a statement.
+pub(super) async fn pg_insert_rows(
+    conn: &mut diesel_async::AsyncPgConnection,
+    rows: &[NewLedgerRow],
+) -> diesel::QueryResult<()> {
+    // 17 parameters a row; PostgreSQL takes at most 65535 in one statement.
+    for chunk in rows.chunks(1000) {
+        diesel::insert_into(usage_ledger::table)
+            .values(chunk)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 impl LedgerRows
@@ -113,15 +121,24 @@ impl LedgerRows
         diesel::sqlite::SqliteConnection,
     >
 {
-    async fn insert_rows(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
-        // SQLite cannot take diesel's multi-row insert with nullable columns; one transaction
-        // still makes the batch a single fsync.
-        for row in rows {
-            diesel::insert_into(usage_ledger::table)
-                .values(row)
-                .execute(self)
-                .await?;
-        }
-        Ok(())
+    async fn insert_batch(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+        // The wrapper moves every statement to the blocking pool and back (BEGIN, each INSERT,
+        // COMMIT: a thread hop each); the whole transaction is one hop instead. SQLite cannot
+        // take diesel's multi-row insert with nullable columns; one transaction still makes the
+        // batch a single fsync.
+        let rows = rows.to_vec();
+        self.spawn_blocking(move |conn| {
+            use diesel::connection::Connection;
+            conn.transaction(|conn| {
+                for row in &rows {
+                    diesel::RunQueryDsl::execute(
+                        diesel::insert_into(usage_ledger::table).values(row),
+                        conn,
+                    )?;
+                }
+                Ok(())
+            })
+        })
+        .await
     }
 }

@@ -10,7 +10,7 @@ use diesel::OptionalExtension;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::Settlement;
-use crate::store::ledger::LedgerRows;
+use crate::store::ledger::pg_insert_rows;
 use crate::store::schema::{budget_reservations, budgets};
 use crate::store::{with_conn, NewLedgerRow, Store, StoreError};
 
@@ -160,7 +160,7 @@ impl Store {
                 let ledger: Vec<NewLedgerRow> =
                     batch.iter().filter_map(|s| s.ledger.clone()).collect();
                 conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                    conn.insert_rows(&ledger).await?;
+                    pg_insert_rows(conn, &ledger).await?;
                     let mut held = BTreeMap::new();
                     // One parameter an id; PostgreSQL takes at most 65535 in one statement.
                     for chunk in plan.reservations.chunks(1000) {
