@@ -48,6 +48,7 @@ on_both_backends!(
     leases_far_from_limit_write_nothing_per_request,
     leases_near_limit_reserve_per_request_exactly,
     stopped_replica_lease_returns_after_ttl,
+    leases_reset_with_the_period_and_follow_a_lowered_limit,
 );
 
 fn grpc_admin<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
@@ -458,6 +459,52 @@ async fn stopped_replica_lease_returns_after_ttl(backend: Backend) {
     })
     .await;
     assert!(row.spent_micros + row.reserved_micros <= limit, "{row:?}");
+    env.shutdown().await;
+}
+
+/// A new day resets the budget and its leases (the old lease is released, the whole limit is
+/// there again); a limit lowered by an admin on this replica retires its lease at once.
+async fn leases_reset_with_the_period_and_follow_a_lowered_limit(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(10 * max), "period": "daily"}),
+    )
+    .await;
+    let day1 = send_many(&env, 0, &b, 3, 1).await;
+    assert!(day1.iter().all(|s| *s == 200), "{day1:?}");
+    // (Settlements written after a rollover are charged to the new period, as without leases.)
+    let store = env.store().await.clone();
+    eventually(DEADLINE, "day 1 settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == 3 * max).then_some(())
+    })
+    .await;
+    env.gws[0].clock.advance(Duration::from_secs(86_400));
+    let day2 = send_many(&env, 0, &b, 12, 1).await;
+    assert_eq!(day2.iter().filter(|s| **s == 200).count(), 10, "{day2:?}");
+    let v = settled(&env, 0, "user", alice).await;
+    assert_eq!(v["spent_micros"], 10 * max, "{v}");
+
+    // The next day, a lease is taken; then the limit is lowered to 3: the lease is retired
+    // and only what the new limit leaves fits.
+    env.gws[0].clock.advance(Duration::from_secs(86_400));
+    let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(3 * max), "period": "daily"}),
+    )
+    .await;
+    let rest = send_many(&env, 0, &b, 5, 1).await;
+    assert_eq!(rest.iter().filter(|s| **s == 200).count(), 2, "{rest:?}");
+    let v = settled(&env, 0, "user", alice).await;
+    assert_eq!(v["spent_micros"], 3 * max, "{v}");
     env.shutdown().await;
 }
 

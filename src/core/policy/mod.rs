@@ -289,7 +289,7 @@ impl Budgets {
     /// replica's lease of it so that a changed limit applies to the next request.
     pub fn forget(&self, key: ScopeKey) {
         self.cache.remove(&key);
-        self.retire(key);
+        self.reset_lease(key);
     }
 }
 

@@ -37,6 +37,8 @@ pub(in crate::core::policy) struct Knobs {
     fraction: f64,
     min_remaining: f64,
     ttl_ms: i64,
+    /// How long a scope found near its limit reserves per request before looking again.
+    exact_ms: i64,
 }
 
 impl Knobs {
@@ -50,6 +52,7 @@ impl Knobs {
             fraction,
             min_remaining: config.lease_min_remaining_fraction.clamp(0.0, 1.0),
             ttl_ms: i64::try_from(config.lease_ttl_ms).unwrap_or(i64::MAX / 4),
+            exact_ms: i64::try_from(config.policy_cache_ms).unwrap_or(i64::MAX / 4),
         })
     }
 
@@ -113,9 +116,8 @@ pub(in crate::core::policy) struct LeasedPart {
 #[derive(Default)]
 pub(in crate::core::policy) struct Leases {
     state: Mutex<State>,
-    /// One grant at a time in this process: grants are rare (one per chunk), and it keeps two
-    /// requests from leasing the same scope twice.
-    grant: tokio::sync::Mutex<()>,
+    /// One grant at a time per scope: it keeps two requests from leasing the same scope twice.
+    grant: Mutex<HashMap<ScopeKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default)]
@@ -123,6 +125,9 @@ struct State {
     live: HashMap<ScopeKey, Lease>,
     /// Retired leases with requests still in flight, by id: released when the last settles.
     draining: HashMap<String, Lease>,
+    /// Scopes found near their limit: until when (and in which period) they reserve per
+    /// request without looking at the row again.
+    exact: HashMap<ScopeKey, (i64, i64)>,
 }
 
 /// What settling or retiring leases leaves to write.
@@ -178,6 +183,9 @@ impl Budgets {
         max_cost: i64,
         knobs: Knobs,
     ) -> Option<(Vec<LeasedPart>, PolicyHeaders)> {
+        if self.exact_now(applied) {
+            return None;
+        }
         for _ in 0..3 {
             let now = self.clock.now_ms();
             let missing = match self.take_local(applied, max_cost, now, knobs) {
@@ -277,7 +285,15 @@ impl Budgets {
     /// background refill). `false`: no lease fits (near the limit, or the row needs the
     /// per-request path to fix it); the scope's lease is then retired.
     async fn grant(&self, ap: &Applied, need: i64, knobs: Knobs) -> Result<bool, StoreError> {
-        let _one = self.leases.grant.lock().await;
+        let lock = self.leases.grant.lock().ok().map(|mut g| {
+            g.entry(ap.key)
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        });
+        let _one = match &lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
         let now = self.clock.now_ms();
         let live = self.live_lease(ap.key);
         if need > 0 {
@@ -307,6 +323,10 @@ impl Budgets {
             if exhausted || need == 0 {
                 // Near the limit: the last dollars are reserved request by request.
                 self.retire(ap.key);
+                if let Ok(mut st) = self.leases.state.lock() {
+                    st.exact
+                        .insert(ap.key, (now.saturating_add(knobs.exact_ms), start));
+                }
                 return Ok(false);
             }
             0
@@ -332,10 +352,13 @@ impl Budgets {
         match live {
             Some(l) => {
                 self.writes.count("lease");
+                let turn = self.settler.write_turn(&self.store).await;
                 let grown = self
                     .store
                     .budget_lease_grow(&l.id, &target, grow_by, expires_at, now)
-                    .await?;
+                    .await;
+                drop(turn);
+                let grown = grown?;
                 let Ok(mut st) = self.leases.state.lock() else {
                     return Ok(false);
                 };
@@ -403,6 +426,31 @@ impl Budgets {
                 Ok(true)
             }
         }
+    }
+
+    /// Whether a scope of the request was found near its limit a moment ago (in this period).
+    fn exact_now(&self, applied: &[Applied]) -> bool {
+        let now = self.clock.now_ms();
+        let Ok(mut st) = self.leases.state.lock() else {
+            return false;
+        };
+        applied.iter().any(|ap| match st.exact.get(&ap.key) {
+            Some(&(until, start)) if until > now && start == ap.period.start(now) => true,
+            Some(_) => {
+                st.exact.remove(&ap.key);
+                false
+            }
+            None => false,
+        })
+    }
+
+    /// Forgets what this replica knows of a scope's leasing after an admin change here: its
+    /// lease is retired (the next request leases under the new limit) and leasing may resume.
+    pub(in crate::core::policy) fn reset_lease(&self, key: ScopeKey) {
+        if let Ok(mut st) = self.leases.state.lock() {
+            st.exact.remove(&key);
+        }
+        self.retire(key);
     }
 
     fn live_lease(&self, key: ScopeKey) -> Option<Lease> {
