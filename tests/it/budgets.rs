@@ -49,6 +49,7 @@ on_both_backends!(
     leases_near_limit_reserve_per_request_exactly,
     stopped_replica_lease_returns_after_ttl,
     leases_reset_with_the_period_and_follow_a_lowered_limit,
+    leases_of_user_and_key_both_hold,
 );
 
 fn grpc_admin<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
@@ -506,6 +507,43 @@ async fn leases_reset_with_the_period_and_follow_a_lowered_limit(backend: Backen
     let v = settled(&env, 0, "user", alice).await;
     assert_eq!(v["spent_micros"], 3 * max, "{v}");
     env.shutdown().await;
+}
+
+/// A request under a user's and a key's budget is admitted on both leases or reserves in
+/// both: the tighter key budget still admits exactly what it holds.
+async fn leases_of_user_and_key_both_hold(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let key_id = env.store().await.list_api_keys(alice).await.unwrap()[0].id;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(1000 * max), "period": "total"}),
+    )
+    .await;
+    env.put_budget(
+        0,
+        json!({"scope": "key", "id": key_id, "limit_usd": micros_to_usd(4 * max), "period": "weekly"}),
+    )
+    .await;
+    let statuses = send_many(&env, 0, &b, 6, 1).await;
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 429]);
+    let store = env.store().await.clone();
+    eventually(DEADLINE, "settled", || async {
+        let u = store.budget_get("user", alice).await.unwrap().unwrap();
+        let k = store.budget_get("key", key_id).await.unwrap().unwrap();
+        (u.spent_micros == 4 * max && k.spent_micros == 4 * max).then_some(())
+    })
+    .await;
+    env.shutdown().await;
+    for (scope, id) in [("user", alice), ("key", key_id)] {
+        let row = store.budget_get(scope, id).await.unwrap().unwrap();
+        assert_eq!(row.reserved_micros, 0, "{row:?}");
+        assert_eq!(store.budget_reservation_count(row.id).await.unwrap(), 0);
+    }
 }
 
 // =============================================================================================
