@@ -215,7 +215,10 @@ impl Store {
                         add_released(&mut held, release(chunk.to_vec()).load(conn).await?);
                     }
                     for (&lease, &want) in &plan.leases {
+                        // Locked (lease row before budget row, as everywhere): a lease grown
+                        // meanwhile must not make the take below miss.
                         let Some((budget, amount)) = lease_held(lease)
+                            .for_update()
                             .first::<(i64, i64)>(conn)
                             .await
                             .optional()?

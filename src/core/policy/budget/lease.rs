@@ -8,8 +8,8 @@
 //! - A request admitted on a lease holds its maximum cost in the lease (`inflight`); its
 //!   settlement charges the actual cost, taken out of the lease row (the row shrinks, `spent`
 //!   grows), so what the database holds for this replica stays what the replica may still use.
-//! - A lease is grown and renewed in the background when half of it is used or half of its TTL
-//!   has passed; a request waits on the database only when the lease is exhausted (or absent).
+//! - A lease is grown and renewed in the background when less than half of its last chunk is
+//!   left or half of its TTL has passed; a request waits on the database only when the lease is exhausted (or absent).
 //! - Near the limit (less than `lease_min_remaining_fraction` of the limit left, or a chunk
 //!   smaller than the request) the replica retires its lease: the unused part goes back at
 //!   once, the rest when the requests in flight on it have settled, and requests reserve one by
@@ -74,6 +74,8 @@ struct Lease {
     granted: i64,
     /// Actual costs charged to it.
     charged: i64,
+    /// The size of its last grant: it is refilled when less than half of that is left.
+    chunk: i64,
     /// Maximum costs of the requests in flight on it.
     inflight: i64,
     expires_at: i64,
@@ -248,7 +250,7 @@ impl Budgets {
                 });
                 // Refilled before it runs out, renewed before it expires: in the background.
                 if !l.refilling
-                    && (l.available() * 2 < l.granted || l.expires_at - now < knobs.ttl_ms / 2)
+                    && (l.available() * 2 < l.chunk || l.expires_at - now < knobs.ttl_ms / 2)
                 {
                     l.refilling = true;
                     refills.push(ap.clone());
@@ -366,6 +368,9 @@ impl Budgets {
                     LeaseGrow::Grown(row) => {
                         if let Some(l) = st.live.get_mut(&ap.key).filter(|x| x.id == l.id) {
                             l.granted += grow_by;
+                            if grow_by > 0 {
+                                l.chunk = grow_by;
+                            }
                             l.expires_at = expires_at;
                             l.outside = outside(&row);
                             l.limit = row.limit_micros;
@@ -414,6 +419,7 @@ impl Budgets {
                     period_start: start,
                     granted: grow_by,
                     charged: 0,
+                    chunk: grow_by,
                     inflight: 0,
                     expires_at,
                     outside: outside(row),
