@@ -50,6 +50,7 @@ on_both_backends!(
     stopped_replica_lease_returns_after_ttl,
     leases_reset_with_the_period_and_follow_a_lowered_limit,
     leases_of_user_and_key_both_hold,
+    live_replica_renews_its_lease,
 );
 
 fn grpc_admin<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
@@ -548,6 +549,82 @@ async fn leases_of_user_and_key_both_hold(backend: Backend) {
         assert_eq!(row.reserved_micros, 0, "{row:?}");
         assert_eq!(store.budget_reservation_count(row.id).await.unwrap(), 0);
     }
+}
+
+/// A replica in use renews its lease before the TTL: another replica whose clock passes the
+/// first expiry cannot take it; once the owner stops, the renewed expiry passes and it can.
+async fn live_replica_renews_its_lease(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 2, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    let limit = 10 * max;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(limit), "period": "total"}),
+    )
+    .await;
+    let store = env.store().await.clone();
+    let one_lease = || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        store
+            .budget_reservation_count(row.id)
+            .await
+            .unwrap()
+            .eq(&1)
+            .then_some(row)
+    };
+    // Gateway 0 leases half the budget (TTL 60 s), then is used again 40 s later: the lease is
+    // renewed in the background.
+    assert_eq!(
+        env.chat(0, ALICE_KEY, &b).send().await.unwrap().status(),
+        200
+    );
+    env.gws[0].clock.advance(Duration::from_secs(40));
+    assert_eq!(
+        env.chat(0, ALICE_KEY, &b).send().await.unwrap().status(),
+        200
+    );
+    eventually(DEADLINE, "lease renewed", || async {
+        let writes = store_writes(&env, 0, "lease").await;
+        (writes >= 2).then_some(())
+    })
+    .await;
+    assert!(one_lease().await.is_some(), "renewed, not a second lease");
+    eventually(DEADLINE, "two settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == 2 * max).then_some(())
+    })
+    .await;
+
+    // Gateway 1, 70 s later than its start (past the first expiry, not the renewed one),
+    // spends what is left outside the lease: the lease (3 left) stays gateway 0's.
+    env.gws[1].clock.advance(Duration::from_secs(70));
+    let statuses = send_many(&env, 1, &b, 7, 1).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+
+    // Gateway 0 stops; 100 s after its renewal, gateway 1 takes back what its lease held.
+    let stopped = env.gws.remove(0);
+    drop(stopped);
+    env.gws[0].clock.advance(Duration::from_secs(100));
+    let statuses = send_many(&env, 0, &b, 5, 1).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    eventually(DEADLINE, "all spent", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == limit).then_some(())
+    })
+    .await;
+    env.shutdown().await;
 }
 
 // =============================================================================================
