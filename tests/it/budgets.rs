@@ -51,6 +51,7 @@ on_both_backends!(
     leases_reset_with_the_period_and_follow_a_lowered_limit,
     leases_of_user_and_key_both_hold,
     live_replica_renews_its_lease,
+    lease_with_a_stream_in_flight_is_renewed,
 );
 
 fn grpc_admin<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
@@ -622,6 +623,50 @@ async fn live_replica_renews_its_lease(backend: Backend) {
     eventually(DEADLINE, "all spent", || async {
         let row = store.budget_get("user", alice).await.unwrap().unwrap();
         (row.spent_micros == limit).then_some(())
+    })
+    .await;
+    env.shutdown().await;
+}
+
+/// A stream in flight on a lease outlives the lease's TTL with no other request coming: the
+/// replica renews the lease in the background, so nobody releases what the stream holds.
+async fn lease_with_a_stream_in_flight_is_renewed(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let mut b = body("b/drip", 1, 100);
+    b["stream"] = json!(true);
+    let max = prompt_estimate(&b) * IN_MICROS + 100 * OUT_MICROS;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(10 * max), "period": "total"}),
+    )
+    .await;
+    let t0 = env.gws[0].clock.now_ms();
+    let resp = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = SseReader::new(resp);
+    assert!(matches!(reader.next().await, SseEvent::Data(_)));
+    assert_eq!(store_writes(&env, 0, "lease").await, 1);
+
+    env.gws[0].clock.advance(Duration::from_secs(40));
+    eventually(DEADLINE, "lease renewed", || async {
+        (store_writes(&env, 0, "lease").await >= 2).then_some(())
+    })
+    .await;
+    // 70 s after the grant the first expiry has passed, the renewed one (40 s + 60 s) not.
+    let store = env.store().await.clone();
+    let released = store
+        .budget_release_expired(None, t0 + 70_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(released, 0, "the renewed lease is not released");
+    env.upstream.release();
+    while matches!(reader.next().await, SseEvent::Data(_)) {}
+    eventually(DEADLINE, "stream settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros > 0).then_some(())
     })
     .await;
     env.shutdown().await;

@@ -161,7 +161,7 @@ impl Budgets {
     ) -> Arc<Budgets> {
         let writes = WriteCounter(writes);
         let settler = Settler::start(store.clone(), clock.clone(), config, writes.clone());
-        Arc::new(Budgets {
+        let budgets = Arc::new(Budgets {
             store,
             clock: clock.clone(),
             settler,
@@ -169,7 +169,21 @@ impl Budgets {
             limiter: RateLimiter::default(),
             leases: Leases::default(),
             writes,
-        })
+        });
+        // Leases with requests in flight are renewed every second until those requests end.
+        let weak = Arc::downgrade(&budgets);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(budgets) = weak.upgrade() else {
+                    break;
+                };
+                budgets.renew_busy_leases().await;
+            }
+        });
+        budgets
     }
 
     /// Checks rate limits and reserves the request's maximum cost in every budget that

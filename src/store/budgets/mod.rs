@@ -428,6 +428,24 @@ impl Store {
         })
     }
 
+    /// Moves a lease's expiry (its replica still has requests in flight on it); `false` if
+    /// the lease is gone.
+    pub async fn budget_lease_renew(
+        &self,
+        lease_id: &str,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        with_conn!(self, conn => {
+            let n = diesel::update(
+                budget_reservations::table.filter(budget_reservations::id.eq(lease_id)),
+            )
+            .set(budget_reservations::expires_at.eq(expires_at))
+            .execute(conn)
+            .await?;
+            Ok(n > 0)
+        })
+    }
+
     /// Open reservations of a budget (for operators and tests).
     pub async fn budget_reservation_count(&self, budget_id: i64) -> Result<i64, StoreError> {
         with_conn!(self, conn => {

@@ -17,6 +17,8 @@
 //! - A lease expires after `lease_ttl_ms` on the clock of whoever looks: a stopped replica's
 //!   lease is released like an expired reservation. A replica stops using its own lease a
 //!   quarter TTL before its expiry, so that another replica's clock may run that much ahead.
+//!   A lease with requests in flight is renewed by a background task, so that a long stream
+//!   does not lose what it holds; an idle one is left to expire.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -120,6 +122,8 @@ pub(in crate::core::policy) struct Leases {
     state: Mutex<State>,
     /// One grant at a time per scope: it keeps two requests from leasing the same scope twice.
     grant: Mutex<HashMap<ScopeKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// The lease settings last admitted with, for the renewal task.
+    knobs: Mutex<Option<Knobs>>,
 }
 
 #[derive(Default)]
@@ -185,6 +189,9 @@ impl Budgets {
         max_cost: i64,
         knobs: Knobs,
     ) -> Option<(Vec<LeasedPart>, PolicyHeaders)> {
+        if let Ok(mut k) = self.leases.knobs.lock() {
+            *k = Some(knobs);
+        }
         if self.exact_now(applied) {
             return None;
         }
@@ -531,6 +538,47 @@ impl Budgets {
             .enqueue(charge, parts.iter().map(|p| p.key).collect());
         for (s, keys) in out {
             self.settler.enqueue(s, keys);
+        }
+    }
+
+    /// Keeps leases with requests in flight from expiring under them (a stream can outlive the
+    /// TTL while no new request comes to renew it): moves the expiry of every such lease whose
+    /// TTL is half gone. An idle lease is left to expire, so that other replicas get it back.
+    pub(in crate::core::policy) async fn renew_busy_leases(&self) {
+        let Some(knobs) = self.leases.knobs.lock().ok().and_then(|k| *k) else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        let due: Vec<String> = match self.leases.state.lock() {
+            Ok(st) => st
+                .live
+                .values()
+                .chain(st.draining.values())
+                .filter(|l| l.inflight > 0 && l.expires_at - now < knobs.ttl_ms / 2)
+                .map(|l| l.id.clone())
+                .collect(),
+            Err(_) => return,
+        };
+        for id in due {
+            let expires_at = now.saturating_add(knobs.ttl_ms);
+            self.writes.count("lease");
+            let turn = self.settler.write_turn(&self.store).await;
+            let renewed = self.store.budget_lease_renew(&id, expires_at).await;
+            drop(turn);
+            match renewed {
+                Ok(true) => {
+                    if let Ok(mut st) = self.leases.state.lock() {
+                        let State { live, draining, .. } = &mut *st;
+                        for l in live.values_mut().chain(draining.values_mut()) {
+                            if l.id == id {
+                                l.expires_at = l.expires_at.max(expires_at);
+                            }
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "budget lease renewal failed"),
+            }
         }
     }
 
