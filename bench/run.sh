@@ -321,6 +321,10 @@ period = "monthly"
 rpm = 100000000
 tpm = 100000000000
 EOF
+      # LEASE_FRACTION=0.1: the budget admitted on leases instead of a reservation a request.
+      if [[ -n "${LEASE_FRACTION:-}" ]]; then
+        printf '[budgets]\nlease_fraction = %s\n' "$LEASE_FRACTION"
+      fi
       ;;
     *) die "unknown profile $1 (min or full)" ;;
   esac

@@ -175,6 +175,18 @@ pub struct Metrics {
     pub auth_latency: HistogramFamily<AuthLabels>,
     pub signups: Family<SignupLabels, Counter>,
     pub authorize: Family<AuthorizeLabels, Counter>,
+    /// Budget writes to the store (reservations, lease grants and renewals, settlement
+    /// batches, expiry releases): with leases, far fewer than requests.
+    pub budget_store_writes: Family<BudgetWriteLabels, Counter>,
+}
+
+/// Labels of `tollgate_budget_store_writes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetWriteLabels {
+    /// `reserve` (a request's own reservation), `lease` (a lease granted, grown or renewed),
+    /// `settle` (a settlement batch), `fix` (a budget row created, synced or rolled over) or
+    /// `release` (expired reservations released).
+    pub kind: &'static str,
 }
 
 /// Keys tried by one request.
@@ -240,6 +252,7 @@ impl Metrics {
             auth_latency: Family::new_with_constructor(auth_buckets),
             signups: Family::default(),
             authorize: Family::default(),
+            budget_store_writes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -351,6 +364,11 @@ impl Metrics {
             "authorize",
             "Authorize calls (not chat requests), by protocol and result reason",
             m.authorize.clone(),
+        );
+        registry.register(
+            "budget_store_writes",
+            "Budget writes to the store by kind: reserve, lease, settle, fix, release",
+            m.budget_store_writes.clone(),
         );
         // Both results exist from the start, so that a failure rate can be computed at once.
         for result in ["success", "failure"] {

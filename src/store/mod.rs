@@ -22,8 +22,8 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use crate::clock::Clock;
 
 pub use budgets::{
-    BudgetRow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveRequest, ReserveScope, SettlePart,
-    Settlement, UsageFilter,
+    BudgetRow, LeaseGrow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveRequest, ReserveScope,
+    SettlePart, Settlement, UsageFilter,
 };
 pub use ledger::{LedgerRow, NewLedgerRow};
 pub use signups::{Provisioned, SignupCap, SignupUsage, PROVISIONED_METHODS};

@@ -45,6 +45,13 @@ on_both_backends!(
     admin_budgets_and_usage_http_and_grpc,
     user_and_key_budgets_both_hold,
     crashed_replica_reservation_expires,
+    leases_far_from_limit_write_nothing_per_request,
+    leases_near_limit_reserve_per_request_exactly,
+    stopped_replica_lease_returns_after_ttl,
+    leases_reset_with_the_period_and_follow_a_lowered_limit,
+    leases_of_user_and_key_both_hold,
+    live_replica_renews_its_lease,
+    lease_with_a_stream_in_flight_is_renewed,
 );
 
 fn grpc_admin<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
@@ -246,6 +253,423 @@ async fn postgres_two_instances_fast_reservations_never_overspend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_one_instance_100_concurrent_never_overspends() {
     never_overspent(Backend::Sqlite, 1, "").await;
+}
+
+/// The acceptance scenario with leases on: chunks of half the room, leasing only while more
+/// than 60% of the limit is left. Still exactly ten.
+const LEASES_EXACT: &str =
+    "[budgets]\nlease_fraction = 0.5\nlease_min_remaining_fraction = 0.6\nlease_ttl_ms = 60000\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_instances_leased_never_overspend() {
+    never_overspent(Backend::Postgres, 2, LEASES_EXACT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_one_instance_leased_never_overspends() {
+    never_overspent(Backend::Sqlite, 1, LEASES_EXACT).await;
+}
+
+// =============================================================================================
+// Leases
+
+const LEASES: &str =
+    "[budgets]\nlease_fraction = 0.5\nlease_min_remaining_fraction = 0.2\nlease_ttl_ms = 60000\n";
+
+/// `tollgate_budget_store_writes_total{kind}` of gateway `i`.
+async fn store_writes(env: &BudgetEnv, i: usize, kind: &str) -> u64 {
+    let text = metrics_text(env, i).await;
+    let prefix = format!("tollgate_budget_store_writes_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Sends `n` copies of `b` to gateway `i`, `parallel` at a time; returns the statuses.
+async fn send_many(env: &BudgetEnv, i: usize, b: &Value, n: usize, parallel: usize) -> Vec<u16> {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(0..n)
+        .map(|_| {
+            let rb = env.chat(i, ALICE_KEY, b);
+            async move { rb.send().await.expect("chat request").status().as_u16() }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await
+}
+
+/// Far from the limit, 1,000 requests are admitted on a lease: no reservation each, one lease
+/// UPDATE; settlements charge the lease, and budget and ledger agree.
+async fn leases_far_from_limit_write_nothing_per_request(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    // A first lease of 1,500 requests, refilled (by 750) in the background once half is used.
+    let limit = 3000 * max;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(limit), "period": "total"}),
+    )
+    .await;
+    let statuses = send_many(&env, 0, &b, 1000, 16).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        store_writes(&env, 0, "reserve").await,
+        0,
+        "no per-request UPDATE"
+    );
+    let leases = store_writes(&env, 0, "lease").await;
+    assert!((1..=3).contains(&leases), "{leases} lease UPDATEs");
+    let settles = store_writes(&env, 0, "settle").await;
+    assert!(settles < 1000, "settlements are batched: {settles}");
+
+    // The headers stay within the lease bound: what is left counts this replica's requests.
+    let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let remaining = header(&r, "x-budget-remaining-usd").unwrap();
+    assert_eq!(remaining, micros_to_usd(limit - 1001 * max));
+
+    // Settled: 1,001 requests charged; what the lease still holds is reserved, never more.
+    let store = env.store().await.clone();
+    let row = eventually(DEADLINE, "settlements written", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == 1001 * max).then_some(row)
+    })
+    .await;
+    assert!(row.spent_micros + row.reserved_micros <= limit);
+    assert!(
+        [1500 * max, 2250 * max].contains(&(row.reserved_micros + 1001 * max)),
+        "the lease holds what it was granted less what was charged: {row:?}"
+    );
+    let (status, usage) = env
+        .admin(
+            0,
+            reqwest::Method::GET,
+            &format!("/admin/usage?user_id={alice}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(usage["total"]["cost_micros"], 1001 * max, "{usage}");
+
+    // Shutdown hands the lease back.
+    env.shutdown().await;
+    let row = store.budget_get("user", alice).await.unwrap().unwrap();
+    assert_eq!(row.reserved_micros, 0, "{row:?}");
+    assert_eq!(store.budget_reservation_count(row.id).await.unwrap(), 0);
+}
+
+/// Near the limit the replica stops leasing, hands back what it does not use and reserves
+/// request by request: of 25 requests (sequential, then concurrent) exactly 20 fit.
+async fn leases_near_limit_reserve_per_request_exactly(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    let limit = 20 * max + max / 2;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(limit), "period": "total"}),
+    )
+    .await;
+    let first = send_many(&env, 0, &b, 12, 1).await;
+    assert!(first.iter().all(|s| *s == 200), "{first:?}");
+    let rest = send_many(&env, 0, &b, 13, 8).await;
+    assert_eq!(rest.iter().filter(|s| **s == 200).count(), 8, "{rest:?}");
+    assert_eq!(rest.iter().filter(|s| **s == 429).count(), 5, "{rest:?}");
+    assert!(
+        store_writes(&env, 0, "reserve").await >= 3,
+        "the last requests reserved one by one"
+    );
+    let v = settled(&env, 0, "user", alice).await;
+    assert_eq!(v["spent_micros"], 20 * max, "{v}");
+    let row = env
+        .store()
+        .await
+        .budget_get("user", alice)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        env.store()
+            .await
+            .budget_reservation_count(row.id)
+            .await
+            .unwrap(),
+        0,
+        "the retired lease is released once its requests settled"
+    );
+    env.shutdown().await;
+}
+
+/// A replica stopped without releasing its lease: the other replica cannot spend that part
+/// until its clock passes the lease's TTL, then it can spend the whole budget.
+async fn stopped_replica_lease_returns_after_ttl(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 2, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    let limit = 10 * max;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(limit), "period": "total"}),
+    )
+    .await;
+    // Gateway 0 leases half the budget and spends a tenth of it.
+    let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let store = env.store().await.clone();
+    eventually(DEADLINE, "first settlement", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == max).then_some(())
+    })
+    .await;
+    // ... and stops without a shutdown: nothing hands its lease back.
+    let stopped = env.gws.remove(0);
+    drop(stopped);
+    let row = store.budget_get("user", alice).await.unwrap().unwrap();
+    assert_eq!(
+        row.reserved_micros,
+        4 * max,
+        "the stopped replica's lease: {row:?}"
+    );
+
+    // The other replica spends what is left outside that lease, and no more.
+    let before = send_many(&env, 0, &b, 8, 1).await;
+    assert_eq!(
+        before.iter().filter(|s| **s == 200).count(),
+        5,
+        "{before:?}"
+    );
+    let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    let v = expect_http_error(r, 429, "budget_exceeded").await;
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("in flight"));
+
+    // Past the TTL on its clock, the lease returns: the whole budget is spent.
+    env.gws[0].clock.advance(Duration::from_secs(61));
+    let after = send_many(&env, 0, &b, 6, 1).await;
+    assert_eq!(after.iter().filter(|s| **s == 200).count(), 4, "{after:?}");
+    let row = eventually(DEADLINE, "settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == limit).then_some(row)
+    })
+    .await;
+    assert!(row.spent_micros + row.reserved_micros <= limit, "{row:?}");
+    env.shutdown().await;
+}
+
+/// A new day resets the budget and its leases (the old lease is released, the whole limit is
+/// there again); a limit lowered by an admin on this replica retires its lease at once.
+async fn leases_reset_with_the_period_and_follow_a_lowered_limit(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(10 * max), "period": "daily"}),
+    )
+    .await;
+    let day1 = send_many(&env, 0, &b, 3, 1).await;
+    assert!(day1.iter().all(|s| *s == 200), "{day1:?}");
+    // (Settlements written after a rollover are charged to the new period, as without leases.)
+    let store = env.store().await.clone();
+    eventually(DEADLINE, "day 1 settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == 3 * max).then_some(())
+    })
+    .await;
+    env.gws[0].clock.advance(Duration::from_secs(86_400));
+    let day2 = send_many(&env, 0, &b, 12, 1).await;
+    assert_eq!(day2.iter().filter(|s| **s == 200).count(), 10, "{day2:?}");
+    let v = settled(&env, 0, "user", alice).await;
+    assert_eq!(v["spent_micros"], 10 * max, "{v}");
+
+    // The next day, a lease is taken; then the limit is lowered to 3: the lease is retired
+    // and only what the new limit leaves fits.
+    env.gws[0].clock.advance(Duration::from_secs(86_400));
+    let r = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(3 * max), "period": "daily"}),
+    )
+    .await;
+    let rest = send_many(&env, 0, &b, 5, 1).await;
+    assert_eq!(rest.iter().filter(|s| **s == 200).count(), 2, "{rest:?}");
+    let v = settled(&env, 0, "user", alice).await;
+    assert_eq!(v["spent_micros"], 3 * max, "{v}");
+    env.shutdown().await;
+}
+
+/// A request under a user's and a key's budget is admitted on both leases or reserves in
+/// both: the tighter key budget still admits exactly what it holds.
+async fn leases_of_user_and_key_both_hold(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let key_id = env.store().await.list_api_keys(alice).await.unwrap()[0].id;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(1000 * max), "period": "total"}),
+    )
+    .await;
+    env.put_budget(
+        0,
+        json!({"scope": "key", "id": key_id, "limit_usd": micros_to_usd(4 * max), "period": "weekly"}),
+    )
+    .await;
+    let statuses = send_many(&env, 0, &b, 6, 1).await;
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 429]);
+    let store = env.store().await.clone();
+    eventually(DEADLINE, "settled", || async {
+        let u = store.budget_get("user", alice).await.unwrap().unwrap();
+        let k = store.budget_get("key", key_id).await.unwrap().unwrap();
+        (u.spent_micros == 4 * max && k.spent_micros == 4 * max).then_some(())
+    })
+    .await;
+    env.shutdown().await;
+    for (scope, id) in [("user", alice), ("key", key_id)] {
+        let row = store.budget_get(scope, id).await.unwrap().unwrap();
+        assert_eq!(row.reserved_micros, 0, "{row:?}");
+        assert_eq!(store.budget_reservation_count(row.id).await.unwrap(), 0);
+    }
+}
+
+/// A replica in use renews its lease before the TTL: another replica whose clock passes the
+/// first expiry cannot take it; once the owner stops, the renewed expiry passes and it can.
+async fn live_replica_renews_its_lease(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 2, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let b = body("b/hold", 1, 10);
+    let max = hold_cost(&b);
+    let limit = 10 * max;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(limit), "period": "total"}),
+    )
+    .await;
+    let store = env.store().await.clone();
+    let one_lease = || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        store
+            .budget_reservation_count(row.id)
+            .await
+            .unwrap()
+            .eq(&1)
+            .then_some(row)
+    };
+    // Gateway 0 leases half the budget (TTL 60 s), then is used again 40 s later: the lease is
+    // renewed in the background.
+    assert_eq!(
+        env.chat(0, ALICE_KEY, &b).send().await.unwrap().status(),
+        200
+    );
+    env.gws[0].clock.advance(Duration::from_secs(40));
+    assert_eq!(
+        env.chat(0, ALICE_KEY, &b).send().await.unwrap().status(),
+        200
+    );
+    eventually(DEADLINE, "lease renewed", || async {
+        let writes = store_writes(&env, 0, "lease").await;
+        (writes >= 2).then_some(())
+    })
+    .await;
+    assert!(one_lease().await.is_some(), "renewed, not a second lease");
+    eventually(DEADLINE, "two settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == 2 * max).then_some(())
+    })
+    .await;
+
+    // Gateway 1, 70 s later than its start (past the first expiry, not the renewed one),
+    // spends what is left outside the lease: the lease (3 left) stays gateway 0's.
+    env.gws[1].clock.advance(Duration::from_secs(70));
+    let statuses = send_many(&env, 1, &b, 7, 1).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+
+    // Gateway 0 stops; 100 s after its renewal, gateway 1 takes back what its lease held.
+    let stopped = env.gws.remove(0);
+    drop(stopped);
+    env.gws[0].clock.advance(Duration::from_secs(100));
+    let statuses = send_many(&env, 0, &b, 5, 1).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    eventually(DEADLINE, "all spent", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros == limit).then_some(())
+    })
+    .await;
+    env.shutdown().await;
+}
+
+/// A stream in flight on a lease outlives the lease's TTL with no other request coming: the
+/// replica renews the lease in the background, so nobody releases what the stream holds.
+async fn lease_with_a_stream_in_flight_is_renewed(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, LEASES).await else {
+        return;
+    };
+    let alice = env.alice().await;
+    let mut b = body("b/drip", 1, 100);
+    b["stream"] = json!(true);
+    let max = prompt_estimate(&b) * IN_MICROS + 100 * OUT_MICROS;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": micros_to_usd(10 * max), "period": "total"}),
+    )
+    .await;
+    let t0 = env.gws[0].clock.now_ms();
+    let resp = env.chat(0, ALICE_KEY, &b).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = SseReader::new(resp);
+    assert!(matches!(reader.next().await, SseEvent::Data(_)));
+    assert_eq!(store_writes(&env, 0, "lease").await, 1);
+
+    env.gws[0].clock.advance(Duration::from_secs(40));
+    eventually(DEADLINE, "lease renewed", || async {
+        (store_writes(&env, 0, "lease").await >= 2).then_some(())
+    })
+    .await;
+    // 70 s after the grant the first expiry has passed, the renewed one (40 s + 60 s) not.
+    let store = env.store().await.clone();
+    let released = store
+        .budget_release_expired(None, t0 + 70_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(released, 0, "the renewed lease is not released");
+    env.upstream.release();
+    while matches!(reader.next().await, SseEvent::Data(_)) {}
+    eventually(DEADLINE, "stream settled", || async {
+        let row = store.budget_get("user", alice).await.unwrap().unwrap();
+        (row.spent_micros > 0).then_some(())
+    })
+    .await;
+    env.shutdown().await;
 }
 
 // =============================================================================================

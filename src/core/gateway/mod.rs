@@ -132,6 +132,7 @@ impl Gateway {
             parts.store.clone(),
             parts.deps.clock.clone(),
             &runtime.config.budgets,
+            parts.metrics.budget_store_writes.clone(),
         );
         let auth = Arc::new(Authenticator::new(parts.store.clone(), ttl));
         let provisioner = Arc::new(Provisioner::new(parts.store.clone(), identity_ttl));
@@ -234,9 +235,12 @@ impl Gateway {
         &self.store
     }
 
-    /// Waits until every ledger row recorded so far is written.
+    /// At shutdown: hands this replica's budget leases back and waits until every ledger row
+    /// and settlement recorded so far is written.
     pub async fn flush_ledger(&self) {
         self.recorder.ledger.flush().await;
+        // At shutdown: this replica's leases go back to their budgets, not after their TTL.
+        self.recorder.budgets.release_leases();
         self.recorder.budgets.flush().await;
     }
 

@@ -19,7 +19,7 @@ pub use budget::{
     HoldSlot, Period, ScopeKey, ScopeKind,
 };
 
-use self::budget::{Applied, CachedBudget, Reservation, Settler};
+use self::budget::{Applied, CachedBudget, Knobs, LeasedPart, Leases, Reservation, Settler};
 use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimiter};
 use super::gateway::Principal;
 use super::pricing::{OutputCap, Pricing, Unpriced};
@@ -29,8 +29,11 @@ use crate::api::{ChatRequest, EmbeddingsRequest};
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ServiceTypeConfig};
 use crate::error::PolicyHeaders;
+use crate::metrics::BudgetWriteLabels;
 use crate::routing::Route;
 use crate::store::{Store, StoreError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Budgets and rate limits: one per process, outliving configuration reloads.
 pub struct Budgets {
@@ -39,6 +42,19 @@ pub struct Budgets {
     settler: Settler,
     cache: TtlCache<ScopeKey, ScopePolicy>,
     limiter: RateLimiter,
+    leases: Leases,
+    writes: WriteCounter,
+}
+
+/// Counts budget writes to the store by kind (`tollgate_budget_store_writes_total`).
+#[derive(Clone, Default)]
+pub struct WriteCounter(Family<BudgetWriteLabels, Counter>);
+
+impl WriteCounter {
+    /// Counts one write of `kind`.
+    fn count(&self, kind: &'static str) {
+        self.0.get_or_create(&BudgetWriteLabels { kind }).inc();
+    }
 }
 
 impl std::fmt::Debug for Budgets {
@@ -137,15 +153,37 @@ impl Scopes {
 
 impl Budgets {
     /// Starts the settlement writer and the expiry sweep.
-    pub fn start(store: Store, clock: Clock, config: &BudgetsConfig) -> Arc<Budgets> {
-        let settler = Settler::start(store.clone(), clock.clone(), config);
-        Arc::new(Budgets {
+    pub fn start(
+        store: Store,
+        clock: Clock,
+        config: &BudgetsConfig,
+        writes: Family<BudgetWriteLabels, Counter>,
+    ) -> Arc<Budgets> {
+        let writes = WriteCounter(writes);
+        let settler = Settler::start(store.clone(), clock.clone(), config, writes.clone());
+        let budgets = Arc::new(Budgets {
             store,
             clock: clock.clone(),
             settler,
             cache: TtlCache::new(clock.clone()),
             limiter: RateLimiter::default(),
-        })
+            leases: Leases::default(),
+            writes,
+        });
+        // Leases with requests in flight are renewed every second until those requests end.
+        let weak = Arc::downgrade(&budgets);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(budgets) = weak.upgrade() else {
+                    break;
+                };
+                budgets.renew_busy_leases().await;
+            }
+        });
+        budgets
     }
 
     /// Checks rate limits and reserves the request's maximum cost in every budget that
@@ -169,10 +207,10 @@ impl Budgets {
         }
         let (rate, mut headers) = self.take_rate(now, &rate_scopes, a.demand.rate_tokens())?;
         match self.reserve_max_cost(&a, applied).await {
-            Ok((reservation, budget_headers)) => {
+            Ok((reservation, leased, budget_headers)) => {
                 headers.extend(budget_headers);
                 Ok(Admission {
-                    hold: self.hold(reservation, rate),
+                    hold: self.hold(reservation, leased, rate),
                     headers,
                 })
             }
@@ -204,21 +242,28 @@ impl Budgets {
     }
 
     /// Reserves the most the request can cost in the budgets that apply (none, or a free
-    /// request: nothing is reserved).
+    /// request: nothing is reserved): on this replica's leases when they have room, else in
+    /// the database.
     async fn reserve_max_cost(
         self: &Arc<Self>,
         a: &AdmitArgs<'_>,
         applied: Vec<Applied>,
-    ) -> Result<(Option<Reservation>, PolicyHeaders), Rejection> {
+    ) -> Result<(Option<Reservation>, Vec<LeasedPart>, PolicyHeaders), Rejection> {
         let targets = a.route.targets.iter().map(|t| t.resolved.as_str());
         let max_cost = a
             .pricing
             .max_cost_micros(targets, a.demand.prompt_tokens, a.demand.output)
             .map_err(|Unpriced(model)| unpriced(&model))?;
         if applied.is_empty() || max_cost == 0 {
-            return Ok((None, Vec::new()));
+            return Ok((None, Vec::new(), Vec::new()));
         }
-        self.reserve(a, applied, max_cost).await
+        if let Some(knobs) = Knobs::of(a.config) {
+            if let Some((leased, headers)) = self.admit_leased(&applied, max_cost, knobs).await {
+                return Ok((None, leased, headers));
+            }
+        }
+        let (reservation, headers) = self.reserve(a, applied, max_cost).await?;
+        Ok((reservation, Vec::new(), headers))
     }
 
     /// The settings of a request's scopes, cached for `ttl_ms` (0: read now).
@@ -254,9 +299,11 @@ impl Budgets {
         Ok(policy)
     }
 
-    /// Forgets cached settings of a scope (after an admin change here).
+    /// Forgets cached settings of a scope (after an admin change here), and retires this
+    /// replica's lease of it so that a changed limit applies to the next request.
     pub fn forget(&self, key: ScopeKey) {
         self.cache.remove(&key);
+        self.reset_lease(key);
     }
 }
 

@@ -150,9 +150,14 @@ pub enum ReserveOutcome {
 /// One request's settlement.
 #[derive(Debug, Clone)]
 pub struct Settlement {
+    /// The reservation deleted and given back (empty: none, a request admitted on leases).
     pub reservation_id: String,
     pub parts: Vec<SettlePart>,
     pub cost_micros: i64,
+    /// Leases (reservation rows kept open) this settlement draws on: each gives up
+    /// `cost_micros` plus the amount named here (unused lease handed back), never more than it
+    /// holds; the row stays.
+    pub leases: Vec<(String, i64)>,
     /// The request's ledger row, written in the same transaction.
     pub ledger: Option<NewLedgerRow>,
 }
@@ -164,6 +169,17 @@ pub struct SettlePart {
     pub period: String,
     /// The start of the period the cost belongs to (now, at settlement).
     pub period_start: i64,
+}
+
+/// What growing or renewing a lease did.
+#[derive(Debug)]
+pub enum LeaseGrow {
+    /// The lease holds `add` more and expires later: the budget row after it.
+    Grown(BudgetRow),
+    /// The budget has no room for `add` (or no longer matches): nothing changed.
+    NoRoom,
+    /// The lease row is gone (it expired and was released): nothing changed.
+    Gone,
 }
 
 /// Filters of the usage query; times are unix ms, `to` exclusive.
@@ -408,6 +424,24 @@ impl Store {
                 .count()
                 .get_result(conn)
                 .await?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Moves a lease's expiry (its replica still has requests in flight on it); `false` if
+    /// the lease is gone.
+    pub async fn budget_lease_renew(
+        &self,
+        lease_id: &str,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        with_conn!(self, conn => {
+            let n = diesel::update(
+                budget_reservations::table.filter(budget_reservations::id.eq(lease_id)),
+            )
+            .set(budget_reservations::expires_at.eq(expires_at))
+            .execute(conn)
+            .await?;
             Ok(n > 0)
         })
     }

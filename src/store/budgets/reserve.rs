@@ -8,7 +8,7 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, Bool, HasSqlType, Text, Untyped};
 use diesel::{OptionalExtension, QueryResult};
 
-use super::{BudgetRow, ReserveOutcome, ReserveRequest, ReserveScope};
+use super::{BudgetRow, LeaseGrow, ReserveOutcome, ReserveRequest, ReserveScope};
 use crate::store::{Store, StoreError};
 
 /// The reservation UPDATE of one scope: adds `amount` to the row's `reserved_micros` only if
@@ -207,6 +207,61 @@ impl Store {
                 let mut conn = pool.get().await?;
                 Ok(conn.spawn_blocking(move |c| sqlite::reserve(c, &r)).await?)
             }
+        }
+    }
+}
+
+impl Store {
+    /// Grows the lease `lease_id` by `add` (0: only renews it) and moves its expiry to
+    /// `expires_at`, in one transaction: the lease row first, then the budget row's conditional
+    /// UPDATE (the same lock order as a reservation's). Off the request path.
+    pub async fn budget_lease_grow(
+        &self,
+        lease_id: &str,
+        scope: &ReserveScope,
+        add: i64,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<LeaseGrow, StoreError> {
+        use crate::store::schema::budget_reservations as r;
+        use diesel::prelude::*;
+        use diesel_async::{AsyncConnection, RunQueryDsl};
+        /// Why the grow transaction was rolled back.
+        enum Undo {
+            Db(diesel::result::Error),
+            Gone,
+            NoRoom,
+        }
+        impl From<diesel::result::Error> for Undo {
+            fn from(e: diesel::result::Error) -> Self {
+                Undo::Db(e)
+            }
+        }
+        let result = crate::store::with_conn!(self, conn => {
+            conn.transaction::<_, Undo, _>(async |conn| {
+                let n = diesel::update(r::table.filter(r::id.eq(lease_id)))
+                    .set((
+                        r::amount_micros.eq(r::amount_micros + add),
+                        r::expires_at.eq(expires_at),
+                    ))
+                    .execute(&mut *conn)
+                    .await?;
+                if n == 0 {
+                    return Err(Undo::Gone);
+                }
+                let row: Option<BudgetRow> = ReserveUpdate::new(scope, add, now)
+                    .get_result(&mut *conn)
+                    .await
+                    .optional()?;
+                row.ok_or(Undo::NoRoom)
+            })
+            .await
+        });
+        match result {
+            Ok(row) => Ok(LeaseGrow::Grown(row)),
+            Err(Undo::Gone) => Ok(LeaseGrow::Gone),
+            Err(Undo::NoRoom) => Ok(LeaseGrow::NoRoom),
+            Err(Undo::Db(e)) => Err(e.into()),
         }
     }
 }

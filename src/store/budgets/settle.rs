@@ -85,6 +85,8 @@ fn charge(id: i64, cost: i64, give_back: i64, now: i64) -> Charge {
 /// What a batch of settlements writes, worked out before the transaction.
 struct Plan<'a> {
     reservations: Vec<&'a str>,
+    /// Per lease drawn on: the most it gives up (costs charged to it plus unused handed back).
+    leases: BTreeMap<&'a str, i64>,
     /// Per budget, in id order (the order every writer locks them in): the cost to add, and
     /// the period it belongs to (the latest any settlement of the batch names).
     budgets: BTreeMap<i64, (i64, &'a str, i64)>,
@@ -93,7 +95,11 @@ struct Plan<'a> {
 impl<'a> Plan<'a> {
     fn of(batch: &'a [Settlement]) -> Plan<'a> {
         let mut budgets = BTreeMap::<i64, (i64, &'a str, i64)>::new();
+        let mut leases = BTreeMap::<&'a str, i64>::new();
         for s in batch {
+            for (lease, give_back) in &s.leases {
+                *leases.entry(lease.as_str()).or_default() += s.cost_micros + give_back;
+            }
             for part in &s.parts {
                 let e = budgets.entry(part.budget_id).or_insert((
                     0,
@@ -108,7 +114,12 @@ impl<'a> Plan<'a> {
             }
         }
         Plan {
-            reservations: batch.iter().map(|s| s.reservation_id.as_str()).collect(),
+            reservations: batch
+                .iter()
+                .map(|s| s.reservation_id.as_str())
+                .filter(|id| !id.is_empty())
+                .collect(),
+            leases,
             budgets,
         }
     }
@@ -138,6 +149,43 @@ fn add_released(held: &mut BTreeMap<i64, i64>, released: Vec<(i64, i64)>) {
     }
 }
 
+/// A lease's row: its budget and what it holds.
+type LeaseHeld<'a> = dsl::Select<
+    dsl::Filter<budget_reservations::table, dsl::Eq<budget_reservations::id, &'a str>>,
+    (
+        budget_reservations::budget_id,
+        budget_reservations::amount_micros,
+    ),
+>;
+
+fn lease_held(id: &str) -> LeaseHeld<'_> {
+    budget_reservations::table
+        .filter(budget_reservations::id.eq(id))
+        .select((
+            budget_reservations::budget_id,
+            budget_reservations::amount_micros,
+        ))
+}
+
+/// A lease giving up `take` of the `amount` it was read with (matches nothing if it changed or
+/// went away meanwhile: then it gives up nothing).
+type LeaseTake<'a> = dsl::Update<
+    dsl::Filter<
+        dsl::Filter<budget_reservations::table, dsl::Eq<budget_reservations::id, &'a str>>,
+        dsl::Eq<budget_reservations::amount_micros, i64>,
+    >,
+    dsl::Eq<budget_reservations::amount_micros, i64>,
+>;
+
+fn lease_take(id: &str, amount: i64, take: i64) -> LeaseTake<'_> {
+    diesel::update(
+        budget_reservations::table
+            .filter(budget_reservations::id.eq(id))
+            .filter(budget_reservations::amount_micros.eq(amount)),
+    )
+    .set(budget_reservations::amount_micros.eq(amount - take))
+}
+
 impl Store {
     /// Writes settlements (and their ledger rows) in one transaction: the reservation rows are
     /// deleted and their amounts given back (unless they already expired and were released),
@@ -165,6 +213,22 @@ impl Store {
                     // One parameter an id; PostgreSQL takes at most 65535 in one statement.
                     for chunk in plan.reservations.chunks(1000) {
                         add_released(&mut held, release(chunk.to_vec()).load(conn).await?);
+                    }
+                    for (&lease, &want) in &plan.leases {
+                        // Locked (lease row before budget row, as everywhere): a lease grown
+                        // meanwhile must not make the take below miss.
+                        let Some((budget, amount)) = lease_held(lease)
+                            .for_update()
+                            .first::<(i64, i64)>(conn)
+                            .await
+                            .optional()?
+                        else {
+                            continue;
+                        };
+                        let take = amount.min(want).max(0);
+                        if take > 0 && lease_take(lease, amount, take).execute(conn).await? > 0 {
+                            add_released(&mut held, vec![(budget, take)]);
+                        }
                     }
                     for (roll, charge) in plan.updates(&held, now) {
                         roll.execute(conn).await?;
@@ -239,7 +303,7 @@ mod sqlite {
     use diesel::prelude::*;
     use diesel::sqlite::SqliteConnection;
 
-    use super::{add_released, release, Plan};
+    use super::{add_released, lease_held, lease_take, release, Plan};
     use crate::store::budgets::Settlement;
     use crate::store::schema::usage_ledger;
 
@@ -260,6 +324,16 @@ mod sqlite {
             // SQLite's default limit is 32766 parameters a statement; older builds took 999.
             for chunk in plan.reservations.chunks(500) {
                 add_released(&mut held, release(chunk.to_vec()).load(c)?);
+            }
+            for (&lease, &want) in &plan.leases {
+                let Some((budget, amount)) = lease_held(lease).first::<(i64, i64)>(c).optional()?
+                else {
+                    continue;
+                };
+                let take = amount.min(want).max(0);
+                if take > 0 && lease_take(lease, amount, take).execute(c)? > 0 {
+                    add_released(&mut held, vec![(budget, take)]);
+                }
             }
             for (roll, charge) in plan.updates(&held, now) {
                 roll.execute(c)?;

@@ -21,11 +21,13 @@
 //!   replica's periodic sweep (bounded, through the expiry index).
 
 mod admin;
+mod lease;
 mod period;
 mod reserve;
 mod settle;
 
 pub use admin::{limit_from_usd, set, view, BudgetAdminError, BudgetUpdate, BudgetView};
+pub(super) use lease::{Knobs, LeasedPart, Leases};
 pub use period::{parse_time, rfc3339, Period, PeriodError};
 pub use settle::{Hold, HoldSlot};
 pub(super) use settle::{Reservation, Settler};

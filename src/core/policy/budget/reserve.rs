@@ -105,6 +105,7 @@ impl Budgets {
         tokio::spawn(async move {
             let reservation_id = attempt.reservation_id.clone();
             let turn = engine.settler.write_turn(&engine.store).await;
+            engine.writes.count("reserve");
             let result = engine.store.budget_reserve_with(attempt).await;
             drop(turn);
             if let Err(Ok(ReserveOutcome::Reserved(rows))) = tx.send(result) {
@@ -139,6 +140,7 @@ impl Budgets {
                 return Ok(Step::Reload);
             }
             let limit = ap.default_limit.unwrap_or(0);
+            self.writes.count("fix");
             self.store
                 .budget_insert_default(
                     scope,
@@ -156,6 +158,7 @@ impl Budgets {
         }
         let name = ap.period.name();
         if !row.explicit && (Some(row.limit_micros) != ap.default_limit || row.period != name) {
+            self.writes.count("fix");
             self.store
                 .budget_sync_default(
                     row.id,
@@ -171,6 +174,7 @@ impl Budgets {
             return Ok(Step::Reload);
         }
         if row.period_start < tried.period_start {
+            self.writes.count("fix");
             self.store
                 .budget_rollover(row.id, &name, tried.period_start, now)
                 .await?;
@@ -191,6 +195,7 @@ impl Budgets {
             }
             if row.reserved_micros > 0 {
                 let turn = self.settler.write_turn(&self.store).await;
+                self.writes.count("release");
                 let released = self
                     .store
                     .budget_release_expired(Some(row.id), self.clock.now_ms(), 1000)
@@ -259,15 +264,30 @@ fn reserved(
 }
 
 fn budget_headers(row: &BudgetRow, ap: &Applied, now: i64) -> Vec<(&'static str, String)> {
+    budget_headers_of(
+        ap,
+        row.limit_micros,
+        remaining_of(row, ap.period, now),
+        row.period_start,
+        now,
+    )
+}
+
+/// The headers of a budget with `limit`, `remaining` left, in a period that started at
+/// `period_start` (or later, if a new one began since).
+pub(super) fn budget_headers_of(
+    ap: &Applied,
+    limit: i64,
+    remaining: i64,
+    period_start: i64,
+    now: i64,
+) -> Vec<(&'static str, String)> {
     let mut h = vec![
         (headers::SCOPE, ap.key.0.as_str().to_string()),
-        (headers::LIMIT, micros_to_usd(row.limit_micros)),
-        (
-            headers::REMAINING,
-            micros_to_usd(remaining_of(row, ap.period, now).max(0)),
-        ),
+        (headers::LIMIT, micros_to_usd(limit)),
+        (headers::REMAINING, micros_to_usd(remaining.max(0))),
     ];
-    let start = row.period_start.max(ap.period.start(now));
+    let start = period_start.max(ap.period.start(now));
     if let Some(end) = ap.period.end(start) {
         h.push((headers::RESET, rfc3339(end)));
     }

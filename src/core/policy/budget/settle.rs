@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::lease::LeasedPart;
 use super::{Period, ScopeKey};
 use crate::clock::Clock;
 use crate::config::BudgetsConfig;
 use crate::core::ledger::Ledger;
 use crate::core::policy::rate_limit::RateCharge;
 use crate::core::policy::Budgets;
+use crate::core::policy::WriteCounter;
 use crate::providers::Usage;
 use crate::store::{NewLedgerRow, SettlePart, Settlement, Store};
 
@@ -21,6 +23,8 @@ use crate::store::{NewLedgerRow, SettlePart, Settlement, Store};
 pub struct Hold {
     engine: Arc<Budgets>,
     reservation: Option<Reservation>,
+    /// What the request took from this replica's leases (instead of a reservation).
+    leased: Vec<LeasedPart>,
     rate: Option<RateCharge>,
 }
 
@@ -52,6 +56,7 @@ impl Reservation {
                 })
                 .collect(),
             cost_micros,
+            leases: Vec::new(),
             ledger,
         };
         (settlement, keys)
@@ -100,6 +105,11 @@ impl Hold {
                 .limiter
                 .settle(now, rate, usage.prompt_tokens + usage.completion_tokens);
         }
+        if !self.leased.is_empty() {
+            self.engine
+                .settle_leased(self.leased, cost_micros, Some(ledger_row), now);
+            return;
+        }
         match self.reservation {
             Some(r) => {
                 if cost_micros > 0 {
@@ -120,14 +130,16 @@ impl Budgets {
     pub(in crate::core::policy) fn hold(
         self: &Arc<Self>,
         reservation: Option<Reservation>,
+        leased: Vec<LeasedPart>,
         rate: Option<RateCharge>,
     ) -> HoldSlot {
-        if reservation.is_none() && rate.is_none() {
+        if reservation.is_none() && leased.is_empty() && rate.is_none() {
             return HoldSlot::default();
         }
         HoldSlot(Arc::new(Mutex::new(Some(Hold {
             engine: self.clone(),
             reservation,
+            leased,
             rate,
         }))))
     }
@@ -174,6 +186,7 @@ impl Settler {
         store: Store,
         clock: Clock,
         config: &BudgetsConfig,
+        writes: WriteCounter,
     ) -> Settler {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -186,6 +199,7 @@ impl Settler {
             clock,
             rx,
             shared.clone(),
+            writes,
             Duration::from_secs(config.sweep_interval_secs.max(1)),
             Duration::from_millis(config.settle_batch_ms),
         ));
@@ -257,6 +271,7 @@ async fn writer(
     clock: Clock,
     mut rx: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
+    writes: WriteCounter,
     sweep: Duration,
     linger: Duration,
 ) {
@@ -271,6 +286,7 @@ async fn writer(
             },
             _ = tick.tick() => {
                 let turn = shared.write_turn(&store).await;
+                writes.count("release");
                 let released = store.budget_release_expired(None, clock.now_ms(), 500).await;
                 drop(turn);
                 match released {
@@ -309,7 +325,7 @@ async fn writer(
         }
         {
             let _turn = shared.write_turn(&store).await;
-            write_with_retry(&store, &clock, &batch).await;
+            write_with_retry(&store, &clock, &batch, &writes).await;
         }
         if let Ok(mut p) = shared.pending.lock() {
             for k in keys {
@@ -328,12 +344,18 @@ async fn writer(
     }
 }
 
-async fn write_with_retry(store: &Store, clock: &Clock, batch: &[Settlement]) {
+async fn write_with_retry(
+    store: &Store,
+    clock: &Clock,
+    batch: &[Settlement],
+    writes: &WriteCounter,
+) {
     if batch.is_empty() {
         return;
     }
     let mut backoff = Duration::from_millis(50);
     loop {
+        writes.count("settle");
         match store.budget_settle(batch, clock.now_ms()).await {
             Ok(()) => return,
             Err(e) => {
