@@ -119,6 +119,11 @@ impl Config {
             if http.total_timeout_ms == 0 || http.connect_timeout_ms == 0 {
                 return bad(format!("providers.{name}: timeouts must be above 0"));
             }
+            if http.max_response_bytes < 1024 {
+                return bad(format!(
+                    "providers.{name}.max_response_bytes must be at least 1024"
+                ));
+            }
         }
         for (alias, a) in &self.aliases {
             if alias.contains('/') {

@@ -11,6 +11,7 @@ mod chat;
 mod cli;
 mod contract;
 mod embeddings;
+mod faults;
 mod key_pools;
 mod messages;
 mod operator;

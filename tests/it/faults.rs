@@ -1,0 +1,202 @@
+//! Faults and hostile input: upstreams that never stop talking, clients that send too much or
+//! too slowly, numbers that do not fit, stores that go away. Each scenario is a real server on
+//! loopback ports and a real peer misbehaving.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::common::*;
+
+/// An HTTP/1.1 server that answers every request with a 200 whose chunked body never ends
+/// (`sse`: one never-ending SSE `data:` line). Counts the body bytes it managed to write.
+struct EndlessUpstream {
+    addr: std::net::SocketAddr,
+    written: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+}
+
+impl EndlessUpstream {
+    async fn start(sse: bool) -> EndlessUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let written = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(AtomicU64::new(0));
+        let (w, c) = (written.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (w, c) = (w.clone(), c.clone());
+                tokio::spawn(async move {
+                    // Read the request head and body (small JSON) without parsing it.
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut seen = Vec::new();
+                    loop {
+                        let n = sock.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if let Some(head_end) = find(&seen, b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&seen[..head_end]).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= head_end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let ctype = if sse {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\n\r\n"
+                    );
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let first: &[u8] = if sse {
+                        b"data: {\"x\":\""
+                    } else {
+                        b"{\"x\":\""
+                    };
+                    let mut chunk = format!("{:x}\r\n", first.len()).into_bytes();
+                    chunk.extend_from_slice(first);
+                    chunk.extend_from_slice(b"\r\n");
+                    let _ = sock.write_all(&chunk).await;
+                    let piece = vec![b'a'; 16 * 1024];
+                    let mut frame = format!("{:x}\r\n", piece.len()).into_bytes();
+                    frame.extend_from_slice(&piece);
+                    frame.extend_from_slice(b"\r\n");
+                    // Stop on our own after 1 GiB so a broken gateway cannot hang the test run.
+                    for _ in 0..(1 << 16) {
+                        if sock.write_all(&frame).await.is_err() {
+                            break;
+                        }
+                        w.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    }
+                    c.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        });
+        EndlessUpstream {
+            addr,
+            written,
+            closed,
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A provider `hostile` in front of an [`EndlessUpstream`] with a 64 KiB answer cap.
+fn hostile_opts(up: &EndlessUpstream) -> Opts {
+    Opts {
+        extra: format!(
+            r#"
+[providers.hostile]
+kind = "openai"
+base_url = "http://{}"
+keys = ["sk-hostile"]
+max_response_bytes = 65536
+total_timeout_ms = 60000
+idle_timeout_ms = 60000
+
+[aliases.endless]
+description = "an upstream whose answer never ends"
+chain = ["hostile/m"]
+"#,
+            up.addr
+        ),
+        ..Opts::default()
+    }
+}
+
+/// A non-streamed answer far larger than `max_response_bytes` (chunked, never ending): 502
+/// upstream_error quickly, the connection dropped (the upstream's writes fail soon after the
+/// cap), counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_upstream_body_is_cut_at_the_cap() {
+    let up = EndlessUpstream::start(false).await;
+    let mut s = TestServer::sqlite(hostile_opts(&up)).await;
+    let before = s.metrics().await;
+    let rid = new_request_id();
+    let started = Instant::now();
+    let resp = s.chat(&chat_body("endless", &rid), Some(&rid)).await;
+    let body = expect_http_error(resp, 502, "upstream_error").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_response_bytes")),
+        "{body}"
+    );
+    // The gateway hung up: the upstream's writes fail long before its 1 GiB.
+    eventually(
+        DEADLINE,
+        "the upstream connection to be dropped",
+        || async { (up.closed.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    let written = up.written.load(Ordering::Relaxed);
+    assert!(written < 64 << 20, "upstream wrote {written} bytes");
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &avail("http", "failure", "upstream_error", "endless"),
+        1.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
+    s.shutdown().await;
+}
+
+/// A streamed answer whose first SSE line never ends: the line is cut at the cap, so the call is
+/// upstream_error (502: no chunk reached the caller), not an ever-growing buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_sse_line_is_cut_at_the_cap() {
+    let up = EndlessUpstream::start(true).await;
+    let mut s = TestServer::sqlite(hostile_opts(&up)).await;
+    let before = s.metrics().await;
+    let rid = new_request_id();
+    let mut body = chat_body("endless", &rid);
+    body["stream"] = json!(true);
+    let started = Instant::now();
+    let resp = s.chat(&body, Some(&rid)).await;
+    expect_http_error(resp, 502, "upstream_error").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    eventually(
+        DEADLINE,
+        "the upstream connection to be dropped",
+        || async { (up.closed.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    assert!(up.written.load(Ordering::Relaxed) < 64 << 20);
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &avail("http", "failure", "upstream_error", "endless"),
+        1.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
+    s.shutdown().await;
+}
