@@ -200,3 +200,77 @@ async fn endless_sse_line_is_cut_at_the_cap() {
     s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
     s.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// cost overflow
+
+use crate::common::budget_util::{body as budget_body, BudgetEnv};
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(huge_max_tokens_are_budget_exceeded);
+
+/// `max_tokens` / `max_completion_tokens` of u64::MAX and i64::MAX under a budget: the maximum
+/// cost saturates and the request is 429 budget_exceeded, never a 500; the budget is left
+/// untouched (a normal request still fits and nothing stays reserved).
+async fn huge_max_tokens_are_budget_exceeded(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, "").await else {
+        return;
+    };
+    let alice = env.alice().await;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": 1, "period": "total"}),
+    )
+    .await;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        for n in [u64::MAX, i64::MAX as u64] {
+            let mut b = budget_body("b/hold", 1, 10);
+            b.as_object_mut().unwrap().remove("max_tokens");
+            b[field] = json!(n);
+            let resp = env
+                .chat(0, ALICE_KEY, &b)
+                .send()
+                .await
+                .expect("chat request");
+            let got = expect_http_error(resp, 429, "budget_exceeded").await;
+            assert!(
+                got["error"]["message"].as_str().unwrap().contains("$"),
+                "{field} = {n}: {got}"
+            );
+        }
+    }
+    let resp = env
+        .chat(0, ALICE_KEY, &budget_body("b/hold", 2, 10))
+        .send()
+        .await
+        .expect("chat request");
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let budget = env.get_budget(0, "user", alice).await;
+    eventually(DEADLINE, "the normal request to settle", || async {
+        let b = env.get_budget(0, "user", alice).await;
+        (b["reserved_micros"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(budget["limit_micros"], 1_000_000, "{budget}");
+    env.shutdown().await;
+}

@@ -93,7 +93,8 @@ impl Demand {
     fn rate_tokens(&self) -> u64 {
         match self.output {
             OutputCap::Nothing | OutputCap::UpTo(None) => self.prompt_tokens,
-            OutputCap::UpTo(Some(max)) => self.prompt_tokens + max,
+            // A caller may ask for u64::MAX tokens: saturate, the window refuses it anyway.
+            OutputCap::UpTo(Some(max)) => self.prompt_tokens.saturating_add(max),
         }
     }
 }

@@ -181,7 +181,9 @@ impl Budgets {
         }
         // The row agrees with us: there is no room. Settlements this replica still has queued
         // can only give room back; expired reservations of crashed replicas too.
-        if row.spent_micros + row.reserved_micros + cost > row.limit_micros {
+        // `cost` may be i64::MAX (a saturated maximum cost): compare the room, which cannot
+        // overflow, not the sum, which can.
+        if cost > room(&row) {
             if !*waited && self.settler.pending(ap.key) > 0 {
                 *waited = true;
                 self.settler
@@ -205,6 +207,14 @@ impl Budgets {
         // It fits now (a settlement landed in between): try again.
         Ok(Step::Retry)
     }
+}
+
+/// What a row has room for: its limit less its spend and holds (never overflows: all three are
+/// at least 0, and the database only accepts a hold that fits).
+fn room(row: &BudgetRow) -> i64 {
+    row.limit_micros
+        .saturating_sub(row.spent_micros)
+        .saturating_sub(row.reserved_micros)
 }
 
 /// The scopes of one attempt as this replica believes them to be.
@@ -296,7 +306,7 @@ fn exceeded(row: &BudgetRow, ap: &Applied, cost: i64, now: i64) -> Rejection {
     let start = row.period_start.max(ap.period.start(now));
     if let Some(end) = ap.period.end(start) {
         // Settled spend alone leaves no room: nothing changes before the period ends.
-        if row.spent_micros + cost > row.limit_micros {
+        if cost > row.limit_micros.saturating_sub(row.spent_micros) {
             r = r.with_retry_after(Duration::from_millis((end - now).max(1000) as u64));
         }
     }
