@@ -43,6 +43,8 @@ pub enum Reason {
     Blocked,
     BudgetExceeded,
     RateLimited,
+    /// The store behind a budget or shared rate limit could not answer.
+    PolicyUnavailable,
     ModelNotFound,
     UpstreamRejected,
     /// No usable upstream key: `all_disabled` picks 503 over 429.
@@ -87,6 +89,7 @@ impl Reason {
             Reason::Blocked => "blocked",
             Reason::BudgetExceeded => "budget_exceeded",
             Reason::RateLimited => "rate_limited",
+            Reason::PolicyUnavailable => "policy_unavailable",
             Reason::ModelNotFound => "model_not_found",
             Reason::UpstreamRejected => "upstream_rejected",
             Reason::UpstreamKeysExhausted { .. } => "upstream_keys_exhausted",
@@ -103,6 +106,7 @@ impl Reason {
             Reason::Success => Outcome::Success,
             Reason::AuthSystemFailure
             | Reason::ProvisioningFailure
+            | Reason::PolicyUnavailable
             | Reason::UpstreamKeysExhausted { .. }
             | Reason::UpstreamError
             | Reason::UpstreamTimeout
@@ -129,7 +133,9 @@ impl Reason {
                     429
                 }
             }
-            Reason::AuthSystemFailure | Reason::ProvisioningFailure => 503,
+            Reason::AuthSystemFailure | Reason::ProvisioningFailure | Reason::PolicyUnavailable => {
+                503
+            }
             Reason::UpstreamError => 502,
             Reason::UpstreamTimeout => 504,
             Reason::InternalError => 500,
@@ -150,9 +156,10 @@ impl Reason {
             }
             Reason::AuthRejected => GrpcCode::Unauthenticated,
             Reason::InvalidServiceTypeForModel | Reason::Blocked => GrpcCode::PermissionDenied,
-            Reason::AuthSystemFailure | Reason::ProvisioningFailure | Reason::UpstreamError => {
-                GrpcCode::Unavailable
-            }
+            Reason::AuthSystemFailure
+            | Reason::ProvisioningFailure
+            | Reason::PolicyUnavailable
+            | Reason::UpstreamError => GrpcCode::Unavailable,
             Reason::ModelNotFound => GrpcCode::NotFound,
             Reason::UpstreamKeysExhausted { all_disabled } => {
                 if all_disabled {
@@ -266,6 +273,13 @@ mod tests {
             (
                 Reason::AuthSystemFailure,
                 "auth_system_failure",
+                Outcome::Failure,
+                503,
+                GrpcCode::Unavailable,
+            ),
+            (
+                Reason::PolicyUnavailable,
+                "policy_unavailable",
                 Outcome::Failure,
                 503,
                 GrpcCode::Unavailable,

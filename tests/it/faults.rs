@@ -274,3 +274,130 @@ async fn huge_max_tokens_are_budget_exceeded(backend: Backend) {
     assert_eq!(budget["limit_micros"], 1_000_000, "{budget}");
     env.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// database outage
+
+/// A TCP proxy to `target` that the test can cut (every open connection dropped, new ones
+/// refused by closing them at once) and restore.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableProxy {
+    async fn start(target: String) -> CuttableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (u, c) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task);
+            }
+        });
+        CuttableProxy { addr, up, conns }
+    }
+
+    /// The database is gone: open connections die, new ones are closed on arrival.
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// With its PostgreSQL unreachable (connections cut by a proxy), a budgeted request is 503
+/// policy_unavailable, counted as a failure; once the database is back, requests succeed again
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_is_policy_unavailable_and_recovers() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let rest = db.url.split_once("://").expect("url").1;
+    let host_port = rest
+        .split_once('@')
+        .map_or(rest, |(_, h)| h)
+        .split('/')
+        .next()
+        .expect("host")
+        .to_string();
+    let proxy = CuttableProxy::start(host_port.clone()).await;
+    let mut via_proxy = crate::common::auth_servers::shared_db(&db);
+    via_proxy.url = db.url.replacen(&host_port, &proxy.addr.to_string(), 1);
+    let mut env = BudgetEnv::start_on(via_proxy, 1, "").await;
+    let alice = env.alice().await;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": 100, "period": "total"}),
+    )
+    .await;
+    let ok = env
+        .chat(0, ALICE_KEY, &budget_body("b/hold", 1, 10))
+        .send()
+        .await
+        .expect("chat request");
+    assert_eq!(ok.status(), 200, "{}", ok.text().await.unwrap());
+    let metrics = |env: &BudgetEnv| {
+        let (client, url) = (env.client.clone(), env.gws[0].url("/metrics"));
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics body")
+        }
+    };
+    let labels = [
+        ("protocol", "http"),
+        ("outcome", "failure"),
+        ("reason", "policy_unavailable"),
+    ];
+    let before = metric_value(&metrics(&env).await, AVAILABILITY, &labels);
+
+    proxy.cut();
+    for n in 2..5 {
+        let resp = env
+            .chat(0, ALICE_KEY, &budget_body("b/hold", n, 10))
+            .send()
+            .await
+            .expect("chat request");
+        expect_http_error(resp, 503, "policy_unavailable").await;
+    }
+    let after = metric_value(&metrics(&env).await, AVAILABILITY, &labels);
+    assert_eq!(after - before, 3.0, "each refused request counted once");
+
+    proxy.restore();
+    eventually(DEADLINE, "requests to succeed again", || async {
+        let resp = env
+            .chat(0, ALICE_KEY, &budget_body("b/hold", 9, 10))
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+    env.shutdown().await;
+    drop(db);
+}

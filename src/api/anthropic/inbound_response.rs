@@ -132,6 +132,7 @@ pub fn error_type(reason: Reason) -> &'static str {
         Reason::Success
         | Reason::AuthSystemFailure
         | Reason::ProvisioningFailure
+        | Reason::PolicyUnavailable
         | Reason::InternalError
         | Reason::ClientDisconnected => "api_error",
     }

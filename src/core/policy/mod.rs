@@ -299,5 +299,15 @@ fn rate_limited(d: RateDenial) -> Rejection {
 }
 
 fn lookup_failed(e: StoreError) -> Rejection {
-    Rejection::internal(format!("budget lookup: {e}"))
+    store_failed("budget lookup", e)
+}
+
+/// The store behind a budget could not answer: `policy_unavailable` (an outage, it lowers
+/// availability and says 503 so that callers retry), the detail in the log only.
+pub(crate) fn store_failed(stage: &str, e: StoreError) -> Rejection {
+    tracing::warn!(error = %e, stage, "policy store unavailable");
+    Rejection::new(
+        Reason::PolicyUnavailable,
+        "the budget store could not be reached; try again shortly",
+    )
 }

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::settle::Reservation;
 use super::{headers, remaining_of, rfc3339, Applied, Period, ScopeKey, ScopeKind};
-use crate::core::policy::{lookup_failed, AdmitArgs, Budgets};
+use crate::core::policy::{lookup_failed, store_failed, AdmitArgs, Budgets};
 use crate::core::pricing::micros_to_usd;
 use crate::core::{Reason, Rejection};
 use crate::error::PolicyHeaders;
@@ -43,7 +43,7 @@ impl Budgets {
         // A row found ahead of our clock (another replica's clock is later) sets the period.
         let mut starts: HashMap<ScopeKey, i64> = HashMap::new();
         let mut waited = false;
-        let failed = |e: StoreError| Rejection::internal(format!("budget reservation: {e}"));
+        let failed = |e: StoreError| store_failed("budget reservation", e);
         for _ in 0..ATTEMPTS {
             let now = self.clock.now_ms();
             let attempt = ReserveRequest {
