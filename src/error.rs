@@ -34,6 +34,8 @@ pub enum Reason {
     Success,
     PayloadTooLarge,
     InvalidRequest,
+    /// The caller did not send its request (body) in time.
+    RequestTimeout,
     AuthRejected,
     InvalidAuthRequest,
     InvalidServiceTypeForModel,
@@ -80,6 +82,7 @@ impl Reason {
             Reason::Success => "success",
             Reason::PayloadTooLarge => "payload_too_large",
             Reason::InvalidRequest => "invalid_request",
+            Reason::RequestTimeout => "request_timeout",
             Reason::AuthRejected => "auth_rejected",
             Reason::InvalidAuthRequest => "invalid_auth_request",
             Reason::InvalidServiceTypeForModel => "invalid_service_type_for_model",
@@ -121,6 +124,7 @@ impl Reason {
         match self {
             Reason::Success => 200,
             Reason::PayloadTooLarge => 413,
+            Reason::RequestTimeout => 408,
             Reason::InvalidRequest | Reason::InvalidAuthRequest | Reason::UpstreamRejected => 400,
             Reason::AuthRejected => 401,
             Reason::InvalidServiceTypeForModel | Reason::SignupCapExceeded | Reason::Blocked => 403,
@@ -168,7 +172,7 @@ impl Reason {
                     GrpcCode::ResourceExhausted
                 }
             }
-            Reason::UpstreamTimeout => GrpcCode::DeadlineExceeded,
+            Reason::UpstreamTimeout | Reason::RequestTimeout => GrpcCode::DeadlineExceeded,
             Reason::InternalError => GrpcCode::Internal,
             Reason::ClientDisconnected => GrpcCode::Cancelled,
         }
@@ -181,7 +185,7 @@ impl Reason {
             403 => "permission_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
-            400 | 413 => "invalid_request_error",
+            400 | 408 | 413 => "invalid_request_error",
             _ => "api_error",
         }
     }
@@ -276,6 +280,13 @@ mod tests {
                 Outcome::Failure,
                 503,
                 GrpcCode::Unavailable,
+            ),
+            (
+                Reason::RequestTimeout,
+                "request_timeout",
+                Outcome::Excluded,
+                408,
+                GrpcCode::DeadlineExceeded,
             ),
             (
                 Reason::PolicyUnavailable,

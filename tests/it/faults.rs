@@ -401,3 +401,233 @@ async fn database_outage_is_policy_unavailable_and_recovers() {
     env.shutdown().await;
     drop(db);
 }
+
+// ---------------------------------------------------------------------------------------------
+// clients that send too much, or too slowly
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) from `sock`; `None` when the
+/// connection closed first.
+async fn read_response(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut tmp = [0u8; 8192];
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .to_lowercase()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let whole = String::from_utf8_lossy(&buf[..end + 4 + len]).to_string();
+                buf.drain(..end + 4 + len);
+                return Some(whole);
+            }
+        }
+        let n = sock.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// Whether the server closed `sock` (EOF or reset) within `within`.
+async fn closed_within(sock: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut tmp = [0u8; 1024];
+    match tokio::time::timeout(within, async {
+        loop {
+            match sock.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    {
+        Ok(()) => true,
+        Err(_) => false,
+    }
+}
+
+/// Large POSTs refused before their body is read (401 on an admin route, 413 on chat) on one
+/// keep-alive connection: each answer that leaves the body unread says `Connection: close`, so
+/// a client knows to open a new connection; a pooled client (one connection at most) gets every
+/// answer, the normal request after them included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_large_bodies_keep_clients_working() {
+    let mut s = TestServer::sqlite(Opts {
+        server: "admin_token = \"tg-admin-faults-0123456789\"\nmax_body_bytes = 65536".into(),
+        ..Opts::default()
+    })
+    .await;
+    let big = "x".repeat(100 * 1024);
+
+    // Raw: the answer to a refused body names the close.
+    let mut sock = tokio::net::TcpStream::connect(s.http)
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST /admin/users HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        big.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    sock.write_all(&big.as_bytes()[..1024]).await.unwrap();
+    let mut buf = Vec::new();
+    let head = read_response(&mut sock, &mut buf).await.expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_lowercase().contains("connection: close"),
+        "a response that leaves the body unread must say so: {head}"
+    );
+
+    // A pooled client with one connection: every request answered.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for i in 0..4 {
+        let resp = client
+            .post(s.url("/admin/users"))
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("refused admin POST {i}: {e}"));
+        assert_eq!(resp.status(), 401);
+        let resp = client
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(ALICE_KEY)
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("oversized chat POST {i}: {e}"));
+        assert_eq!(resp.status(), 413);
+        let resp = client
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET after refused bodies {i}: {e}"));
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = client
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(ALICE_KEY)
+        .json(&chat_body("fast", "after"))
+        .send()
+        .await
+        .expect("normal chat after refused bodies");
+    assert_eq!(resp.status(), 200);
+    s.shutdown().await;
+}
+
+/// A chat body that stops after 10 bytes: 408 request_timeout within the configured
+/// `body_read_timeout_ms` plus slack, the connection closed, counted once (excluded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_is_request_timeout() {
+    let mut s = TestServer::sqlite(Opts {
+        server: "body_read_timeout_ms = 300".into(),
+        ..Opts::default()
+    })
+    .await;
+    let before = s.metrics().await;
+    let mut sock = tokio::net::TcpStream::connect(s.http)
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ALICE_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 500\r\n\r\n{{\"model\":"
+    );
+    let started = Instant::now();
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let resp = tokio::time::timeout(Duration::from_secs(5), read_response(&mut sock, &mut buf))
+        .await
+        .expect("answered within the timeout plus slack")
+        .expect("an answer before the close");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("request_timeout"), "{resp}");
+    assert!(
+        closed_within(&mut sock, Duration::from_secs(3)).await,
+        "connection closed"
+    );
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &[
+            ("protocol", "http"),
+            ("outcome", "excluded"),
+            ("reason", "request_timeout"),
+        ],
+        1.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
+    s.shutdown().await;
+}
+
+/// A client trickling its request head (a byte every 50 ms, never finishing): the connection is
+/// closed once `header_read_timeout_ms` has passed, plus slack; a prompt client on another
+/// connection is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_headers_are_cut_off() {
+    let mut s = TestServer::sqlite(Opts {
+        server: "header_read_timeout_ms = 300".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut sock = tokio::net::TcpStream::connect(s.http)
+        .await
+        .expect("connect");
+    let head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let started = Instant::now();
+    let mut closed_after = None;
+    for b in head.iter() {
+        if sock.write_all(&[*b]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        // The server may have closed already: a read that returns at once tells.
+        let mut tmp = [0u8; 512];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(50), sock.read(&mut tmp)).await {
+            match r {
+                Ok(0) | Err(_) => {
+                    closed_after = Some(started.elapsed());
+                    break;
+                }
+                Ok(_) => {
+                    // hyper may answer 408 before closing; the close follows.
+                    if closed_within(&mut sock, Duration::from_secs(3)).await {
+                        closed_after = Some(started.elapsed());
+                    }
+                    break;
+                }
+            }
+        }
+        let ok = s
+            .client
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(ok.status(), 200);
+    }
+    let after = closed_after.expect("the trickling connection must be closed");
+    assert!(
+        after >= Duration::from_millis(250) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+    s.shutdown().await;
+}
