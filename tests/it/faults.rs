@@ -631,3 +631,119 @@ async fn trickled_headers_are_cut_off() {
     );
     s.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// undecodable gRPC messages
+
+/// A codec that sends its bytes as the message as they are, and reads answers as raw bytes.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// Garbage sent as `Complete`, `StreamComplete` and `Embed` messages over a real HTTP/2 gRPC
+/// connection: INVALID_ARGUMENT with ErrorInfo `invalid_request`, each counted once under its
+/// api and written to the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_grpc_messages_are_invalid_request() {
+    let mut s = TestServer::sqlite(Opts::default()).await;
+    let before = s.metrics().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("gRPC connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    // An invalid varint where a tag is due; then a length-delimited field running past the end.
+    let garbage: [&[u8]; 2] = [&[0xff; 12], &[0x0a, 0x40, b'x']];
+    let methods = [
+        "/tollgate.v1.Gateway/Complete",
+        "/tollgate.v1.Gateway/StreamComplete",
+        "/tollgate.v1.Gateway/Embed",
+    ];
+    let mut rids = Vec::new();
+    for method in methods {
+        for g in garbage {
+            let rid = new_request_id();
+            grpc.ready().await.expect("ready");
+            let status = grpc
+                .unary::<Vec<u8>, Vec<u8>, _>(
+                    grpc_request(g.to_vec(), Some(ALICE_KEY), Some(&rid)),
+                    http::uri::PathAndQuery::from_static(method),
+                    RawCodec,
+                )
+                .await
+                .expect_err("garbage must be refused");
+            expect_grpc_error(&status, tonic::Code::InvalidArgument, "invalid_request");
+            rids.push((method, rid));
+        }
+    }
+    let labels = |api| {
+        [
+            ("protocol", "grpc"),
+            ("api", api),
+            ("outcome", "excluded"),
+            ("reason", "invalid_request"),
+        ]
+    };
+    s.expect_delta(&before, AVAILABILITY, &labels("chat_completions"), 4.0)
+        .await;
+    s.expect_delta(&before, AVAILABILITY, &labels("embeddings"), 2.0)
+        .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 6.0).await;
+    for (method, rid) in &rids {
+        let row = s.ledger_row(rid).await;
+        assert_eq!(
+            (row.outcome.as_str(), row.reason.as_str()),
+            ("excluded", "invalid_request"),
+            "{method}"
+        );
+        let api = if method.ends_with("Embed") {
+            "embeddings"
+        } else {
+            "chat_completions"
+        };
+        assert_eq!(row.api, api, "{method}");
+    }
+    s.shutdown().await;
+}
