@@ -34,6 +34,8 @@ pub enum Reason {
     Success,
     PayloadTooLarge,
     InvalidRequest,
+    /// The caller did not send its request (body) in time.
+    RequestTimeout,
     AuthRejected,
     InvalidAuthRequest,
     InvalidServiceTypeForModel,
@@ -43,6 +45,8 @@ pub enum Reason {
     Blocked,
     BudgetExceeded,
     RateLimited,
+    /// The store behind a budget or shared rate limit could not answer.
+    PolicyUnavailable,
     ModelNotFound,
     UpstreamRejected,
     /// No usable upstream key: `all_disabled` picks 503 over 429.
@@ -78,6 +82,7 @@ impl Reason {
             Reason::Success => "success",
             Reason::PayloadTooLarge => "payload_too_large",
             Reason::InvalidRequest => "invalid_request",
+            Reason::RequestTimeout => "request_timeout",
             Reason::AuthRejected => "auth_rejected",
             Reason::InvalidAuthRequest => "invalid_auth_request",
             Reason::InvalidServiceTypeForModel => "invalid_service_type_for_model",
@@ -87,6 +92,7 @@ impl Reason {
             Reason::Blocked => "blocked",
             Reason::BudgetExceeded => "budget_exceeded",
             Reason::RateLimited => "rate_limited",
+            Reason::PolicyUnavailable => "policy_unavailable",
             Reason::ModelNotFound => "model_not_found",
             Reason::UpstreamRejected => "upstream_rejected",
             Reason::UpstreamKeysExhausted { .. } => "upstream_keys_exhausted",
@@ -103,6 +109,7 @@ impl Reason {
             Reason::Success => Outcome::Success,
             Reason::AuthSystemFailure
             | Reason::ProvisioningFailure
+            | Reason::PolicyUnavailable
             | Reason::UpstreamKeysExhausted { .. }
             | Reason::UpstreamError
             | Reason::UpstreamTimeout
@@ -117,6 +124,7 @@ impl Reason {
         match self {
             Reason::Success => 200,
             Reason::PayloadTooLarge => 413,
+            Reason::RequestTimeout => 408,
             Reason::InvalidRequest | Reason::InvalidAuthRequest | Reason::UpstreamRejected => 400,
             Reason::AuthRejected => 401,
             Reason::InvalidServiceTypeForModel | Reason::SignupCapExceeded | Reason::Blocked => 403,
@@ -129,7 +137,9 @@ impl Reason {
                     429
                 }
             }
-            Reason::AuthSystemFailure | Reason::ProvisioningFailure => 503,
+            Reason::AuthSystemFailure | Reason::ProvisioningFailure | Reason::PolicyUnavailable => {
+                503
+            }
             Reason::UpstreamError => 502,
             Reason::UpstreamTimeout => 504,
             Reason::InternalError => 500,
@@ -150,9 +160,10 @@ impl Reason {
             }
             Reason::AuthRejected => GrpcCode::Unauthenticated,
             Reason::InvalidServiceTypeForModel | Reason::Blocked => GrpcCode::PermissionDenied,
-            Reason::AuthSystemFailure | Reason::ProvisioningFailure | Reason::UpstreamError => {
-                GrpcCode::Unavailable
-            }
+            Reason::AuthSystemFailure
+            | Reason::ProvisioningFailure
+            | Reason::PolicyUnavailable
+            | Reason::UpstreamError => GrpcCode::Unavailable,
             Reason::ModelNotFound => GrpcCode::NotFound,
             Reason::UpstreamKeysExhausted { all_disabled } => {
                 if all_disabled {
@@ -161,7 +172,7 @@ impl Reason {
                     GrpcCode::ResourceExhausted
                 }
             }
-            Reason::UpstreamTimeout => GrpcCode::DeadlineExceeded,
+            Reason::UpstreamTimeout | Reason::RequestTimeout => GrpcCode::DeadlineExceeded,
             Reason::InternalError => GrpcCode::Internal,
             Reason::ClientDisconnected => GrpcCode::Cancelled,
         }
@@ -174,7 +185,7 @@ impl Reason {
             403 => "permission_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
-            400 | 413 => "invalid_request_error",
+            400 | 408 | 413 => "invalid_request_error",
             _ => "api_error",
         }
     }
@@ -266,6 +277,20 @@ mod tests {
             (
                 Reason::AuthSystemFailure,
                 "auth_system_failure",
+                Outcome::Failure,
+                503,
+                GrpcCode::Unavailable,
+            ),
+            (
+                Reason::RequestTimeout,
+                "request_timeout",
+                Outcome::Excluded,
+                408,
+                GrpcCode::DeadlineExceeded,
+            ),
+            (
+                Reason::PolicyUnavailable,
+                "policy_unavailable",
                 Outcome::Failure,
                 503,
                 GrpcCode::Unavailable,

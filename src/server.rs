@@ -145,24 +145,12 @@ impl RunningServer {
         let (stop, stopped) = watch::channel(false);
 
         let app = crate::http::router(gateway.clone());
-        let http_task = {
-            let mut stopped = stopped.clone();
-            // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
-            let listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            })
-        };
+        let http_task = tokio::spawn(serve_http(
+            http_listener,
+            app,
+            Duration::from_millis(server_cfg.header_read_timeout_ms),
+            stopped.clone(),
+        ));
 
         let routes = crate::grpc::routes(gateway.clone())
             .await
@@ -247,6 +235,59 @@ impl RunningServer {
         tracing::info!("shutdown signal received");
         self.shutdown().await;
     }
+}
+
+/// Serves HTTP/1.1 on `listener` until `stopped`, then lets open connections finish. hyper's
+/// own connection loop rather than `axum::serve`, which cannot set `header_read_timeout`: a
+/// client that trickles its headers is cut off after `header_timeout`.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    use tower::ServiceExt;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+        };
+        while conns.try_join_next().is_some() {}
+        // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let mut stopped = stopped.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }
 
 /// Reloads the configuration on every SIGHUP. The handler is installed before this returns,

@@ -97,6 +97,11 @@ impl Config {
         if self.routing.unhealthy_after_failures == 0 {
             return bad("routing.unhealthy_after_failures must be at least 1".into());
         }
+        if self.server.header_read_timeout_ms == 0 || self.server.body_read_timeout_ms == 0 {
+            return bad(
+                "server.header_read_timeout_ms and body_read_timeout_ms must be above 0".into(),
+            );
+        }
         if self.server.max_body_bytes == 0 {
             return bad("server.max_body_bytes must be above 0".into());
         }
@@ -118,6 +123,11 @@ impl Config {
             }
             if http.total_timeout_ms == 0 || http.connect_timeout_ms == 0 {
                 return bad(format!("providers.{name}: timeouts must be above 0"));
+            }
+            if http.max_response_bytes < 1024 {
+                return bad(format!(
+                    "providers.{name}.max_response_bytes must be at least 1024"
+                ));
             }
         }
         for (alias, a) in &self.aliases {

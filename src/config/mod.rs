@@ -172,6 +172,12 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     pub shutdown_grace_secs: u64,
     pub default_service_type: String,
+    /// How long an HTTP client may take to send a request's headers (a trickling client is
+    /// cut off instead of holding its connection forever).
+    pub header_read_timeout_ms: u64,
+    /// How long an HTTP client may take to send a request's body, from its headers on; past it
+    /// the request is 408 `request_timeout`.
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -183,6 +189,8 @@ impl Default for ServerConfig {
             admin_token: None,
             shutdown_grace_secs: 30,
             default_service_type: "default".into(),
+            header_read_timeout_ms: 30_000,
+            body_read_timeout_ms: 60_000,
         }
     }
 }

@@ -66,6 +66,9 @@ impl ProviderConfig {
     }
 }
 
+/// `max_response_bytes` when the config names none: 32 MiB, far above any real answer.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
+
 /// Where and how an HTTP upstream is called, and how its key pool behaves.
 #[derive(Clone)]
 pub struct HttpUpstreamConfig {
@@ -76,6 +79,9 @@ pub struct HttpUpstreamConfig {
     pub first_byte_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub total_timeout_ms: u64,
+    /// The most bytes read of one non-streamed answer or one SSE event; past it the call is
+    /// `upstream_error` and the connection is dropped, so a hostile upstream cannot fill memory.
+    pub max_response_bytes: u64,
     /// How long a key rests after a 429 that names no Retry-After.
     pub rate_limit_cooldown_secs: u64,
     /// When set, 401/403 rest a key this long instead of disabling it until an operator acts.
@@ -142,6 +148,7 @@ struct RawProviderConfig {
     first_byte_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     total_timeout_ms: Option<u64>,
+    max_response_bytes: Option<u64>,
     rate_limit_cooldown_secs: Option<u64>,
     auth_failure_cooldown_secs: Option<u64>,
     anthropic_version: Option<String>,
@@ -212,6 +219,7 @@ impl TryFrom<RawProviderConfig> for ProviderConfig {
                 first_byte_timeout_ms: r.first_byte_timeout_ms.unwrap_or(60_000),
                 idle_timeout_ms: r.idle_timeout_ms.unwrap_or(30_000),
                 total_timeout_ms: r.total_timeout_ms.unwrap_or(600_000),
+                max_response_bytes: r.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
                 rate_limit_cooldown_secs: r.rate_limit_cooldown_secs.unwrap_or(60),
                 auth_failure_cooldown_secs: r.auth_failure_cooldown_secs,
             })
@@ -244,6 +252,7 @@ impl TryFrom<RawProviderConfig> for ProviderConfig {
                     ("first_byte_timeout_ms", r.first_byte_timeout_ms.is_some()),
                     ("idle_timeout_ms", r.idle_timeout_ms.is_some()),
                     ("total_timeout_ms", r.total_timeout_ms.is_some()),
+                    ("max_response_bytes", r.max_response_bytes.is_some()),
                     (
                         "rate_limit_cooldown_secs",
                         r.rate_limit_cooldown_secs.is_some(),

@@ -108,3 +108,23 @@ fn fields_of_another_kind_are_refused_with_their_line() {
         .to_string();
     assert!(err.contains("base_url is required"), "{err}");
 }
+
+#[test]
+fn max_response_bytes_has_a_default_and_a_floor() {
+    let ok = Config::from_toml_str("[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\n")
+        .unwrap();
+    assert_eq!(
+        ok.providers["o"].http().map(|h| h.max_response_bytes),
+        Some(32 << 20)
+    );
+    let err = Config::from_toml_str(
+        "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\nmax_response_bytes = 10\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("max_response_bytes"), "{err}");
+    let err = Config::from_toml_str("[providers.m]\nkind = \"mock\"\nmax_response_bytes = 4096\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_response_bytes"), "{err}");
+}

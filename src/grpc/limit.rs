@@ -1,7 +1,10 @@
 //! The request size limit for model RPCs (chat and embeddings), enforced from the gRPC frame header before the
 //! message is read, so that an oversized request is refused as `payload_too_large`
 //! (RESOURCE_EXHAUSTED) and counted like any other chat request. tonic's own decode limit would
-//! answer OUT_OF_RANGE before the core ever saw the call.
+//! answer OUT_OF_RANGE before the core ever saw the call. A message within the limit is read
+//! whole here and decoded once as a check: one that is not a valid protobuf message of its
+//! method is `invalid_request` (INVALID_ARGUMENT), counted and written to the ledger like an
+//! HTTP bad body, instead of tonic's uncounted INTERNAL.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -101,14 +104,35 @@ where
                 }
             }
             if head.len() >= FRAME_HEADER {
+                let compressed = head[0] != 0;
                 let len = (&head[1..FRAME_HEADER]).get_u32() as usize;
-                if len > limit {
-                    let ctx = call_context(&parts.extensions, &parts.headers, Protocol::Grpc);
-                    let request_id = ctx.request_id.clone();
-                    let rejection = Rejection::new(
+                let mut refusal = (len > limit).then(|| {
+                    Rejection::new(
                         Reason::PayloadTooLarge,
                         format!("the request message is larger than {limit} bytes"),
-                    );
+                    )
+                });
+                if refusal.is_none() && !compressed {
+                    // Within the limit: read the message whole (bounded by the limit) and check
+                    // that it decodes; an early end is left for tonic to report.
+                    while head.len() < FRAME_HEADER + len {
+                        match body.frame().await {
+                            Some(Ok(frame)) => {
+                                if let Ok(data) = frame.into_data() {
+                                    head.extend_from_slice(&data);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    if head.len() >= FRAME_HEADER + len {
+                        let msg = &head[FRAME_HEADER..FRAME_HEADER + len];
+                        refusal = undecodable(embed, msg);
+                    }
+                }
+                if let Some(rejection) = refusal {
+                    let ctx = call_context(&parts.extensions, &parts.headers, Protocol::Grpc);
+                    let request_id = ctx.request_id.clone();
                     // Recorded as the kind of request it is, like any other refusal.
                     let recorded = if embed {
                         gateway.embed(ctx).run(Err(rejection)).await.err()
@@ -136,6 +160,28 @@ where
                 .await
         })
     }
+}
+
+/// `invalid_request` when `msg` is not a valid `EmbedRequest` / `CompleteRequest`.
+fn undecodable(embed: bool, msg: &[u8]) -> Option<Rejection> {
+    use prost::Message;
+    let (what, result) = if embed {
+        (
+            "EmbedRequest",
+            crate::proto::EmbedRequest::decode(msg).map(drop),
+        )
+    } else {
+        (
+            "CompleteRequest",
+            crate::proto::CompleteRequest::decode(msg).map(drop),
+        )
+    };
+    result.err().map(|e| {
+        Rejection::new(
+            Reason::InvalidRequest,
+            format!("the request message is not a valid tollgate.v1.{what}: {e}"),
+        )
+    })
 }
 
 /// A body that yields bytes already read, then the rest of the original body.

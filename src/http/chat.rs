@@ -91,6 +91,10 @@ pub(super) async fn read_body(
         {
             Err(too_large())
         }
+        Err(e) if super::body_guard::is_body_timeout(&*e) => Err(Rejection::new(
+            Reason::RequestTimeout,
+            format!("the request body was not received in time: {e}"),
+        )),
         Err(e) => Err(Rejection::new(
             Reason::InvalidRequest,
             format!("the request body could not be read: {e}"),

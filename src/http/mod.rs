@@ -3,6 +3,7 @@
 
 mod admin;
 mod authorize;
+mod body_guard;
 mod budgets;
 mod chat;
 mod embeddings;
@@ -26,6 +27,8 @@ pub use crate::core::headers;
 /// Every HTTP route, with request telemetry around them.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let metrics = gateway.metrics().clone();
+    let body_timeout =
+        std::time::Duration::from_millis(gateway.runtime().config.server.body_read_timeout_ms);
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(messages::messages))
@@ -43,6 +46,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(budgets::routes(gateway.clone()))
         .fallback(ops::not_found)
         .with_state(gateway)
+        .layer(axum::middleware::from_fn_with_state(
+            body_timeout,
+            body_guard::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             metrics,
             telemetry::observe,

@@ -31,6 +31,8 @@ pub struct HttpUpstream {
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     total_timeout: Duration,
+    /// The most bytes of one whole answer or one SSE event (`max_response_bytes`).
+    max_response_bytes: usize,
     clock: Clock,
 }
 
@@ -67,6 +69,7 @@ impl HttpUpstream {
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
             total_timeout: Duration::from_millis(cfg.total_timeout_ms),
+            max_response_bytes: usize::try_from(cfg.max_response_bytes).unwrap_or(usize::MAX),
         })
     }
 
@@ -142,13 +145,15 @@ impl HttpUpstream {
                     let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
                 }
                 _ => {
+                    // An error body is only read for its message: bounded like any answer.
                     let text = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
-                        resp.text(),
+                        read_capped(resp, self.max_response_bytes.min(1 << 20)),
                     )
                     .await
                     .ok()
                     .and_then(Result::ok)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
                     break Err(UpstreamError::Status {
                         status,
@@ -166,7 +171,8 @@ impl HttpUpstream {
         result
     }
 
-    /// Reads a whole answer before the deadline.
+    /// Reads a whole answer before the deadline, at most `max_response_bytes` of it: past the
+    /// cap the response is dropped unread (and its connection with it), so memory stays bounded.
     pub async fn body(
         &self,
         resp: reqwest::Response,
@@ -174,11 +180,10 @@ impl HttpUpstream {
     ) -> Result<bytes::Bytes, UpstreamError> {
         tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
-            resp.bytes(),
+            read_capped(resp, self.max_response_bytes),
         )
         .await
         .map_err(|_| UpstreamError::Timeout("total"))?
-        .map_err(|e| UpstreamError::BadResponse(e.to_string()))
     }
 
     /// The SSE `data` payloads of a streamed answer, each within the idle deadline and all
@@ -191,7 +196,7 @@ impl HttpUpstream {
         let idle = self.idle_timeout;
         let state = (
             resp.bytes_stream(),
-            SseParser::default(),
+            SseParser::with_limit(self.max_response_bytes),
             VecDeque::<String>::new(),
             false,
         );
@@ -221,7 +226,13 @@ impl HttpUpstream {
                                 (bytes, parser, pending, true),
                             ));
                         }
-                        Ok(Some(Ok(b))) => pending.extend(parser.push(&b)),
+                        Ok(Some(Ok(b))) => match parser.push(&b) {
+                            Ok(data) => pending.extend(data),
+                            Err(e) => {
+                                let err = UpstreamError::BadResponse(e.to_string());
+                                return Some((Err(err), (bytes, parser, pending, true)));
+                            }
+                        },
                         Ok(Some(Err(e))) => {
                             let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
                             return Some((Err(err), (bytes, parser, pending, true)));
@@ -249,7 +260,7 @@ impl HttpUpstream {
         let idle = self.idle_timeout;
         let state = (
             resp.bytes_stream(),
-            EventSplitter::default(),
+            EventSplitter::with_limit(self.max_response_bytes),
             VecDeque::<RawEvent>::new(),
             false,
         );
@@ -279,7 +290,13 @@ impl HttpUpstream {
                                 (bytes, splitter, pending, true),
                             ));
                         }
-                        Ok(Some(Ok(b))) => pending.extend(splitter.push(&b)),
+                        Ok(Some(Ok(b))) => match splitter.push(&b) {
+                            Ok(events) => pending.extend(events),
+                            Err(e) => {
+                                let err = UpstreamError::BadResponse(e.to_string());
+                                return Some((Err(err), (bytes, splitter, pending, true)));
+                            }
+                        },
                         Ok(Some(Err(e))) => {
                             let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
                             return Some((Err(err), (bytes, splitter, pending, true)));
@@ -293,6 +310,33 @@ impl HttpUpstream {
             },
         )
     }
+}
+
+/// The whole body, refused as soon as it (or its announced length) passes `max` bytes.
+async fn read_capped(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<bytes::Bytes, UpstreamError> {
+    let too_large = || {
+        UpstreamError::BadResponse(format!(
+            "the upstream answer exceeds max_response_bytes ({max} bytes)"
+        ))
+    };
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| UpstreamError::BadResponse(e.to_string()))?
+    {
+        if buf.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 /// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).

@@ -12,6 +12,7 @@ mod chat;
 mod cli;
 mod contract;
 mod embeddings;
+mod faults;
 mod key_pools;
 mod messages;
 mod operator;

@@ -114,6 +114,7 @@ pub fn encode_response(resp: &ChatResponse, usage: &Usage) -> String {
 pub fn error_type(reason: Reason) -> &'static str {
     match reason {
         Reason::PayloadTooLarge => "request_too_large",
+        Reason::RequestTimeout => "invalid_request_error",
         Reason::InvalidRequest | Reason::InvalidAuthRequest | Reason::UpstreamRejected => {
             "invalid_request_error"
         }
@@ -132,6 +133,7 @@ pub fn error_type(reason: Reason) -> &'static str {
         Reason::Success
         | Reason::AuthSystemFailure
         | Reason::ProvisioningFailure
+        | Reason::PolicyUnavailable
         | Reason::InternalError
         | Reason::ClientDisconnected => "api_error",
     }

@@ -311,7 +311,7 @@ impl Gateway {
         self.budgets()
             .remaining(principal, st.as_ref(), &rt.config.budgets)
             .await
-            .map_err(|e| Rejection::internal(format!("budget lookup: {e}")))
+            .map_err(|e| crate::core::policy::store_failed("budget lookup", e))
     }
 
     /// Checks an admin token.

@@ -109,7 +109,8 @@ impl Demand {
     fn rate_tokens(&self) -> u64 {
         match self.output {
             OutputCap::Nothing | OutputCap::UpTo(None) => self.prompt_tokens,
-            OutputCap::UpTo(Some(max)) => self.prompt_tokens + max,
+            // A caller may ask for u64::MAX tokens: saturate, the window refuses it anyway.
+            OutputCap::UpTo(Some(max)) => self.prompt_tokens.saturating_add(max),
         }
     }
 }
@@ -345,5 +346,15 @@ fn rate_limited(d: RateDenial) -> Rejection {
 }
 
 fn lookup_failed(e: StoreError) -> Rejection {
-    Rejection::internal(format!("budget lookup: {e}"))
+    store_failed("budget lookup", e)
+}
+
+/// The store behind a budget could not answer: `policy_unavailable` (an outage, it lowers
+/// availability and says 503 so that callers retry), the detail in the log only.
+pub(crate) fn store_failed(stage: &str, e: StoreError) -> Rejection {
+    tracing::warn!(error = %e, stage, "policy store unavailable");
+    Rejection::new(
+        Reason::PolicyUnavailable,
+        "the budget store could not be reached; try again shortly",
+    )
 }

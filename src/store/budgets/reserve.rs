@@ -13,7 +13,7 @@ use crate::store::{Store, StoreError};
 
 /// The reservation UPDATE of one scope: adds `amount` to the row's `reserved_micros` only if
 /// the row is as the replica believes it to be (explicit or not, a default's configured limit,
-/// period, period start) and has room (`spent + reserved + amount <= limit`); returns the row
+/// period, period start) and has room (`amount <= limit - spent - reserved`); returns the row
 /// after it. `(scope, subject_id)` is unique, so it names one row.
 struct ReserveUpdate<'a> {
     s: &'a ReserveScope,
@@ -72,9 +72,12 @@ where
         out.push_bind_param::<Text, str>(&self.s.period)?;
         out.push_sql(" AND period_start = ");
         out.push_bind_param::<BigInt, _>(&self.s.period_start)?;
-        out.push_sql(" AND spent_micros + reserved_micros + ");
+        // `amount <= limit - spent - reserved`, not `spent + reserved + amount <= limit`: a
+        // saturated amount (i64::MAX) must not overflow a bigint (PostgreSQL errors, SQLite
+        // turns it into a float).
+        out.push_sql(" AND ");
         out.push_bind_param::<BigInt, _>(&self.amount)?;
-        out.push_sql(" <= limit_micros RETURNING *");
+        out.push_sql(" <= limit_micros - spent_micros - reserved_micros RETURNING *");
         Ok(())
     }
 }

@@ -150,7 +150,9 @@ fn remaining_of(row: &BudgetRow, period: Period, now: i64) -> i64 {
     } else {
         row.spent_micros
     };
-    row.limit_micros - spent - row.reserved_micros
+    row.limit_micros
+        .saturating_sub(spent)
+        .saturating_sub(row.reserved_micros)
 }
 
 impl Budgets {

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::settle::Reservation;
 use super::{headers, remaining_of, rfc3339, Applied, Period, ScopeKey, ScopeKind};
-use crate::core::policy::{lookup_failed, AdmitArgs, Budgets};
+use crate::core::policy::{lookup_failed, store_failed, AdmitArgs, Budgets};
 use crate::core::pricing::micros_to_usd;
 use crate::core::{Reason, Rejection};
 use crate::error::PolicyHeaders;
@@ -43,7 +43,7 @@ impl Budgets {
         // A row found ahead of our clock (another replica's clock is later) sets the period.
         let mut starts: HashMap<ScopeKey, i64> = HashMap::new();
         let mut waited = false;
-        let failed = |e: StoreError| Rejection::internal(format!("budget reservation: {e}"));
+        let failed = |e: StoreError| store_failed("budget reservation", e);
         for _ in 0..ATTEMPTS {
             let now = self.clock.now_ms();
             let attempt = ReserveRequest {
@@ -185,7 +185,9 @@ impl Budgets {
         }
         // The row agrees with us: there is no room. Settlements this replica still has queued
         // can only give room back; expired reservations of crashed replicas too.
-        if row.spent_micros + row.reserved_micros + cost > row.limit_micros {
+        // `cost` may be i64::MAX (a saturated maximum cost): compare the room, which cannot
+        // overflow, not the sum, which can.
+        if cost > room(&row) {
             if !*waited && self.settler.pending(ap.key) > 0 {
                 *waited = true;
                 self.settler
@@ -210,6 +212,14 @@ impl Budgets {
         // It fits now (a settlement landed in between): try again.
         Ok(Step::Retry)
     }
+}
+
+/// What a row has room for: its limit less its spend and holds (never overflows: all three are
+/// at least 0, and the database only accepts a hold that fits).
+fn room(row: &BudgetRow) -> i64 {
+    row.limit_micros
+        .saturating_sub(row.spent_micros)
+        .saturating_sub(row.reserved_micros)
 }
 
 /// The scopes of one attempt as this replica believes them to be.
@@ -316,7 +326,7 @@ fn exceeded(row: &BudgetRow, ap: &Applied, cost: i64, now: i64) -> Rejection {
     let start = row.period_start.max(ap.period.start(now));
     if let Some(end) = ap.period.end(start) {
         // Settled spend alone leaves no room: nothing changes before the period ends.
-        if row.spent_micros + cost > row.limit_micros {
+        if cost > row.limit_micros.saturating_sub(row.spent_micros) {
             r = r.with_retry_after(Duration::from_millis((end - now).max(1000) as u64));
         }
     }
