@@ -3,13 +3,9 @@
 //! budget reservation priced on the input alone), then the chain walk, under one
 //! [`OutcomeGuard`].
 
-use std::sync::Arc;
-
 use super::dispatch::Dispatch;
-use super::gateway::{admit, open_record, Gateway, Runtime};
-use super::outcome::OutcomeGuard;
-use super::policy::Demand;
-use super::{CallContext, Rejection};
+use super::gateway::{Admitted, OpenCall};
+use super::Rejection;
 use crate::api::{EmbeddingsRequest, EmbeddingsResponse, EncodingFormat, Usage};
 
 /// A finished embeddings request.
@@ -30,17 +26,12 @@ pub struct Embeddings {
 
 /// One embeddings request in flight. Dropping it before it finishes records
 /// `client_disconnected`.
-pub struct EmbeddingsCall {
-    pub(super) gateway: Arc<Gateway>,
-    pub(super) runtime: Arc<Runtime>,
-    pub(super) ctx: CallContext,
-    pub(super) guard: OutcomeGuard,
-}
+pub struct EmbeddingsCall(pub(super) OpenCall);
 
 impl EmbeddingsCall {
     /// The request id.
     pub fn request_id(&self) -> &str {
-        &self.ctx.request_id
+        &self.0.ctx.request_id
     }
 
     /// Runs the request: `decoded` is the adapter's decoding of the body (or why it failed).
@@ -49,60 +40,20 @@ impl EmbeddingsCall {
         decoded: Result<EmbeddingsRequest, Rejection>,
     ) -> Result<Embeddings, Rejection> {
         use tracing::Instrument;
-        let span = tracing::info_span!(
-            "embeddings",
-            request_id = %self.ctx.request_id,
-            protocol = self.ctx.protocol.as_str()
-        );
-        async move {
-            self.run_inner(decoded).await.map_err(|(guard, rejection)| {
-                tracing::debug!(reason = rejection.reason.as_str(), message = %rejection.message, "embeddings request rejected");
-                guard.finish(rejection.reason);
-                rejection
+        self.0
+            .run(decoded, async |a: Admitted<'_, EmbeddingsRequest>| {
+                Dispatch {
+                    gateway: a.gateway,
+                    request_id: &a.ctx.request_id,
+                }
+                .embed(a.route, a.request, a.guard)
+                .instrument(tracing::debug_span!("upstream"))
+                .await
+                .map(|mut e| {
+                    e.policy_headers = a.policy_headers;
+                    e
+                })
             })
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn run_inner(
-        self,
-        decoded: Result<EmbeddingsRequest, Rejection>,
-    ) -> Result<Embeddings, (OutcomeGuard, Rejection)> {
-        use tracing::Instrument;
-        let EmbeddingsCall {
-            gateway,
-            runtime: rt,
-            ctx,
-            mut guard,
-        } = self;
-        open_record(&rt, &ctx, &mut guard);
-        let req = match decoded {
-            Ok(r) => r,
-            Err(e) => return Err((guard, e)),
-        };
-        {
-            let rec = guard.record();
-            rec.requested_model = req.model.clone();
-            rec.model_label = rt.router.label(&req.model);
-        }
-        let demand = Demand::embeddings(&req);
-        let (route, policy_headers) =
-            match admit(&gateway, &rt, &ctx, &mut guard, &req.model, demand).await {
-                Ok(admitted) => admitted,
-                Err(e) => return Err((guard, e)),
-            };
-        let upstream = Dispatch {
-            gateway: &gateway,
-            request_id: &ctx.request_id,
-        };
-        upstream
-            .embed(route, req, guard)
-            .instrument(tracing::debug_span!("upstream"))
             .await
-            .map(|mut e| {
-                e.policy_headers = policy_headers;
-                e
-            })
     }
 }

@@ -108,6 +108,11 @@ impl OutcomeGuard {
             .expect("an OutcomeGuard is not used after it is finished")
     }
 
+    /// The inbound API the request came in on.
+    pub fn api(&self) -> Api {
+        self.record.as_ref().map(|r| r.api).unwrap_or_default()
+    }
+
     /// When the request entered the core.
     pub fn started(&self) -> Instant {
         self.started

@@ -1,14 +1,11 @@
 //! A chat request in flight (`ChatCall`) and what it produces (`ChatReply`).
 
-use std::sync::Arc;
-
-use super::{admit, open_record, Gateway, Runtime};
+use super::call::{Admitted, OpenCall};
 use crate::api::{ChatRequest, ChatResponse, Usage};
 use crate::core::dispatch::Dispatch;
 use crate::core::native::{NativeCompletion, PassthroughStream};
-use crate::core::outcome::OutcomeGuard;
 use crate::core::stream::ChatStream;
-use crate::core::{CallContext, Rejection};
+use crate::core::Rejection;
 
 /// What a chat request produced.
 pub enum ChatReply {
@@ -46,17 +43,12 @@ pub struct ChatCompletion {
 }
 
 /// One chat request in flight. Dropping it before it finishes records `client_disconnected`.
-pub struct ChatCall {
-    pub(super) gateway: Arc<Gateway>,
-    pub(super) runtime: Arc<Runtime>,
-    pub(super) ctx: CallContext,
-    pub(super) guard: OutcomeGuard,
-}
+pub struct ChatCall(pub(super) OpenCall);
 
 impl ChatCall {
     /// The request id.
     pub fn request_id(&self) -> &str {
-        &self.ctx.request_id
+        &self.0.ctx.request_id
     }
 
     /// Runs the request: `decoded` is the adapter's decoding of the body (or why it failed).
@@ -65,70 +57,28 @@ impl ChatCall {
         decoded: Result<ChatRequest, Rejection>,
     ) -> Result<ChatReply, Rejection> {
         use tracing::Instrument;
-        // Every log line of the request carries its id; stage spans time auth, policy and the
-        // upstream (their close events are logged at debug level).
-        let span = tracing::info_span!(
-            "chat",
-            request_id = %self.ctx.request_id,
-            protocol = self.ctx.protocol.as_str()
-        );
-        async move {
-            self.run_inner(decoded).await.map_err(|(guard, rejection)| {
-                tracing::debug!(reason = rejection.reason.as_str(), message = %rejection.message, "chat request rejected");
-                guard.finish(rejection.reason);
-                rejection
+        self.0
+            .run(decoded, async |a: Admitted<'_, ChatRequest>| {
+                let upstream = Dispatch {
+                    gateway: a.gateway,
+                    request_id: &a.ctx.request_id,
+                };
+                let reply = if a.request.stream {
+                    upstream
+                        .stream(a.route, a.request, a.guard)
+                        .instrument(tracing::debug_span!("upstream"))
+                        .await
+                } else {
+                    upstream
+                        .complete(a.route, a.request, a.guard)
+                        .instrument(tracing::debug_span!("upstream"))
+                        .await
+                };
+                reply.map(|mut r| {
+                    r.set_policy_headers(a.policy_headers);
+                    r
+                })
             })
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn run_inner(
-        self,
-        decoded: Result<ChatRequest, Rejection>,
-    ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
-        use tracing::Instrument;
-        let ChatCall {
-            gateway,
-            runtime: rt,
-            ctx,
-            mut guard,
-        } = self;
-        open_record(&rt, &ctx, &mut guard);
-        let req = match decoded {
-            Ok(r) => r,
-            Err(e) => return Err((guard, e)),
-        };
-        {
-            let rec = guard.record();
-            rec.stream = req.stream;
-            rec.requested_model = req.model.clone();
-            rec.model_label = rt.router.label(&req.model);
-        }
-        let demand = crate::core::policy::Demand::chat(&req);
-        let (route, policy_headers) =
-            match admit(&gateway, &rt, &ctx, &mut guard, &req.model, demand).await {
-                Ok(admitted) => admitted,
-                Err(e) => return Err((guard, e)),
-            };
-        let upstream = Dispatch {
-            gateway: &gateway,
-            request_id: &ctx.request_id,
-        };
-        let reply = if req.stream {
-            upstream
-                .stream(route, req, guard)
-                .instrument(tracing::debug_span!("upstream"))
-                .await
-        } else {
-            upstream
-                .complete(route, req, guard)
-                .instrument(tracing::debug_span!("upstream"))
-                .await
-        };
-        reply.map(|mut r| {
-            r.set_policy_headers(policy_headers);
-            r
-        })
+            .await
     }
 }

@@ -1,23 +1,25 @@
 //! `Gateway`: the one struct both protocol adapters call. A model request (chat here,
 //! embeddings in `embed.rs`) runs authorize -> route -> upstream -> settle, under an
-//! [`OutcomeGuard`].
+//! [`OutcomeGuard`](super::outcome::OutcomeGuard).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 mod admit;
+mod call;
 mod chat;
 
 pub(super) use admit::{admit, open_record};
 use admit::{check_blocked, check_model_allowed, check_purpose, label_safe};
+pub(in crate::core) use call::{Admitted, OpenCall};
 pub use chat::{ChatCall, ChatCompletion, ChatReply};
 
 use super::admin::{verify_admin_token, Admin, AdminError, LocalCaches};
 use super::auth::{Authenticator, Credential, Identity, Verifiers};
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
-use super::outcome::{OutcomeGuard, Recorder};
+use super::outcome::Recorder;
 use super::provision::Provisioner;
 use super::{CallContext, Reason, Rejection};
 use crate::api::{Api, ChatRequest};
@@ -428,18 +430,7 @@ impl Gateway {
 
     /// Opens a model request that came in on `api` (`Gateway::chat` is chat completions).
     pub fn model_call(self: &Arc<Self>, ctx: CallContext, api: Api) -> ChatCall {
-        let guard = OutcomeGuard::new(
-            self.recorder.clone(),
-            ctx.protocol,
-            api,
-            ctx.request_id.clone(),
-        );
-        ChatCall {
-            gateway: self.clone(),
-            runtime: self.runtime(),
-            ctx,
-            guard,
-        }
+        ChatCall(self.open_call(ctx, api))
     }
 
     /// The input tokens of a request (`/v1/messages/count_tokens`): authenticated and checked
@@ -466,18 +457,7 @@ impl Gateway {
 
     /// Opens an embeddings request: from here on exactly one outcome will be recorded for it.
     pub fn embed(self: &Arc<Self>, ctx: CallContext) -> super::embed::EmbeddingsCall {
-        let guard = OutcomeGuard::new(
-            self.recorder.clone(),
-            ctx.protocol,
-            Api::Embeddings,
-            ctx.request_id.clone(),
-        );
-        super::embed::EmbeddingsCall {
-            gateway: self.clone(),
-            runtime: self.runtime(),
-            ctx,
-            guard,
-        }
+        super::embed::EmbeddingsCall(self.open_call(ctx, Api::Embeddings))
     }
 
     /// Verifies the credential, settles the service type and purpose, and provisions a new
