@@ -2086,6 +2086,26 @@ async fn grpc_reflection_lists_and_describes_services() {
     s.shutdown().await;
 }
 
+/// grpcio-reflection's `v1alpha` stub (what older tools and client libraries speak) lists
+/// `tollgate.v1.Gateway` and serves its descriptor; so does its `v1` stub where the installed
+/// release has one (v1 is also checked above with tonic's client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reflection_v1alpha_and_v1_from_python() {
+    let Some(python) = crate::anthropic::python("grpcio-reflection") else {
+        return;
+    };
+    let mut s = TestServer::sqlite(Opts::default()).await;
+    let out = crate::anthropic::run_script(
+        python,
+        "grpc_reflection_check.py",
+        vec![s.grpc_addr.to_string()],
+    )
+    .await;
+    assert!(out.contains("ok v1alpha"), "{out}");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    s.shutdown().await;
+}
+
 /// The official OpenAI Python SDK against the gateway (script by the SDK owner), when
 /// `TOLLGATE_PYTHON` names an interpreter that has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
