@@ -295,11 +295,7 @@ async fn success_stream_parity(backend: Backend) {
         header(&resp, "x-request-id").as_deref(),
         Some(rid_h.as_str())
     );
-    let ctype = header(&resp, "content-type").unwrap_or_default();
-    assert!(
-        ctype.starts_with("text/event-stream"),
-        "content-type {ctype}"
-    );
+    assert_sse_head(&resp, "chat completions stream");
     let (events, end) = SseReader::new(resp).collect().await;
     assert_eq!(end, SseEvent::End, "the SSE body ends cleanly");
     assert_eq!(
