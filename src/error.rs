@@ -75,6 +75,24 @@ pub enum GrpcCode {
     Unauthenticated,
 }
 
+impl GrpcCode {
+    /// The canonical code name (`UNAUTHENTICATED`), as gRPC tools print it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrpcCode::Ok => "OK",
+            GrpcCode::Cancelled => "CANCELLED",
+            GrpcCode::InvalidArgument => "INVALID_ARGUMENT",
+            GrpcCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            GrpcCode::NotFound => "NOT_FOUND",
+            GrpcCode::PermissionDenied => "PERMISSION_DENIED",
+            GrpcCode::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            GrpcCode::Internal => "INTERNAL",
+            GrpcCode::Unavailable => "UNAVAILABLE",
+            GrpcCode::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+}
+
 impl Reason {
     /// The stable string used in metrics, error bodies and `ErrorInfo.reason`.
     pub fn as_str(self) -> &'static str {

@@ -201,6 +201,9 @@ impl Default for ServerConfig {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// One `tollgate::access` line at info per model request when it finishes (on by default;
+    /// follows reloads).
+    pub access: bool,
 }
 
 impl Default for LogConfig {
@@ -208,6 +211,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            access: true,
         }
     }
 }

@@ -128,3 +128,14 @@ fn max_response_bytes_has_a_default_and_a_floor() {
         .to_string();
     assert!(err.contains("max_response_bytes"), "{err}");
 }
+
+#[test]
+fn log_access_is_on_by_default_and_a_typed_switch() {
+    assert!(Config::from_toml_str("").unwrap().log.access);
+    let off = Config::from_toml_str("[log]\naccess = false\n").unwrap();
+    assert!(!off.log.access);
+    let err = Config::from_toml_str("[log]\nformat = \"json\"\naccess = \"no\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3"), "{err}");
+}

@@ -2,6 +2,7 @@
 //! chat request enters the core and records exactly one outcome: the reason it is finished
 //! with, or `client_disconnected` if it is dropped unfinished.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ pub struct Recorder {
     pub budgets: Arc<Budgets>,
     /// Stamps the ledger row's start and finish.
     pub clock: Clock,
+    /// `[log] access`: shared so that a reload turns the access log on or off at once.
+    pub access_log: Arc<AtomicBool>,
 }
 
 /// Everything known about a chat request so far; filled in as it moves through the stages.
@@ -186,6 +189,37 @@ impl OutcomeGuard {
         }
         if outcome == super::Outcome::Failure {
             tracing::warn!(request_id = %r.request_id, reason = reason.as_str(), model = %r.requested_model, "chat request failed");
+        }
+        if self.recorder.access_log.load(Ordering::Relaxed) {
+            // Here, where the outcome is recorded, so that every request (refused, failed, or a
+            // stream when it ends) has exactly one line. Identities are ids: the caller's key
+            // and the upstream's never reach the record.
+            let status = match r.protocol {
+                Protocol::Http => reason.http_status().to_string(),
+                Protocol::Grpc => reason.grpc_code().as_str().to_string(),
+            };
+            tracing::info!(
+                target: "tollgate::access",
+                request_id = %r.request_id,
+                protocol = r.protocol.as_str(),
+                api = r.api.as_str(),
+                status = %status,
+                outcome = outcome.as_str(),
+                reason = reason.as_str(),
+                requested_model = %r.requested_model,
+                resolved_model = r.resolved_model.as_deref(),
+                user_id = r.user_id,
+                key_id = r.key_id,
+                latency_ms = elapsed.as_millis() as u64,
+                ttft_ms = r
+                    .first_token_at
+                    .filter(|_| r.stream)
+                    .map(|t| t.duration_since(self.started).as_millis() as u64),
+                prompt_tokens = r.usage.prompt_tokens,
+                completion_tokens = r.usage.completion_tokens,
+                cost_usd = r.cost_micros as f64 / 1e6,
+                "access"
+            );
         }
         let row = NewLedgerRow {
             request_id: r.request_id,

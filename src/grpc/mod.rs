@@ -19,16 +19,22 @@ pub use convert::rejection_status;
 pub use limit::GrpcMessageLimitLayer;
 pub use telemetry::GrpcTelemetryLayer;
 
-/// The gRPC services: Gateway, Admin, `grpc.health.v1.Health` and server reflection.
+/// The gRPC services: Gateway, Admin, `grpc.health.v1.Health` and server reflection
+/// (`grpc.reflection.v1` and `v1alpha`).
 pub async fn routes(gateway: Arc<Gateway>) -> Result<Routes, tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<GatewayServer<gateway::GatewayService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl and newer clients speak v1, many tools and older
+    // client libraries still only speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     // Chat messages are limited by `GrpcMessageLimitLayer`, which follows config reloads and
     // records the refusal; tonic's fixed limit would answer OUT_OF_RANGE unrecorded.
     let service = GatewayServer::new(gateway::GatewayService::new(gateway.clone()))
@@ -41,5 +47,6 @@ pub async fn routes(gateway: Arc<Gateway>) -> Result<Routes, tonic_reflection::s
     Ok(Routes::new(service)
         .add_service(admin)
         .add_service(health)
-        .add_service(reflection))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
 }

@@ -118,7 +118,18 @@ fn sse_response(stream: ChatStream) -> Response {
         };
         Some((Ok(bytes), None))
     });
-    let mut resp = Response::new(Body::from_stream(events));
+    sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
+}
+
+/// The head of every event stream (chat, Messages, Responses): its type, the resolved model and
+/// the policy headers. `Cache-Control: no-cache` keeps caches from holding a stream back, and
+/// `X-Accel-Buffering: no` tells nginx (and proxies that honour it) to pass each event on at
+/// once instead of buffering the response, which would stall tokens until the buffer fills.
+pub(super) fn sse_head(
+    mut resp: Response,
+    resolved: &str,
+    policy: &[(&'static str, String)],
+) -> Response {
     let h = resp.headers_mut();
     h.insert(
         http::header::CONTENT_TYPE,
@@ -128,8 +139,9 @@ fn sse_response(stream: ChatStream) -> Response {
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache"),
     );
-    set_header(&mut resp, headers::RESOLVED_MODEL, &resolved);
-    for (name, value) in &policy {
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    set_header(&mut resp, headers::RESOLVED_MODEL, resolved);
+    for (name, value) in policy {
         set_header(&mut resp, name, value);
     }
     resp

@@ -77,23 +77,6 @@ fn json_response(body: Bytes, resolved: &str, policy: &[(&'static str, String)])
     r
 }
 
-fn sse_head(mut resp: Response, resolved: &str, policy: &[(&'static str, String)]) -> Response {
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    set_header(&mut resp, headers::RESOLVED_MODEL, resolved);
-    for (name, value) in policy {
-        set_header(&mut resp, name, value);
-    }
-    resp
-}
-
 /// Neutral deltas said as Responses events; a failure mid-way ends with `response.failed`.
 fn translated_stream(stream: ChatStream, echo: Echo) -> Response {
     let resolved = stream.resolved_model().to_string();
@@ -110,7 +93,7 @@ fn translated_stream(stream: ChatStream, echo: Echo) -> Response {
         let next = more.then_some(stream);
         Some((Ok::<_, Infallible>(Bytes::from(text)), (next, enc)))
     });
-    sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
+    super::chat::sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
 }
 
 /// The upstream's events as they came; a transport failure mid-way ends with an `error` event
@@ -129,7 +112,7 @@ fn passthrough_stream(stream: PassthroughStream) -> Response {
             None => None,
         }
     });
-    sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
+    super::chat::sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
 }
 
 /// The Responses `error` event for a rejection.

@@ -295,11 +295,7 @@ async fn success_stream_parity(backend: Backend) {
         header(&resp, "x-request-id").as_deref(),
         Some(rid_h.as_str())
     );
-    let ctype = header(&resp, "content-type").unwrap_or_default();
-    assert!(
-        ctype.starts_with("text/event-stream"),
-        "content-type {ctype}"
-    );
+    assert_sse_head(&resp, "chat completions stream");
     let (events, end) = SseReader::new(resp).collect().await;
     assert_eq!(end, SseEvent::End, "the SSE body ends cleanly");
     assert_eq!(
@@ -2083,6 +2079,26 @@ async fn grpc_reflection_lists_and_describes_services() {
             "{want} not described: {described:?}"
         );
     }
+    s.shutdown().await;
+}
+
+/// grpcio-reflection's `v1alpha` stub (what older tools and client libraries speak) lists
+/// `tollgate.v1.Gateway` and serves its descriptor; so does its `v1` stub where the installed
+/// release has one (v1 is also checked above with tonic's client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reflection_v1alpha_and_v1_from_python() {
+    let Some(python) = crate::anthropic::python("grpcio-reflection") else {
+        return;
+    };
+    let mut s = TestServer::sqlite(Opts::default()).await;
+    let out = crate::anthropic::run_script(
+        python,
+        "grpc_reflection_check.py",
+        vec![s.grpc_addr.to_string()],
+    )
+    .await;
+    assert!(out.contains("ok v1alpha"), "{out}");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
     s.shutdown().await;
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod access_log;
 mod anthropic;
 mod apis;
 mod auth;

@@ -212,10 +212,7 @@ async fn passthrough_stream_is_byte_exact_and_accounted() {
         .to_string();
         let resp = post(&s, "/v1/messages", &body, &rid, &[]).await;
         assert_eq!(resp.status(), 200, "{:?}", up.refused());
-        assert!(resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream"));
+        assert_sse_head(&resp, &format!("Messages pass-through stream {model}"));
         let text = resp.text().await.unwrap();
         let ex = up.find_all(model, &rid).pop().expect("the fake got it");
         let sent = String::from_utf8_lossy(&ex.answer).into_owned();
@@ -356,6 +353,7 @@ async fn translated_to_mock_and_openai() {
         .to_string();
         let resp = post(&s, "/v1/messages", &body, &rid, &[]).await;
         assert_eq!(resp.status(), 200);
+        assert_sse_head(&resp, &format!("Messages translated stream {model}"));
         let ev = events(&resp.text().await.unwrap());
         let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(

@@ -159,10 +159,7 @@ async fn passthrough_stream_is_byte_exact_and_accounted() {
         json!({"model": "gpt/gpt-ok", "input": format!("hi {rid}"), "stream": true}).to_string();
     let resp = post(&env.s, &body, &rid).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
+    assert_sse_head(&resp, "Responses pass-through stream");
     let text = resp.text().await.unwrap();
     let sent = resp_fake::sse_text(&resp_fake::events_for("gpt-ok", false));
     assert_eq!(text, sent.replace("\"gpt-ok\"", "\"gpt/gpt-ok\""));
@@ -236,7 +233,9 @@ async fn translated_stream_event_sequence() {
     let env = start().await;
     let rid = new_request_id();
     let body = json!({"model": "mock/echo", "input": "a b", "stream": true}).to_string();
-    let text = post(&env.s, &body, &rid).await.text().await.unwrap();
+    let resp = post(&env.s, &body, &rid).await;
+    assert_sse_head(&resp, "Responses translated stream");
+    let text = resp.text().await.unwrap();
     let ev = events(&text);
     check_numbering(&ev);
     let n = ev.len();

@@ -130,6 +130,7 @@ impl Gateway {
     pub fn new(runtime: Runtime, parts: GatewayParts) -> Gateway {
         let ttl = Duration::from_millis(runtime.config.auth.key_cache_ttl_ms);
         let identity_ttl = Duration::from_millis(runtime.config.auth.identity_cache_ttl_ms);
+        let access = runtime.config.log.access;
         let budgets = super::policy::Budgets::start(
             parts.store.clone(),
             parts.deps.clock.clone(),
@@ -157,6 +158,7 @@ impl Gateway {
                 ledger: parts.ledger,
                 budgets,
                 clock: parts.deps.clock.clone(),
+                access_log: Arc::new(std::sync::atomic::AtomicBool::new(access)),
             },
             deps: parts.deps,
             source: parts.source,
@@ -209,8 +211,12 @@ impl Gateway {
             .sync_static_keys(&config.auth.static_keys)
             .await
             .map_err(|e| format!("cannot store static keys: {e}"))?;
+        let access = config.log.access;
         let runtime = Runtime::new(config, &self.deps)?;
         runtime.router.inherit(&old.router);
+        self.recorder
+            .access_log
+            .store(access, std::sync::atomic::Ordering::Relaxed);
         match self.runtime.write() {
             Ok(mut r) => *r = Arc::new(runtime),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(runtime),

@@ -934,3 +934,27 @@ pub fn series_dump(text: &str, name: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The head of an event stream: `text/event-stream`, `Cache-Control: no-cache` and
+/// `X-Accel-Buffering: no` (so that nginx-style proxies pass each event on at once).
+pub fn assert_sse_head(resp: &reqwest::Response, what: &str) {
+    let h = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        h("content-type").starts_with("text/event-stream"),
+        "{what}: content-type {:?}",
+        resp.headers()
+    );
+    assert_eq!(
+        h("cache-control"),
+        "no-cache",
+        "{what}: {:?}",
+        resp.headers()
+    );
+    assert_eq!(h("x-accel-buffering"), "no", "{what}: {:?}", resp.headers());
+}

@@ -20,11 +20,16 @@ pub struct Process {
     log: Arc<Mutex<Vec<String>>>,
 }
 
-/// Finds `key=ADDR` in a log line.
+/// Finds `key=ADDR` in a log line, text or JSON (where the address is followed by `","store"..`).
 fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
-        .and_then(|a| a.trim_matches(|c| c == '"' || c == ',').parse().ok())
+        .and_then(|a| {
+            let end = a
+                .find(|c: char| !(c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')))
+                .unwrap_or(a.len());
+            a[..end].parse().ok()
+        })
 }
 
 /// The HTTP and gRPC addresses of a "tollgate listening http=.. grpc=.." line.
