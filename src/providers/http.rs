@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::key_pool::{KeyPoolSettings, KeyVerdict};
-use super::sse::{EventSplitter, SseParser};
+use super::sse::{EventSplitter, SseParser, SseTooLong};
 use super::{KeyPool, KeyPoolObserver, UpstreamError};
 use crate::clock::Clock;
 use crate::config::HttpUpstreamConfig;
@@ -193,19 +193,48 @@ impl HttpUpstream {
         resp: reqwest::Response,
         deadline: Instant,
     ) -> impl Stream<Item = Result<String, UpstreamError>> + Send + 'static {
+        self.sse_items(
+            resp,
+            deadline,
+            SseParser::with_limit(self.max_response_bytes),
+        )
+    }
+
+    /// The events of a streamed answer as their exact bytes and `data` payloads (for a
+    /// pass-through), with the same deadlines as [`HttpUpstream::sse_data`].
+    pub fn sse_raw(
+        &self,
+        resp: reqwest::Response,
+        deadline: Instant,
+    ) -> impl Stream<Item = Result<RawEvent, UpstreamError>> + Send + 'static {
+        self.sse_items(
+            resp,
+            deadline,
+            EventSplitter::with_limit(self.max_response_bytes),
+        )
+    }
+
+    /// What `decoder` makes of a streamed body, each read within the idle deadline and all
+    /// within the total one. Ends at the end of the body.
+    fn sse_items<D: SseDecoder>(
+        &self,
+        resp: reqwest::Response,
+        deadline: Instant,
+        decoder: D,
+    ) -> impl Stream<Item = Result<D::Item, UpstreamError>> + Send + 'static {
         let idle = self.idle_timeout;
         let state = (
             resp.bytes_stream(),
-            SseParser::with_limit(self.max_response_bytes),
-            VecDeque::<String>::new(),
+            decoder,
+            VecDeque::<D::Item>::new(),
             false,
         );
         futures_util::stream::unfold(
             state,
-            move |(mut bytes, mut parser, mut pending, mut done)| async move {
+            move |(mut bytes, mut decoder, mut pending, mut done)| async move {
                 loop {
-                    if let Some(data) = pending.pop_front() {
-                        return Some((Ok(data), (bytes, parser, pending, done)));
+                    if let Some(item) = pending.pop_front() {
+                        return Some((Ok(item), (bytes, decoder, pending, done)));
                     }
                     if done {
                         return None;
@@ -214,7 +243,7 @@ impl HttpUpstream {
                     if now >= deadline {
                         return Some((
                             Err(UpstreamError::Timeout("total")),
-                            (bytes, parser, pending, true),
+                            (bytes, decoder, pending, true),
                         ));
                     }
                     let wait = idle.min(deadline - now);
@@ -223,23 +252,23 @@ impl HttpUpstream {
                             let phase = if wait < idle { "total" } else { "next chunk" };
                             return Some((
                                 Err(UpstreamError::Timeout(phase)),
-                                (bytes, parser, pending, true),
+                                (bytes, decoder, pending, true),
                             ));
                         }
-                        Ok(Some(Ok(b))) => match parser.push(&b) {
-                            Ok(data) => pending.extend(data),
+                        Ok(Some(Ok(b))) => match decoder.push(&b) {
+                            Ok(items) => pending.extend(items),
                             Err(e) => {
                                 let err = UpstreamError::BadResponse(e.to_string());
-                                return Some((Err(err), (bytes, parser, pending, true)));
+                                return Some((Err(err), (bytes, decoder, pending, true)));
                             }
                         },
                         Ok(Some(Err(e))) => {
                             let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
-                            return Some((Err(err), (bytes, parser, pending, true)));
+                            return Some((Err(err), (bytes, decoder, pending, true)));
                         }
                         Ok(None) => {
                             // A clean end: the provider decides whether the answer was whole.
-                            pending.extend(parser.finish());
+                            pending.extend(decoder.finish());
                             done = true;
                         }
                     }
@@ -249,66 +278,30 @@ impl HttpUpstream {
     }
 }
 
-impl HttpUpstream {
-    /// The events of a streamed answer as their exact bytes and `data` payloads (for a
-    /// pass-through), with the same deadlines as [`HttpUpstream::sse_data`].
-    pub fn sse_raw(
-        &self,
-        resp: reqwest::Response,
-        deadline: Instant,
-    ) -> impl Stream<Item = Result<RawEvent, UpstreamError>> + Send + 'static {
-        let idle = self.idle_timeout;
-        let state = (
-            resp.bytes_stream(),
-            EventSplitter::with_limit(self.max_response_bytes),
-            VecDeque::<RawEvent>::new(),
-            false,
-        );
-        futures_util::stream::unfold(
-            state,
-            move |(mut bytes, mut splitter, mut pending, mut done)| async move {
-                loop {
-                    if let Some(ev) = pending.pop_front() {
-                        return Some((Ok(ev), (bytes, splitter, pending, done)));
-                    }
-                    if done {
-                        return None;
-                    }
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Some((
-                            Err(UpstreamError::Timeout("total")),
-                            (bytes, splitter, pending, true),
-                        ));
-                    }
-                    let wait = idle.min(deadline - now);
-                    match tokio::time::timeout(wait, bytes.next()).await {
-                        Err(_) => {
-                            let phase = if wait < idle { "total" } else { "next chunk" };
-                            return Some((
-                                Err(UpstreamError::Timeout(phase)),
-                                (bytes, splitter, pending, true),
-                            ));
-                        }
-                        Ok(Some(Ok(b))) => match splitter.push(&b) {
-                            Ok(events) => pending.extend(events),
-                            Err(e) => {
-                                let err = UpstreamError::BadResponse(e.to_string());
-                                return Some((Err(err), (bytes, splitter, pending, true)));
-                            }
-                        },
-                        Ok(Some(Err(e))) => {
-                            let err = UpstreamError::BadResponse(format!("stream broke: {e}"));
-                            return Some((Err(err), (bytes, splitter, pending, true)));
-                        }
-                        Ok(None) => {
-                            pending.extend(splitter.finish());
-                            done = true;
-                        }
-                    }
-                }
-            },
-        )
+/// A push decoder of an SSE body: what [`HttpUpstream::sse_items`] feeds the bytes to.
+trait SseDecoder: Send + 'static {
+    type Item: Send + 'static;
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<Self::Item>, SseTooLong>;
+    fn finish(&mut self) -> Option<Self::Item>;
+}
+
+impl SseDecoder for SseParser {
+    type Item = String;
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, SseTooLong> {
+        SseParser::push(self, bytes)
+    }
+    fn finish(&mut self) -> Option<String> {
+        SseParser::finish(self)
+    }
+}
+
+impl SseDecoder for EventSplitter {
+    type Item = RawEvent;
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<RawEvent>, SseTooLong> {
+        EventSplitter::push(self, bytes)
+    }
+    fn finish(&mut self) -> Option<RawEvent> {
+        EventSplitter::finish(self)
     }
 }
 
@@ -340,7 +333,7 @@ async fn read_capped(
 }
 
 /// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).
-pub type RawEvent = (bytes::Bytes, Option<String>);
+pub use super::sse::RawEventBytes as RawEvent;
 
 /// Connection failures are `Connect`; anything else while sending is a bad response.
 fn classify(e: reqwest::Error) -> UpstreamError {
