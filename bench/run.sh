@@ -321,7 +321,7 @@ period = "monthly"
 rpm = 100000000
 tpm = 100000000000
 EOF
-      # LEASE_FRACTION=0.1: the budget admitted on leases instead of a reservation a request.
+      # LEASE_FRACTION=0: every budgeted request reserves in the database (default: leases, 0.1).
       if [[ -n "${LEASE_FRACTION:-}" ]]; then
         printf '[budgets]\nlease_fraction = %s\n' "$LEASE_FRACTION"
       fi

@@ -337,9 +337,10 @@ async fn run_budget(admin: &Admin, command: BudgetCommand) -> Result<(), CliErro
                     .unwrap_or_else(|| "never".into())
             );
             println!(
-                "spent: ${}  reserved: ${}  remaining: ${}",
+                "spent: ${}  reserved: ${}  leased: ${}  remaining: ${}",
                 micros_to_usd(view.spent_micros),
                 micros_to_usd(view.reserved_micros),
+                micros_to_usd(view.leased_micros),
                 usd(view.remaining_micros)
             );
         }

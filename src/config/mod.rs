@@ -116,7 +116,7 @@ pub struct BudgetsConfig {
     /// (their settlements still charge the actual cost). Settlements are always durable.
     pub fast_reservations: bool,
     /// Leases: the share of a budget's remaining room one replica leases at a time, to admit
-    /// requests in memory against it (0, the default: no leases, every request reserves).
+    /// requests in memory against it (0: no leases, every request reserves; default 0.1).
     pub lease_fraction: f64,
     /// Below this share of the limit left (not spent nor held), a replica stops leasing and
     /// hands its unused lease back: the last dollars are reserved per request, exactly.
@@ -133,7 +133,7 @@ impl Default for BudgetsConfig {
             policy_cache_ms: 5000,
             settle_batch_ms: 10,
             fast_reservations: false,
-            lease_fraction: 0.0,
+            lease_fraction: 0.1,
             lease_min_remaining_fraction: 0.2,
             lease_ttl_ms: 30_000,
         }

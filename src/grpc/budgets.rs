@@ -18,6 +18,7 @@ impl From<BudgetView> for proto::Budget {
             reset_at_ms: v.reset_at,
             spent_micros: v.spent_micros,
             reserved_micros: v.reserved_micros,
+            leased_micros: v.leased_micros,
             remaining_micros: v.remaining_micros,
             rpm: v.rpm,
             tpm: v.tpm,

@@ -219,6 +219,21 @@ impl Store {
         })
     }
 
+    /// What the replicas' leases on a budget row still hold (granted and not yet charged).
+    pub async fn budget_leased(&self, budget_id: i64) -> Result<i64, StoreError> {
+        with_conn!(self, conn => {
+            // One row per replica holding a lease: summed here, not in SQL (PostgreSQL's
+            // SUM of a bigint is a numeric).
+            let held: Vec<i64> = budget_reservations::table
+                .filter(budget_reservations::budget_id.eq(budget_id))
+                .filter(budget_reservations::id.like("lease-%"))
+                .select(budget_reservations::amount_micros)
+                .load(conn)
+                .await?;
+            Ok(held.into_iter().fold(0i64, i64::saturating_add))
+        })
+    }
+
     /// A scope's budget row and rate limits, in one go.
     pub async fn budget_policy(
         &self,

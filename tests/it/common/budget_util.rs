@@ -195,6 +195,15 @@ fn async_stream(
 /// priced models `b/hold`, `b/drip`, `b/fail`, plus `extra`.
 pub fn budget_config(db: &TestDb, upstream: &BudgetUpstream, extra: &str) -> String {
     let base = upstream.base_url();
+    // Leases are on by default; tests that count reservations row by row reserve per request
+    // unless they opt into leases.
+    let extra = if extra.contains("lease_fraction") {
+        extra.to_string()
+    } else if extra.contains("[budgets]") {
+        extra.replacen("[budgets]\n", "[budgets]\nlease_fraction = 0.0\n", 1)
+    } else {
+        format!("[budgets]\nlease_fraction = 0.0\n{extra}")
+    };
     let opts = Opts {
         server: format!("admin_token = \"{ADMIN}\""),
         extra: format!(

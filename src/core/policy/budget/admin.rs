@@ -16,7 +16,11 @@ pub struct BudgetView {
     pub period_start: Option<i64>,
     pub reset_at: Option<i64>,
     pub spent_micros: i64,
+    /// Maximum costs of the requests in flight that reserved one by one.
     pub reserved_micros: i64,
+    /// Room the replicas have leased and not yet charged (DESIGN.md section 5): still the
+    /// scope's to spend, so it counts in `remaining_micros`.
+    pub leased_micros: i64,
     pub remaining_micros: Option<i64>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
@@ -62,6 +66,7 @@ pub async fn view(
         reset_at: None,
         spent_micros: 0,
         reserved_micros: 0,
+        leased_micros: 0,
         remaining_micros: None,
         rpm: limits
             .as_ref()
@@ -83,8 +88,13 @@ pub async fn view(
         v.period_start = Some(start);
         v.reset_at = period.and_then(|p| p.end(start));
         v.spent_micros = if fresh { 0 } else { r.spent_micros };
-        v.reserved_micros = r.reserved_micros;
-        v.remaining_micros = Some((r.limit_micros - v.spent_micros - r.reserved_micros).max(0));
+        v.leased_micros = if fresh {
+            0
+        } else {
+            store.budget_leased(r.id).await?.min(r.reserved_micros)
+        };
+        v.reserved_micros = r.reserved_micros - v.leased_micros;
+        v.remaining_micros = Some((r.limit_micros - v.spent_micros - v.reserved_micros).max(0));
     }
     Ok(v)
 }

@@ -168,6 +168,25 @@ impl State {
     }
 }
 
+impl Leases {
+    /// The part of this replica's live lease of `key` (for the budget row `budget_id` in the
+    /// period starting at `period_start`) that no request has used or holds: room the row counts
+    /// as reserved that is still the scope's to spend.
+    pub(in crate::core::policy) fn unused(
+        &self,
+        key: &ScopeKey,
+        budget_id: i64,
+        period_start: i64,
+    ) -> i64 {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .live
+            .get(key)
+            .filter(|l| l.budget_id == budget_id && l.period_start == period_start)
+            .map_or(0, |l| l.available().max(0))
+    }
+}
+
 /// The lease row deleted, what it still holds given back.
 fn release(lease: &Lease) -> Settlement {
     Settlement {

@@ -157,7 +157,8 @@ fn remaining_of(row: &BudgetRow, period: Period, now: i64) -> i64 {
 
 impl Budgets {
     /// The room left for a principal: the least of its user's and key's budgets (`None` when no
-    /// budget applies). Nothing is reserved.
+    /// budget applies). Nothing is reserved. Room other replicas
+    /// have leased but not used counts as held.
     pub async fn remaining(
         &self,
         principal: &Principal,
@@ -178,7 +179,14 @@ impl Budgets {
                     if let Some(l) = ap.default_limit.filter(|_| !r.explicit) {
                         r.limit_micros = l;
                     }
-                    remaining_of(&r, ap.period, now)
+                    // This replica's lease is counted as reserved by the row, but its unused
+                    // part is still the scope's to spend.
+                    let own = if r.period_start == ap.period.start(now) {
+                        self.leases.unused(&ap.key, r.id, r.period_start)
+                    } else {
+                        0
+                    };
+                    remaining_of(&r, ap.period, now).saturating_add(own)
                 }
             };
             least = Some(least.map_or(room, |l: i64| l.min(room)));
