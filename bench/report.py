@@ -117,6 +117,24 @@ def main():
                 cells.append(f"{t} {fmt(cpu.get(t), 0)}" + (f" ({ratio(cpu.get(t), cpu.get('bare'), 0).strip()})" if t != "bare" else ""))
             p(f"{rate:7.0f} RPS: " + ", ".join(cells))
 
+    # Allocations per request (ALLOCS=1 runs only).
+    counted = [r for r in ab if "allocs" in r] if ab else []
+    if counted:
+        p("")
+        p("Heap allocations per request (alloc-count build; medians of rounds; a stream counts as one request)")
+        for phase, rows in (("plain", counted), ("stream", [r for r in recs if r["phase"] == "stream" and "allocs" in r])):
+            for rate in sorted({r["rate"] for r in rows}):
+                cells = []
+                for t in others:
+                    rs = [r for r in rows if r["rate"] == rate and r["target"] == t]
+                    done = [(r, r["ok"] + r["non_2xx"]) for r in rs]
+                    n = med([r["allocs"] / d for r, d in done if d])
+                    b = med([r["alloc_bytes"] / d for r, d in done if d])
+                    if n is not None:
+                        cells.append(f"{t} {n:.0f} ({b / 1024:.1f} KiB)")
+                if cells:
+                    p(f"{phase:>6} {rate:7.0f}/s: " + ", ".join(cells))
+
     # Throughput frontier.
     fr = [r for r in recs if r["phase"] == "frontier"]
     if fr:

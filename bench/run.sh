@@ -46,6 +46,9 @@ BENCH_PG_URL="${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # Pinning: the servers under test on one core, the mock and the load generator
 # on the other, so that they do not take each other's CPU (needs 2+ cores).
 PIN="${PIN:-auto}"                    # auto (pin when there are 2+ cores) | 1 | 0
+# 1: tollgate built with --features alloc-count, and allocations per request reported (the
+# counting costs two atomic adds an allocation: compare latency only between ALLOCS=0 runs).
+ALLOCS="${ALLOCS:-0}"
 RESULTS_DIR="$ROOT/bench/results"
 
 for tool in python3 curl timeout; do
@@ -100,6 +103,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- helpers -------------------------------------------------------------
+# "allocations bytes" so far of the tollgate at URL (alloc-count builds).
+allocs_of() {
+  curl -s --max-time 5 "$1/metrics" |
+    awk '/^tollgate_allocations_total /{a=$2} /^tollgate_allocated_bytes_total /{b=$2} END{printf "%d %d\n", a, b}'
+}
 # Numeric field of a flat JSON line from loadgen.
 field() {
   local re="\"$2\":(-?[0-9.]+)"
@@ -160,7 +168,8 @@ run_target() {
     body="$TMP/direct-$mode.json"
   fi
   out="$TMP/out.json"
-  local before after peak=0 r lg
+  local before after peak=0 r lg a0=0 b0=0 a1=0 b1=0 extra=""
+  if [[ "$ALLOCS" == 1 && "$target" == tg-* ]]; then read -r a0 b0 < <(allocs_of "${URL_OF[$target]}"); fi
   before="$(cpu_ticks "$pid")"
   loadgen "$secs" "${args[@]}" --rate "$rate" --mode "$mode" --body-file "$body" >"$out" &
   lg=$!
@@ -171,10 +180,14 @@ run_target() {
   done
   wait "$lg" || die "loadgen against $target exited with an error"
   after="$(cpu_ticks "$pid")"
+  if [[ "$ALLOCS" == 1 && "$target" == tg-* ]]; then
+    read -r a1 b1 < <(allocs_of "${URL_OF[$target]}")
+    extra=",\"allocs\":$((a1 - a0)),\"alloc_bytes\":$((b1 - b0))"
+  fi
   local line
   line="$(head -n 1 "$out")"
   [[ "$line" == \{* ]] || die "loadgen printed no result against $target"
-  printf '%s,"cpu_ticks":%s,"rss_peak_kb":%s}\n' "${line%\}}" "$((after - before))" "$peak"
+  printf '%s,"cpu_ticks":%s,"rss_peak_kb":%s%s}\n' "${line%\}}" "$((after - before))" "$peak" "$extra"
 }
 
 # ---- build ---------------------------------------------------------------
@@ -183,7 +196,9 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
   if [[ "$DIRECT_ONLY" == 1 ]]; then
     (cd "$ROOT" && cargo build --release -p tollgate-bench)
   else
-    (cd "$ROOT" && cargo build --release -p tollgate -p tollgate-bench)
+    features=()
+    [[ "$ALLOCS" == 1 ]] && features=(--features tollgate/alloc-count)
+    (cd "$ROOT" && cargo build --release -p tollgate -p tollgate-bench "${features[@]}")
   fi
 fi
 for bin in mock-upstream loadgen bare-proxy; do

@@ -2,6 +2,8 @@
 //! and a gRPC API, with authentication, routing, upstream key pools and exactly-once outcome
 //! accounting.
 
+#[cfg(feature = "alloc-count")]
+pub mod alloc_count;
 pub mod api;
 pub mod cli;
 pub mod clock;

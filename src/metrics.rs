@@ -381,6 +381,8 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "The running build; always 1", build_info);
+        #[cfg(feature = "alloc-count")]
+        registry.register_collector(Box::new(crate::alloc_count::AllocationCollector));
         Metrics { registry, ..m }
     }
 

@@ -1,0 +1,83 @@
+//! A counting global allocator, built only with `--features alloc-count` (the benchmark's
+//! allocations-per-request figure, bench/README.md): every allocation and reallocation is
+//! counted, with its size, in two relaxed atomics, and `/metrics` exports the totals as
+//! `tollgate_allocations_total` and `tollgate_allocated_bytes_total`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// The system allocator, counting.
+pub struct CountingAllocator;
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+fn count(size: usize) {
+    ALLOCATIONS.fetch_add(1, Relaxed);
+    BYTES.fetch_add(size as u64, Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to `System`, which upholds the contract.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size());
+        // SAFETY: the caller's layout is passed on as given.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(layout.size());
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size);
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Allocations (and reallocations) so far, and the bytes they asked for.
+pub fn totals() -> (u64, u64) {
+    (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed))
+}
+
+/// Exports [`totals`] on every scrape.
+#[derive(Debug)]
+pub struct AllocationCollector;
+
+impl Collector for AllocationCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (n, bytes) = totals();
+        for (name, help, v) in [
+            (
+                "allocations",
+                "Heap allocations and reallocations since start (alloc-count builds only)",
+                n,
+            ),
+            (
+                "allocated_bytes",
+                "Bytes asked for by those allocations (alloc-count builds only)",
+                bytes,
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            let e = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(e)?;
+        }
+        Ok(())
+    }
+}
