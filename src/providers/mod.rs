@@ -23,6 +23,13 @@ use crate::clock::Clock;
 use crate::config::{ProviderConfig, ProviderKind, ProviderSettings};
 pub use key_pool::{KeyPool, KeyPoolObserver};
 
+/// The W3C trace context sent on an upstream request (`traceparent`, `tracestate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+}
+
 /// One chat call to an upstream: the neutral request and the upstream's name for the model.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamCall<'a> {
@@ -30,6 +37,8 @@ pub struct UpstreamCall<'a> {
     pub model: &'a str,
     pub request: &'a ChatRequest,
     pub request_id: &'a str,
+    /// The attempt's trace context, sent as headers.
+    pub trace: Option<&'a TraceHeaders>,
 }
 
 /// One embeddings call to an upstream.
@@ -38,6 +47,8 @@ pub struct EmbedCall<'a> {
     pub model: &'a str,
     pub request: &'a EmbeddingsRequest,
     pub request_id: &'a str,
+    /// The attempt's trace context, sent as headers.
+    pub trace: Option<&'a TraceHeaders>,
 }
 
 /// One pass-through call: the caller's body, in the upstream's own wire, with only `model`
@@ -48,6 +59,8 @@ pub struct NativeCall<'a> {
     pub model: &'a str,
     pub native: &'a NativeBody,
     pub request_id: &'a str,
+    /// The attempt's trace context, sent as headers.
+    pub trace: Option<&'a TraceHeaders>,
     /// What the answer's `model` is rewritten to (the resolved `provider/model`).
     pub answer_model: &'a str,
 }
