@@ -148,6 +148,9 @@ impl HttpUpstream {
             match (key, verdict) {
                 (Some((index, _)), Some(verdict)) => {
                     self.keys.report(index, verdict);
+                    if let Some(t) = trace {
+                        t.reject_key(index, status);
+                    }
                     // Read the small error body so that the connection can be reused.
                     let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
                 }

@@ -473,3 +473,71 @@ async fn without_an_endpoint_the_callers_traceparent_goes_upstream_unchanged() {
         .expect("upstream request");
     assert_eq!(up.header("traceparent"), None);
 }
+
+#[tokio::test]
+async fn key_pool_retries_show_as_events_on_the_attempt() {
+    let receiver = Receiver::start().await;
+    let server = TestServer::sqlite(Opts {
+        extra: receiver.config(""),
+        ..Opts::default()
+    })
+    .await;
+    let (traceparent, trace, _) = new_trace();
+    let marker = format!("tr-keys-{}", new_request_id());
+    let resp = server
+        .chat_request(&chat_body("pool/ok", &marker), None)
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, clients) = receiver.trace(&trace, 1).await;
+    assert_eq!(clients.len(), 1, "one provider attempt");
+    let client = &clients[0];
+    assert_eq!(str_attr(client, "tollgate.provider"), "pool");
+    assert_eq!(int_attr(client, "tollgate.keys_rejected"), 2);
+    let events: Vec<(String, i64, i64)> = client
+        .events
+        .iter()
+        .map(|e| {
+            let int = |k: &str| {
+                e.attributes
+                    .iter()
+                    .find(|kv| kv.key == k)
+                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                    .map(|v| match v {
+                        any_value::Value::IntValue(n) => *n,
+                        other => panic!("{k}: {other:?}"),
+                    })
+                    .unwrap_or(-1)
+            };
+            (
+                e.name.clone(),
+                int("tollgate.key_index"),
+                int("http.response.status_code"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("tollgate.key_rejected".to_string(), 0, 429),
+            ("tollgate.key_rejected".to_string(), 1, 401)
+        ]
+    );
+    // Every key's request went out in the attempt's context.
+    let sent: Vec<Option<String>> = server
+        .upstream
+        .requests_for("ok")
+        .into_iter()
+        .filter(|r| r.body.to_string().contains(&marker))
+        .map(|r| r.header("traceparent"))
+        .collect();
+    assert_eq!(sent.len(), 3, "three keys tried");
+    for got in sent {
+        assert_upstream_traceparent(got, &trace, client);
+    }
+    // Keys never reach an export.
+    let bodies = String::from_utf8_lossy(&receiver.bodies()).to_string();
+    assert!(!bodies.contains("sk-"), "no key in spans");
+}

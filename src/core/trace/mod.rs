@@ -112,10 +112,10 @@ impl Tracer {
         };
         // Off: the caller's context goes upstream untouched, so its trace is not cut.
         let forward = match (self.enabled(), parent) {
-            (false, Some(p)) => Some(TraceHeaders {
-                traceparent: format_traceparent(&p.trace_id, &p.parent_id, p.flags),
-                tracestate: p.tracestate.clone(),
-            }),
+            (false, Some(p)) => Some((
+                format_traceparent(&p.trace_id, &p.parent_id, p.flags),
+                p.tracestate.clone(),
+            )),
             _ => None,
         };
         ServerTrace {
@@ -148,7 +148,8 @@ pub struct ServerTrace {
     trace_state: Option<String>,
     /// Tracing is on and the caller did not ask for its trace to go unrecorded.
     recording: bool,
-    forward: Option<TraceHeaders>,
+    /// With tracing off: the caller's `traceparent` and `tracestate`, passed on as they came.
+    forward: Option<(String, Option<String>)>,
     start_unix_ns: u64,
     started: Instant,
     /// `gen_ai.input.messages` (only with `capture_content`).
@@ -202,12 +203,14 @@ impl ServerTrace {
     pub fn attempt(&self, target: AttemptTarget<'_>) -> Attempt {
         let span_id = new_span_id();
         let headers = if self.tracer.enabled() {
-            Some(TraceHeaders {
-                traceparent: format_traceparent(&self.trace_id, &span_id, self.flags),
-                tracestate: self.trace_state.clone(),
-            })
+            Some(TraceHeaders::new(
+                format_traceparent(&self.trace_id, &span_id, self.flags),
+                self.trace_state.clone(),
+            ))
         } else {
-            self.forward.clone()
+            self.forward
+                .clone()
+                .map(|(parent, state)| TraceHeaders::new(parent, state))
         };
         Attempt {
             span_id,

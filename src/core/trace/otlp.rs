@@ -71,11 +71,24 @@ pub struct Span {
     pub end_time_unix_nano: u64,
     #[prost(message, repeated, tag = "9")]
     pub attributes: Vec<KeyValue>,
+    #[prost(message, repeated, tag = "11")]
+    pub events: Vec<Event>,
     #[prost(message, optional, tag = "15")]
     pub status: Option<Status>,
     /// The W3C trace flags in the low 8 bits.
     #[prost(fixed32, tag = "16")]
     pub flags: u32,
+}
+
+/// Something that happened at one moment of a span.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Event {
+    #[prost(fixed64, tag = "1")]
+    pub time_unix_nano: u64,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(message, repeated, tag = "3")]
+    pub attributes: Vec<KeyValue>,
 }
 
 /// `Span.kind`: the span covers the server side of a remote call.

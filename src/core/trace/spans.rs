@@ -58,6 +58,32 @@ pub(super) fn client_span(
     now: Instant,
 ) -> Span {
     let mut attributes = attempt.attributes;
+    // A key-pool walk inside the attempt: each key the upstream turned away is an event.
+    let rejected = attempt
+        .headers
+        .as_ref()
+        .map(|h| h.rejected_keys())
+        .unwrap_or_default();
+    if !rejected.is_empty() {
+        attributes.push(KeyValue::int(
+            "tollgate.keys_rejected",
+            i64::try_from(rejected.len()).unwrap_or(i64::MAX),
+        ));
+    }
+    let events = rejected
+        .iter()
+        .map(|k| otlp::Event {
+            time_unix_nano: trace.unix_ns(k.at),
+            name: "tollgate.key_rejected".into(),
+            attributes: vec![
+                KeyValue::int(
+                    "tollgate.key_index",
+                    i64::try_from(k.index).unwrap_or(i64::MAX),
+                ),
+                KeyValue::int("http.response.status_code", i64::from(k.status)),
+            ],
+        })
+        .collect();
     let status = match end {
         AttemptEnd::Success {
             response_model,
@@ -101,6 +127,7 @@ pub(super) fn client_span(
         start_time_unix_nano: trace.unix_ns(attempt.started),
         end_time_unix_nano: trace.unix_ns(now),
         attributes,
+        events,
         status,
         flags: u32::from(trace.flags),
     }
@@ -188,6 +215,7 @@ pub(crate) fn server_span(trace: &ServerTrace, r: &ChatRecord, reason: Reason) -
         start_time_unix_nano: trace.start_unix_ns,
         end_time_unix_nano: trace.unix_ns(Instant::now()),
         attributes,
+        events: Vec::new(),
         status,
         flags: u32::from(trace.flags),
     }
