@@ -541,3 +541,46 @@ async fn key_pool_retries_show_as_events_on_the_attempt() {
     let bodies = String::from_utf8_lossy(&receiver.bodies()).to_string();
     assert!(!bodies.contains("sk-"), "no key in spans");
 }
+
+/// On the binary: with a batch interval far longer than the test, the spans can only arrive
+/// through the export a graceful stop makes of what is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_exports_the_queued_spans() {
+    use crate::common::process::Process;
+    let receiver = Receiver::start().await;
+    let upstream = crate::common::upstream::Upstream::start().await;
+    let db = TestDb::sqlite();
+    let opts = Opts {
+        extra: format!(
+            "[telemetry]\notlp_endpoint = \"http://{}\"\nbatch_interval_ms = 3600000\n",
+            receiver.addr
+        ),
+        ..Opts::default()
+    };
+    let text = config_toml(&db.url, &upstream.base_url(), &opts);
+    let path = db.dir().unwrap().join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut process = blocking(move || Process::serve(&path, DEADLINE)).await;
+    let (traceparent, trace, _) = new_trace();
+    let resp = http_client()
+        .post(process.url("/v1/chat/completions"))
+        .bearer_auth(ALICE_KEY)
+        .header("traceparent", &traceparent)
+        .json(&chat_body("fast", "tr-shutdown"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Nothing is exported before the stop: the first tick of the interval had an empty batch.
+    assert!(receiver.received.lock().unwrap().spans.is_empty());
+    process.signal("TERM");
+    let status = eventually(DEADLINE, "tollgate to exit", || {
+        let s = process.exited();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "exit status {status:?}");
+    let (srv, clients) = receiver.trace(&trace, 1).await;
+    assert_eq!(srv.name, "chat fast");
+    assert_eq!(clients.len(), 1);
+}

@@ -179,3 +179,37 @@ impl KeyValue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// The wire types a collector expects (fixed64 times, fixed32 flags, varint kind): a wrong
+    /// prost type here would still decode with these same structs, so check the bytes.
+    #[test]
+    fn span_fields_have_the_otlp_wire_types() {
+        let span = Span {
+            kind: SPAN_KIND_SERVER,
+            start_time_unix_nano: 7,
+            end_time_unix_nano: 9,
+            flags: 1,
+            ..Span::default()
+        };
+        let b = span.encode_to_vec();
+        let has = |needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+        assert!(has(&[0x30, 0x02]), "kind: field 6, varint: {b:02x?}");
+        assert!(
+            has(&[0x39, 7, 0, 0, 0, 0, 0, 0, 0]),
+            "start: field 7, fixed64"
+        );
+        assert!(
+            has(&[0x41, 9, 0, 0, 0, 0, 0, 0, 0]),
+            "end: field 8, fixed64"
+        );
+        assert!(has(&[0x85, 0x01, 1, 0, 0, 0]), "flags: field 16, fixed32");
+        let kv = KeyValue::int("n", 5).encode_to_vec();
+        // key (field 1, "n"), value (field 2: AnyValue { int_value (field 3) = 5 }).
+        assert_eq!(kv, [0x0a, 1, b'n', 0x12, 2, 0x18, 5]);
+    }
+}
