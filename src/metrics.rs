@@ -141,6 +141,13 @@ pub struct AuthorizeLabels {
     pub result: &'static str,
 }
 
+/// Labels of `tollgate_trace_spans_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceDropLabels {
+    /// `queue_full` or `export_failed`.
+    pub reason: &'static str,
+}
+
 /// Labels of `tollgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -163,6 +170,7 @@ pub struct Metrics {
     pub chat_tokens: Family<TokenLabels, Counter>,
     /// USD spent, by resolved model (from `[pricing]`; exact to the micro-dollar).
     pub spend_usd: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub trace_spans_dropped: Family<TraceDropLabels, Counter>,
     pub upstream_latency: HistogramFamily<UpstreamLabels>,
     pub key_pool_state: Family<KeyStateLabels, Gauge>,
     pub key_pool_transitions: Family<KeyEventLabels, Counter>,
@@ -240,6 +248,7 @@ impl Metrics {
             ttft: Family::new_with_constructor(completion_buckets),
             chat_tokens: Family::default(),
             spend_usd: Family::default(),
+            trace_spans_dropped: Family::default(),
             upstream_latency: Family::new_with_constructor(request_buckets),
             key_pool_state: Family::default(),
             key_pool_transitions: Family::default(),
@@ -304,6 +313,11 @@ impl Metrics {
             "spend_usd",
             "USD spent on chat completions, by resolved provider/model (from [pricing])",
             m.spend_usd.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Trace spans not exported: the export queue was full, or the collector failed",
+            m.trace_spans_dropped.clone(),
         );
         registry.register(
             "upstream_request_latency_seconds",

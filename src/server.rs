@@ -37,6 +37,9 @@ pub enum ServerError {
     /// The gRPC services could not be assembled.
     #[error("gRPC setup failed: {0}")]
     Grpc(String),
+    /// The OTLP trace exporter could not be built.
+    #[error(transparent)]
+    Tracing(#[from] crate::core::trace::ExporterError),
 }
 
 /// How to start: the clock, and where reloads read the configuration.
@@ -110,6 +113,7 @@ impl RunningServer {
             clock,
             observer: metrics.clone(),
         };
+        let tracer = crate::core::trace::Tracer::start(&config.telemetry, &metrics)?;
         let runtime = Runtime::new(config, &deps).map_err(ServerError::Config)?;
         let gateway = Arc::new(Gateway::new(
             runtime,
@@ -119,6 +123,7 @@ impl RunningServer {
                 ledger,
                 deps,
                 source,
+                tracer,
             },
         ));
         let reload_task = tokio::spawn(reload_on_sighup(gateway.clone()));
@@ -226,6 +231,7 @@ impl RunningServer {
             );
         }
         self.gateway.flush_ledger().await;
+        self.gateway.flush_traces().await;
         tracing::info!("tollgate stopped; usage ledger flushed");
     }
 

@@ -105,6 +105,17 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return bad("server.max_body_bytes must be above 0".into());
         }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            // Not echoed: an endpoint may carry credentials.
+            let ok = reqwest::Url::parse(endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !ok {
+                return bad("telemetry.otlp_endpoint must be an http:// or https:// URL".into());
+            }
+        }
+        if self.telemetry.max_queue_spans == 0 || self.telemetry.max_batch_spans == 0 {
+            return bad("telemetry.max_queue_spans and max_batch_spans must be above 0".into());
+        }
         for (name, p) in &self.providers {
             if name.is_empty() || name.contains('/') {
                 return bad(format!(

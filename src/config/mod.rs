@@ -64,6 +64,45 @@ pub struct Config {
     pub pricing_policy: PricingPolicyConfig,
     #[serde(default)]
     pub budgets: BudgetsConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry traces over OTLP http/protobuf (docs/operations.md,
+/// "Tracing"). Read once at start: a change takes a restart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's base URL; spans are posted to `<otlp_endpoint>/v1/traces`. Absent:
+    /// no spans are recorded.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Put prompt and completion text on spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`); off by default, as prompts may hold personal data.
+    pub capture_content: bool,
+    /// How long spans are gathered before one export.
+    pub batch_interval_ms: u64,
+    /// The most spans in one export.
+    pub max_batch_spans: usize,
+    /// Spans waiting for export; past this, new spans are dropped and counted.
+    pub max_queue_spans: usize,
+    /// The deadline of one export request.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "tollgate".into(),
+            capture_content: false,
+            batch_interval_ms: 1000,
+            max_batch_spans: 512,
+            max_queue_spans: 4096,
+            export_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// `[pricing_policy]`: what a model without a price costs, and how much output a request

@@ -139,3 +139,28 @@ fn log_access_is_on_by_default_and_a_typed_switch() {
         .to_string();
     assert!(err.contains("line 3"), "{err}");
 }
+
+#[test]
+fn telemetry_is_off_by_default_and_its_endpoint_must_be_a_url() {
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c.telemetry.otlp_endpoint, None);
+    assert!(!c.telemetry.capture_content);
+    assert_eq!(c.telemetry.service_name, "tollgate");
+    let on = Config::from_toml_str(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\ncapture_content = true\n",
+    )
+    .unwrap();
+    assert_eq!(
+        on.telemetry.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318")
+    );
+    assert!(on.telemetry.capture_content);
+    let err = Config::from_toml_str("[telemetry]\notlp_endpoint = \"collector:4318\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+    let err = Config::from_toml_str("[telemetry]\notlp_endpont = \"http://x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("otlp_endpont"), "{err}");
+}

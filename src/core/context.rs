@@ -3,12 +3,18 @@
 //! one). Built once per request by `crate::context::RequestContextLayer` from the HTTP headers
 //! or the gRPC metadata, which use the same names.
 
+use super::trace::TraceParent;
+
 /// Header (and gRPC metadata) names tollgate reads and writes.
 pub mod headers {
     pub const REQUEST_ID: &str = "x-request-id";
     pub const SERVICE_TYPE: &str = "x-tollgate-service-type";
     pub const PURPOSE: &str = "x-tollgate-purpose";
     pub const RESOLVED_MODEL: &str = "x-tollgate-resolved-model";
+    /// W3C Trace Context: the caller's span.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C Trace Context: vendors' trace state, passed on.
+    pub const TRACESTATE: &str = "tracestate";
 }
 
 /// Which wire a request came in on.
@@ -37,6 +43,8 @@ pub struct CallContext {
     pub service_type: Option<String>,
     pub purpose: Option<String>,
     pub request_id: String,
+    /// The caller's span (`traceparent`, `tracestate`) when it sent a valid one.
+    pub trace_parent: Option<TraceParent>,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -50,6 +58,7 @@ impl std::fmt::Debug for CallContext {
             .field("service_type", &self.service_type)
             .field("purpose", &self.purpose)
             .field("request_id", &self.request_id)
+            .field("trace_parent", &self.trace_parent)
             .finish()
     }
 }
@@ -73,6 +82,7 @@ impl CallContext {
             service_type: service_type.filter(|s| !s.is_empty()),
             purpose: purpose.filter(|s| !s.is_empty()),
             request_id,
+            trace_parent: None,
         }
     }
 }
@@ -95,12 +105,24 @@ impl CallContext {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        CallContext::new(
+        let mut ctx = CallContext::new(
             protocol,
             text(http::header::AUTHORIZATION.as_str()),
             text(headers::SERVICE_TYPE),
             text(headers::PURPOSE),
             h.get(headers::REQUEST_ID).and_then(|v| v.to_str().ok()),
-        )
+        );
+        // Several `tracestate` headers are one list (W3C Trace Context, section 3.3).
+        let states: Vec<&str> = h
+            .get_all(headers::TRACESTATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let state = (!states.is_empty()).then(|| states.join(","));
+        ctx.trace_parent = h
+            .get(headers::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| TraceParent::parse(v, state.as_deref()));
+        ctx
     }
 }

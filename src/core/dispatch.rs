@@ -9,12 +9,13 @@ use super::gateway::{ChatCompletion, ChatReply, Gateway};
 use super::native::{NativeCompletion, PassthroughStream};
 use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
+use super::trace::{operation, Attempt, AttemptEnd, AttemptTarget};
 use super::{Reason, Rejection};
 use crate::api::{ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, NativeBody, Usage};
 use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
 use crate::providers::{
-    DeltaStream, EmbedCall, NativeCall, NativeChunk, NativeResponse, NativeStream, UpstreamCall,
-    UpstreamError,
+    DeltaStream, EmbedCall, NativeCall, NativeChunk, NativeResponse, NativeStream, TraceHeaders,
+    UpstreamCall, UpstreamError,
 };
 use crate::routing::{Route, Target};
 
@@ -128,27 +129,68 @@ fn counts_against_health(e: &UpstreamError) -> bool {
     }
 }
 
+/// The `status_class` label (and span `error.type`) of an upstream call's result.
+fn status_class(result: Result<(), &UpstreamError>) -> &'static str {
+    match result {
+        Ok(()) => "2xx",
+        Err(UpstreamError::Status { status, .. }) if *status < 500 => "4xx",
+        Err(UpstreamError::Status { .. }) => "5xx",
+        Err(UpstreamError::Timeout(_)) => "timeout",
+        Err(UpstreamError::Connect(_)) => "connect_error",
+        Err(UpstreamError::BadResponse(_)) => "bad_response",
+        Err(UpstreamError::KeysExhausted { .. }) => "keys_exhausted",
+        Err(UpstreamError::Unsupported(_)) => "unsupported",
+    }
+}
+
+/// How a failed attempt ends its client span.
+fn failed_attempt(e: &UpstreamError) -> AttemptEnd {
+    AttemptEnd::Failure {
+        error_type: status_class(Err(e)),
+        http_status: match e {
+            UpstreamError::Status { status, .. } => Some(*status),
+            _ => None,
+        },
+    }
+}
+
 impl Dispatch<'_> {
-    fn call<'r>(&'r self, target: &'r Target, req: &'r ChatRequest) -> UpstreamCall<'r> {
+    fn call<'r>(
+        &'r self,
+        target: &'r Target,
+        req: &'r ChatRequest,
+        trace: Option<&'r TraceHeaders>,
+    ) -> UpstreamCall<'r> {
         UpstreamCall {
             model: &target.model,
             request: req,
             request_id: self.request_id,
+            trace,
+        }
+    }
+
+    /// Opens the client span of an attempt on `target`.
+    fn open_attempt(&self, guard: &mut OutcomeGuard, target: &Target) -> Option<Attempt> {
+        let op = operation(guard.api());
+        let trace = guard.trace()?;
+        Some(trace.attempt(AttemptTarget {
+            operation: op,
+            provider: target.provider.client.kind().as_str(),
+            provider_name: &target.provider.name,
+            model: &target.model,
+        }))
+    }
+
+    /// Ends an attempt's client span.
+    fn end_attempt(&self, guard: &mut OutcomeGuard, attempt: Option<Attempt>, end: AttemptEnd) {
+        if let (Some(trace), Some(attempt)) = (guard.trace(), attempt) {
+            trace.end_attempt(attempt, end);
         }
     }
 
     /// Upstream latency, and what the outcome says about the provider's health.
     fn observe(&self, target: &Target, started: Instant, result: Result<(), &UpstreamError>) {
-        let status_class = match result {
-            Ok(()) => "2xx",
-            Err(UpstreamError::Status { status, .. }) if *status < 500 => "4xx",
-            Err(UpstreamError::Status { .. }) => "5xx",
-            Err(UpstreamError::Timeout(_)) => "timeout",
-            Err(UpstreamError::Connect(_)) => "connect_error",
-            Err(UpstreamError::BadResponse(_)) => "bad_response",
-            Err(UpstreamError::KeysExhausted { .. }) => "keys_exhausted",
-            Err(UpstreamError::Unsupported(_)) => "unsupported",
-        };
+        let status_class = status_class(result);
         self.gateway
             .metrics()
             .upstream_latency
@@ -210,6 +252,8 @@ impl Dispatch<'_> {
                 walk.failed(target, e);
                 break;
             }
+            let attempt = self.open_attempt(&mut guard, target);
+            let trace = attempt.as_ref().and_then(Attempt::headers);
             let started = Instant::now();
             let result = match self.native_for(target, &req) {
                 Some(native) => target
@@ -219,6 +263,7 @@ impl Dispatch<'_> {
                         model: &target.model,
                         native,
                         request_id: self.request_id,
+                        trace,
                         answer_model: &target.resolved,
                     })
                     .await
@@ -226,7 +271,7 @@ impl Dispatch<'_> {
                 None => target
                     .provider
                     .client
-                    .complete(self.call(target, &req))
+                    .complete(self.call(target, &req, trace))
                     .await
                     .map(Whole::Neutral),
             };
@@ -235,8 +280,17 @@ impl Dispatch<'_> {
             match result {
                 Ok(whole) => {
                     self.resolved(&route, target);
+                    let mut answered_model = None;
                     let (reply, usage) = match whole {
                         Whole::Neutral(mut response) => {
+                            if let Some(trace) = guard.trace() {
+                                trace.finish_reasons = finish_reasons(&response);
+                                if trace.capture_content() {
+                                    trace.output =
+                                        Some(super::trace::content::output_messages(&response));
+                                }
+                            }
+                            answered_model = Some(std::mem::take(&mut response.model));
                             response.model.clone_from(&target.resolved);
                             let usage = response
                                 .usage
@@ -264,6 +318,17 @@ impl Dispatch<'_> {
                             (ChatReply::Passthrough(Box::new(c)), usage)
                         }
                     };
+                    let response_model = answered_model
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| target.model.clone());
+                    self.end_attempt(
+                        &mut guard,
+                        attempt,
+                        AttemptEnd::Success {
+                            response_model: Some(response_model),
+                            usage: Some(usage),
+                        },
+                    );
                     let rec = guard.record();
                     rec.resolved_model = Some(target.resolved.clone());
                     rec.resolved_label = Some(target.label.clone());
@@ -272,6 +337,7 @@ impl Dispatch<'_> {
                     return Ok(reply);
                 }
                 Err(e) => {
+                    self.end_attempt(&mut guard, attempt, failed_attempt(&e));
                     if !walk.failed(target, e) {
                         break;
                     }
@@ -296,6 +362,8 @@ impl Dispatch<'_> {
                 walk.failed(target, e);
                 break;
             }
+            let attempt = self.open_attempt(&mut guard, target);
+            let trace = attempt.as_ref().and_then(Attempt::headers);
             let started = Instant::now();
             let first = match self.native_for(target, &req) {
                 Some(native) => {
@@ -303,6 +371,7 @@ impl Dispatch<'_> {
                         model: &target.model,
                         native,
                         request_id: self.request_id,
+                        trace,
                         answer_model: &target.resolved,
                     };
                     match target.provider.client.native_stream(call).await {
@@ -314,7 +383,12 @@ impl Dispatch<'_> {
                         Err(e) => Err(e),
                     }
                 }
-                None => match target.provider.client.stream(self.call(target, &req)).await {
+                None => match target
+                    .provider
+                    .client
+                    .stream(self.call(target, &req, trace))
+                    .await
+                {
                     Ok(mut s) => match s.next().await {
                         Some(Ok(chunk)) => Ok(Started::Neutral(s, chunk)),
                         Some(Err(e)) => Err(e),
@@ -328,6 +402,9 @@ impl Dispatch<'_> {
             match first {
                 Ok(started) => {
                     self.resolved(&route, target);
+                    if let (Some(trace), Some(attempt)) = (guard.trace(), attempt) {
+                        trace.hold_attempt(attempt);
+                    }
                     guard.record().resolved_model = Some(target.resolved.clone());
                     guard.record().resolved_label = Some(target.label.clone());
                     let prompt_estimate = req.estimate_prompt_tokens();
@@ -352,6 +429,7 @@ impl Dispatch<'_> {
                     });
                 }
                 Err(e) => {
+                    self.end_attempt(&mut guard, attempt, failed_attempt(&e));
                     if !walk.failed(target, e) {
                         break;
                     }
@@ -376,6 +454,7 @@ impl Dispatch<'_> {
             model: &target.model,
             native,
             request_id: self.request_id,
+            trace: None,
             answer_model: &target.resolved,
         };
         match target.provider.client.native_count_tokens(call).await {
@@ -425,11 +504,13 @@ impl Dispatch<'_> {
                 cannot_embed = true;
                 break;
             }
+            let attempt = self.open_attempt(&mut guard, target);
             let started = Instant::now();
             let call = EmbedCall {
                 model: &target.model,
                 request: &req,
                 request_id: self.request_id,
+                trace: attempt.as_ref().and_then(Attempt::headers),
             };
             let result = target.provider.client.embed(call).await;
             guard.record().upstream_wait += started.elapsed();
@@ -445,6 +526,14 @@ impl Dispatch<'_> {
                             .unwrap_or_else(|| req.input.estimate_tokens()),
                         ..Usage::default()
                     };
+                    self.end_attempt(
+                        &mut guard,
+                        attempt,
+                        AttemptEnd::Success {
+                            response_model: Some(target.model.clone()),
+                            usage: Some(usage),
+                        },
+                    );
                     let rec = guard.record();
                     rec.resolved_model = Some(target.resolved.clone());
                     rec.resolved_label = Some(target.label.clone());
@@ -460,6 +549,7 @@ impl Dispatch<'_> {
                     });
                 }
                 Err(e) => {
+                    self.end_attempt(&mut guard, attempt, failed_attempt(&e));
                     if !walk.failed(target, e) {
                         break;
                     }
@@ -539,6 +629,15 @@ fn chain_message(reason: Reason, attempts: &[(String, UpstreamError)]) -> Reject
             listed.join("; ")
         ),
     )
+}
+
+/// `gen_ai.response.finish_reasons` of a whole answer.
+fn finish_reasons(response: &ChatResponse) -> Vec<String> {
+    response
+        .choices
+        .iter()
+        .filter_map(|c| c.finish_reason.as_ref().map(|r| r.as_openai().to_string()))
+        .collect()
 }
 
 fn estimate_reply_usage(request: &ChatRequest, response: &ChatResponse) -> Usage {

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod pricing;
 mod provision;
 mod stream;
+pub mod trace;
 mod ttl_cache;
 
 pub use crate::error::{GrpcCode, Outcome, Reason, Rejection};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::policy::{Budgets, HoldSlot};
 use super::pricing::Pricing;
+use super::trace::{AttemptEnd, ServerTrace, TraceParent, Tracer};
 use super::{Protocol, Reason};
 use crate::api::Api;
 use crate::clock::Clock;
@@ -29,6 +30,8 @@ pub struct Recorder {
     pub clock: Clock,
     /// `[log] access`: shared so that a reload turns the access log on or off at once.
     pub access_log: Arc<AtomicBool>,
+    /// Where the request's spans go.
+    pub tracer: Tracer,
 }
 
 /// Everything known about a chat request so far; filled in as it moves through the stages.
@@ -69,6 +72,8 @@ pub struct OutcomeGuard {
     started: Instant,
     started_ms: i64,
     record: Option<ChatRecord>,
+    /// The request's server span; ended with the outcome.
+    trace: Option<ServerTrace>,
 }
 
 impl OutcomeGuard {
@@ -76,6 +81,7 @@ impl OutcomeGuard {
     pub fn new(recorder: Recorder, protocol: Protocol, api: Api, request_id: String) -> Self {
         let started_ms = recorder.clock.now_ms();
         Self {
+            trace: None,
             recorder,
             started: Instant::now(),
             started_ms,
@@ -111,6 +117,19 @@ impl OutcomeGuard {
             .expect("an OutcomeGuard is not used after it is finished")
     }
 
+    /// Opens the request's server span, under the caller's span when it sent one.
+    pub fn start_trace(&mut self, parent: Option<&TraceParent>) {
+        let start_ns = u64::try_from(self.started_ms)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000);
+        self.trace = Some(self.recorder.tracer.server_trace(parent, start_ns));
+    }
+
+    /// The request's server span, to open attempts on and to note what it learns.
+    pub fn trace(&mut self) -> Option<&mut ServerTrace> {
+        self.trace.as_mut()
+    }
+
     /// The inbound API the request came in on.
     pub fn api(&self) -> Api {
         self.record.as_ref().map(|r| r.api).unwrap_or_default()
@@ -124,11 +143,12 @@ impl OutcomeGuard {
     /// Records the outcome for `reason`; the guard is spent.
     pub fn finish(mut self, reason: Reason) {
         if let Some(record) = self.record.take() {
-            self.emit(record, reason);
+            let trace = self.trace.take();
+            self.emit(record, reason, trace);
         }
     }
 
-    fn emit(&self, mut r: ChatRecord, reason: Reason) {
+    fn emit(&self, mut r: ChatRecord, reason: Reason, trace: Option<ServerTrace>) {
         let m = &self.recorder.metrics;
         if let (Some(pricing), Some(resolved)) = (&r.pricing, &r.resolved_model) {
             r.cost_micros = pricing.cost_micros(resolved, &r.usage);
@@ -221,6 +241,25 @@ impl OutcomeGuard {
                 "access"
             );
         }
+        if let Some(trace) = trace {
+            // A stream's answering attempt ends with the stream, on the usage it reported.
+            let usage = r.usage;
+            let response_model = r.resolved_model.clone();
+            trace.finish(
+                || match reason {
+                    Reason::Success => AttemptEnd::Success {
+                        response_model,
+                        usage: Some(usage),
+                    },
+                    // It broke (or the caller left) after its first chunk.
+                    other => AttemptEnd::Failure {
+                        error_type: other.as_str(),
+                        http_status: None,
+                    },
+                },
+                |t| super::trace::server_span(t, &r, reason),
+            );
+        }
         let row = NewLedgerRow {
             request_id: r.request_id,
             user_id: r.user_id,
@@ -250,7 +289,8 @@ impl OutcomeGuard {
 impl Drop for OutcomeGuard {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
-            self.emit(record, Reason::ClientDisconnected);
+            let trace = self.trace.take();
+            self.emit(record, Reason::ClientDisconnected, trace);
         }
     }
 }

@@ -105,6 +105,15 @@ impl ChatStream {
         self.content_chars += generated;
         if delta.choices.iter().any(|c| c.finish_reason.is_some()) {
             self.saw_finish = true;
+            if let Some(trace) = self.guard.as_mut().and_then(|g| g.trace()) {
+                trace.finish_reasons.extend(
+                    delta
+                        .choices
+                        .iter()
+                        .filter_map(|c| c.finish_reason.as_ref())
+                        .map(|r| r.as_openai().to_string()),
+                );
+            }
         }
         if delta.is_usage_only() && !self.include_usage {
             // tollgate asked for usage for its own accounting; the caller did not.

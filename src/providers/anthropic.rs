@@ -68,7 +68,14 @@ impl AnthropicProvider {
             headers.push(("anthropic-beta", beta.as_str()));
         }
         self.http
-            .post(&self.url, call.request_id, &headers, bytes.into(), deadline)
+            .post(
+                &self.url,
+                call.request_id,
+                call.trace,
+                &headers,
+                bytes.into(),
+                deadline,
+            )
             .await
     }
 }
@@ -110,7 +117,14 @@ impl AnthropicProvider {
             headers.push(("anthropic-beta", beta.as_str()));
         }
         self.http
-            .post(url, call.request_id, &headers, body.into(), deadline)
+            .post(
+                url,
+                call.request_id,
+                call.trace,
+                &headers,
+                body.into(),
+                deadline,
+            )
             .await
     }
 }

@@ -85,11 +85,12 @@ impl HttpUpstream {
 
     /// POSTs `body` to `url`, walking the key pool: a 429, 401 or 403 marks the key and the
     /// same body goes to the next usable key. Nothing has reached the caller yet, so this is
-    /// safe for streams too. `headers` are sent with every attempt.
+    /// safe for streams too. `headers` and the trace context are sent with every attempt.
     pub async fn post(
         &self,
         url: &str,
         request_id: &str,
+        trace: Option<&super::TraceHeaders>,
         headers: &[(&'static str, &str)],
         body: bytes::Bytes,
         deadline: Instant,
@@ -112,6 +113,12 @@ impl HttpUpstream {
                 .body(body.clone());
             for (name, value) in headers {
                 builder = builder.header(*name, *value);
+            }
+            if let Some(t) = trace {
+                builder = builder.header("traceparent", &t.traceparent);
+                if let Some(state) = &t.tracestate {
+                    builder = builder.header("tracestate", state);
+                }
             }
             if let Some((_, secret)) = key {
                 builder = match self.key_header {
@@ -141,6 +148,9 @@ impl HttpUpstream {
             match (key, verdict) {
                 (Some((index, _)), Some(verdict)) => {
                     self.keys.report(index, verdict);
+                    if let Some(t) = trace {
+                        t.reject_key(index, status);
+                    }
                     // Read the small error body so that the connection can be reused.
                     let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
                 }

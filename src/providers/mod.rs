@@ -23,6 +23,56 @@ use crate::clock::Clock;
 use crate::config::{ProviderConfig, ProviderKind, ProviderSettings};
 pub use key_pool::{KeyPool, KeyPoolObserver};
 
+/// The W3C trace context sent on an upstream request (`traceparent`, `tracestate`), and the
+/// pool keys the upstream turned away during the attempt (for the attempt's span).
+#[derive(Debug)]
+pub struct TraceHeaders {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+    rejected_keys: std::sync::Mutex<Vec<RejectedKey>>,
+}
+
+/// A pool key the upstream answered 429, 401 or 403 to, before the walk moved on.
+#[derive(Debug, Clone, Copy)]
+pub struct RejectedKey {
+    pub at: std::time::Instant,
+    /// The key's position in `keys` (never the key).
+    pub index: usize,
+    pub status: u16,
+}
+
+impl TraceHeaders {
+    /// The context of one attempt.
+    pub fn new(traceparent: String, tracestate: Option<String>) -> TraceHeaders {
+        TraceHeaders {
+            traceparent,
+            tracestate,
+            rejected_keys: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Notes a key the upstream turned away.
+    pub fn reject_key(&self, index: usize, status: u16) {
+        let key = RejectedKey {
+            at: std::time::Instant::now(),
+            index,
+            status,
+        };
+        match self.rejected_keys.lock() {
+            Ok(mut v) => v.push(key),
+            Err(poisoned) => poisoned.into_inner().push(key),
+        }
+    }
+
+    /// The keys turned away so far, in order.
+    pub fn rejected_keys(&self) -> Vec<RejectedKey> {
+        match self.rejected_keys.lock() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
 /// One chat call to an upstream: the neutral request and the upstream's name for the model.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamCall<'a> {
@@ -30,6 +80,8 @@ pub struct UpstreamCall<'a> {
     pub model: &'a str,
     pub request: &'a ChatRequest,
     pub request_id: &'a str,
+    /// The attempt's trace context, sent as headers.
+    pub trace: Option<&'a TraceHeaders>,
 }
 
 /// One embeddings call to an upstream.
@@ -38,6 +90,8 @@ pub struct EmbedCall<'a> {
     pub model: &'a str,
     pub request: &'a EmbeddingsRequest,
     pub request_id: &'a str,
+    /// The attempt's trace context, sent as headers.
+    pub trace: Option<&'a TraceHeaders>,
 }
 
 /// One pass-through call: the caller's body, in the upstream's own wire, with only `model`
@@ -48,6 +102,8 @@ pub struct NativeCall<'a> {
     pub model: &'a str,
     pub native: &'a NativeBody,
     pub request_id: &'a str,
+    /// The attempt's trace context, sent as headers.
+    pub trace: Option<&'a TraceHeaders>,
     /// What the answer's `model` is rewritten to (the resolved `provider/model`).
     pub answer_model: &'a str,
 }

@@ -56,6 +56,7 @@ impl OpenAiProvider {
             .post(
                 &self.responses_url,
                 call.request_id,
+                call.trace,
                 &[],
                 body.into(),
                 deadline,
@@ -209,7 +210,14 @@ impl Provider for OpenAiProvider {
         let body = openai_chat::encode_request(call.request, call.model, false);
         let resp = self
             .http
-            .post(&self.chat_url, call.request_id, &[], body.into(), deadline)
+            .post(
+                &self.chat_url,
+                call.request_id,
+                call.trace,
+                &[],
+                body.into(),
+                deadline,
+            )
             .await?;
         let bytes = self.http.body(resp, deadline).await?;
         openai_chat::parse_response(&bytes).map_err(UpstreamError::BadResponse)
@@ -221,7 +229,14 @@ impl Provider for OpenAiProvider {
         let body = openai_chat::encode_request(call.request, call.model, true);
         let resp = self
             .http
-            .post(&self.chat_url, call.request_id, &[], body.into(), deadline)
+            .post(
+                &self.chat_url,
+                call.request_id,
+                call.trace,
+                &[],
+                body.into(),
+                deadline,
+            )
             .await?;
         let mut failed = false;
         let deltas = self
@@ -255,6 +270,7 @@ impl Provider for OpenAiProvider {
             .post(
                 &self.embeddings_url,
                 call.request_id,
+                call.trace,
                 &[],
                 body.into(),
                 deadline,

@@ -19,3 +19,4 @@ mod messages;
 mod operator;
 mod responses;
 mod routing;
+mod tracing;

@@ -30,6 +30,10 @@ pub(in crate::core) trait ModelRequest {
     fn stream(&self) -> bool;
     /// What admission charges and reserves for it.
     fn demand(&self) -> Demand;
+    /// `gen_ai.input.messages`, for a span that captures content.
+    fn trace_input(&self) -> Option<String> {
+        None
+    }
 }
 
 impl ModelRequest for ChatRequest {
@@ -41,6 +45,9 @@ impl ModelRequest for ChatRequest {
     }
     fn demand(&self) -> Demand {
         Demand::chat(self)
+    }
+    fn trace_input(&self) -> Option<String> {
+        Some(crate::core::trace::content::input_messages(&self.messages))
     }
 }
 
@@ -70,12 +77,13 @@ impl Gateway {
     /// Opens a model request that came in on `api`: from here on exactly one outcome will be
     /// recorded for it.
     pub(in crate::core) fn open_call(self: &Arc<Self>, ctx: CallContext, api: Api) -> OpenCall {
-        let guard = OutcomeGuard::new(
+        let mut guard = OutcomeGuard::new(
             self.recorder.clone(),
             ctx.protocol,
             api,
             ctx.request_id.clone(),
         );
+        guard.start_trace(ctx.trace_parent.as_ref());
         OpenCall {
             gateway: self.clone(),
             runtime: self.runtime(),
@@ -141,6 +149,9 @@ impl OpenCall {
             rec.stream = req.stream();
             rec.requested_model = req.model().to_string();
             rec.model_label = rt.router.label(req.model());
+        }
+        if let Some(trace) = guard.trace().filter(|t| t.capture_content()) {
+            trace.input = req.trace_input();
         }
         let model = req.model().to_string();
         let (route, policy_headers) =

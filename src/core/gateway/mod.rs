@@ -109,6 +109,8 @@ pub struct GatewayParts {
     pub deps: ProviderDeps,
     /// `None`: no file to reload from (embedded use).
     pub source: Option<ConfigSource>,
+    /// Where spans go ([`Tracer::disabled`](super::trace::Tracer::disabled) for none).
+    pub tracer: super::trace::Tracer,
 }
 
 /// The core, shared by both adapters.
@@ -159,6 +161,7 @@ impl Gateway {
                 budgets,
                 clock: parts.deps.clock.clone(),
                 access_log: Arc::new(std::sync::atomic::AtomicBool::new(access)),
+                tracer: parts.tracer,
             },
             deps: parts.deps,
             source: parts.source,
@@ -245,6 +248,11 @@ impl Gateway {
 
     /// At shutdown: hands this replica's budget leases back and waits until every ledger row
     /// and settlement recorded so far is written.
+    /// Exports the spans still queued (at shutdown).
+    pub async fn flush_traces(&self) {
+        self.recorder.tracer.flush().await;
+    }
+
     pub async fn flush_ledger(&self) {
         self.recorder.ledger.flush().await;
         // At shutdown: this replica's leases go back to their budgets, not after their TTL.
