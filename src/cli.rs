@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `check-config` and `admin` commands.
+//! The command line: `serve`, `migrate`, `check-config`, `openapi` and `admin` commands.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +49,8 @@ pub enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
+    Openapi,
     /// Manage users and API keys.
     Admin {
         #[command(flatten)]
@@ -272,6 +274,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 eprintln!("warning: {}: {w}", file.display());
             }
             println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Openapi => {
+            let doc = serde_json::to_string_pretty(crate::http::openapi_document()).map_err(err)?;
+            println!("{doc}");
             Ok(())
         }
         Command::Admin { config, command } => {

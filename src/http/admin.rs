@@ -6,8 +6,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -89,25 +88,6 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// The admin routes, each behind the admin-token check.
-pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/admin/users", post(create_user).get(find_user))
-        .route("/admin/users/{id}", get(get_user))
-        .route("/admin/users/{id}/block", post(block_user))
-        .route("/admin/users/{id}/unblock", post(unblock_user))
-        .route("/admin/signup-cap", get(signup_cap))
-        .route("/admin/keys", post(create_key).get(list_keys))
-        .route("/admin/keys/{id}", axum::routing::delete(revoke_key))
-        .route("/admin/upstream-keys", get(upstream_keys))
-        .route("/admin/reload", post(reload))
-        .route(
-            "/admin/providers/{provider}/keys/{hint}/enable",
-            post(enable_upstream_key),
-        )
-        .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
-}
-
 /// Refuses requests without the admin token, in the admin error shape.
 pub(super) async fn require_admin(
     State(gw): State<Arc<Gateway>>,
@@ -163,12 +143,12 @@ fn snapshot_json(k: &KeySnapshot) -> Value {
 }
 
 #[derive(Deserialize)]
-struct CreateUser {
+pub(super) struct CreateUser {
     external_id: String,
     name: Option<String>,
 }
 
-async fn create_user(
+pub(super) async fn create_user(
     State(gw): State<Arc<Gateway>>,
     AdminJson(body): AdminJson<CreateUser>,
 ) -> AdminResult {
@@ -180,14 +160,14 @@ async fn create_user(
 }
 
 #[derive(Deserialize)]
-struct FindUser {
+pub(super) struct FindUser {
     external_id: Option<String>,
     after_id: Option<i64>,
     limit: Option<i64>,
 }
 
 /// `?external_id=` finds one user; without it, a page of users in id order.
-async fn find_user(
+pub(super) async fn find_user(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<FindUser>,
 ) -> AdminResult {
@@ -206,12 +186,12 @@ async fn find_user(
 }
 
 #[derive(Deserialize, Default)]
-struct BlockUser {
+pub(super) struct BlockUser {
     #[serde(default)]
     reason: String,
 }
 
-async fn block_user(
+pub(super) async fn block_user(
     State(gw): State<Arc<Gateway>>,
     AdminPath(id): AdminPath<i64>,
     body: axum::body::Bytes,
@@ -228,7 +208,7 @@ async fn block_user(
     Ok(Json(user_json(&u)).into_response())
 }
 
-async fn unblock_user(
+pub(super) async fn unblock_user(
     State(gw): State<Arc<Gateway>>,
     AdminPath(id): AdminPath<i64>,
 ) -> AdminResult {
@@ -236,7 +216,7 @@ async fn unblock_user(
     Ok(Json(user_json(&u)).into_response())
 }
 
-async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
+pub(super) async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     let rt = gw.runtime();
     let caps = gw.admin().signup_caps(&rt.config).await?;
     let data: Vec<Value> = caps
@@ -255,19 +235,22 @@ async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     Ok(Json(json!({"service_types": data})).into_response())
 }
 
-async fn get_user(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
+pub(super) async fn get_user(
+    State(gw): State<Arc<Gateway>>,
+    AdminPath(id): AdminPath<i64>,
+) -> AdminResult {
     let u = gw.admin().get_user(&UserRef::Id(id)).await?;
     Ok(Json(user_json(&u)).into_response())
 }
 
 #[derive(Deserialize)]
-struct CreateKey {
+pub(super) struct CreateKey {
     user_id: i64,
     name: Option<String>,
     expires_at: Option<i64>,
 }
 
-async fn create_key(
+pub(super) async fn create_key(
     State(gw): State<Arc<Gateway>>,
     AdminJson(body): AdminJson<CreateKey>,
 ) -> AdminResult {
@@ -283,11 +266,11 @@ async fn create_key(
 }
 
 #[derive(Deserialize)]
-struct ListKeys {
+pub(super) struct ListKeys {
     user_id: i64,
 }
 
-async fn list_keys(
+pub(super) async fn list_keys(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<ListKeys>,
 ) -> AdminResult {
@@ -295,21 +278,24 @@ async fn list_keys(
     Ok(Json(json!({"data": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
 }
 
-async fn revoke_key(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
+pub(super) async fn revoke_key(
+    State(gw): State<Arc<Gateway>>,
+    AdminPath(id): AdminPath<i64>,
+) -> AdminResult {
     let k = gw.admin().revoke_key(id).await?;
     Ok(Json(key_json(&k)).into_response())
 }
 
-async fn upstream_keys(State(gw): State<Arc<Gateway>>) -> AdminResult {
+pub(super) async fn upstream_keys(State(gw): State<Arc<Gateway>>) -> AdminResult {
     Ok(Json(health_json(&gw)).into_response())
 }
 
-async fn reload(State(gw): State<Arc<Gateway>>) -> AdminResult {
+pub(super) async fn reload(State(gw): State<Arc<Gateway>>) -> AdminResult {
     gw.reload().await.map_err(AdminError::Invalid)?;
     Ok(Json(json!({"reloaded": true})).into_response())
 }
 
-async fn enable_upstream_key(
+pub(super) async fn enable_upstream_key(
     State(gw): State<Arc<Gateway>>,
     AdminPath((provider, hint)): AdminPath<(String, String)>,
 ) -> AdminResult {

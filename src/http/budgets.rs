@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
@@ -16,15 +15,7 @@ use crate::core::pricing::micros_to_usd;
 use crate::core::Gateway;
 use crate::store::UsageFilter;
 
-use super::admin::{require_admin, AdminJson, AdminQuery, AdminResult};
-
-/// The routes, each behind the admin-token check.
-pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/admin/budgets", get(get_budget).put(put_budget))
-        .route("/admin/usage", get(usage))
-        .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
-}
+use super::admin::{AdminJson, AdminQuery, AdminResult};
 
 /// A budget as JSON: exact micro-dollars, and USD as decimal strings.
 pub fn budget_json(v: &BudgetView) -> Value {
@@ -51,12 +42,12 @@ pub fn budget_json(v: &BudgetView) -> Value {
 
 /// Scope and id: `?scope=user&id=7`.
 #[derive(Deserialize)]
-struct Which {
+pub(super) struct Which {
     scope: String,
     id: i64,
 }
 
-async fn get_budget(
+pub(super) async fn get_budget(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<Which>,
 ) -> AdminResult {
@@ -69,7 +60,7 @@ async fn get_budget(
 /// a number or a decimal string; leaving it out (or null) removes the scope's own budget.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PutBudget {
+pub(super) struct PutBudget {
     scope: String,
     id: i64,
     #[serde(default, deserialize_with = "usd")]
@@ -97,7 +88,7 @@ fn usd<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     }
 }
 
-async fn put_budget(
+pub(super) async fn put_budget(
     State(gw): State<Arc<Gateway>>,
     AdminJson(b): AdminJson<PutBudget>,
 ) -> AdminResult {
@@ -115,7 +106,7 @@ async fn put_budget(
 }
 
 #[derive(Deserialize)]
-struct UsageQuery {
+pub(super) struct UsageQuery {
     user_id: Option<i64>,
     key_id: Option<i64>,
     model: Option<String>,
@@ -125,7 +116,7 @@ struct UsageQuery {
 
 /// `GET /admin/usage`: spend and tokens per resolved model of the requests that started in
 /// `[from, to)` (unix ms, `YYYY-MM-DD` or RFC 3339 UTC), for a user, a key and/or a model.
-async fn usage(
+pub(super) async fn usage(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<UsageQuery>,
 ) -> AdminResult {

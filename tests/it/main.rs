@@ -16,6 +16,7 @@ mod embeddings;
 mod faults;
 mod key_pools;
 mod messages;
+mod openapi;
 mod operator;
 mod responses;
 mod routing;
