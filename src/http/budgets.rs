@@ -9,13 +9,13 @@ use axum::Json;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
-use crate::core::admin::AdminError;
+use crate::core::admin::{AdminError, UsageReport};
 use crate::core::policy::{parse_time, rfc3339, BudgetUpdate, BudgetView, ScopeKind};
 use crate::core::pricing::micros_to_usd;
 use crate::core::Gateway;
 use crate::store::UsageFilter;
 
-use super::admin::{AdminJson, AdminQuery, AdminResult};
+use super::admin::{number, AdminJson, AdminQuery, AdminResult, UserName};
 
 /// A budget as JSON: exact micro-dollars, and USD as decimal strings.
 pub fn budget_json(v: &BudgetView) -> Value {
@@ -44,7 +44,15 @@ pub fn budget_json(v: &BudgetView) -> Value {
 #[derive(Deserialize)]
 pub(super) struct Which {
     scope: String,
-    id: i64,
+    id: String,
+}
+
+/// The id of the user or key a budget request names (a user by id or external id).
+async fn subject(gw: &Gateway, scope: ScopeKind, id: &UserName) -> Result<i64, AdminError> {
+    match scope {
+        ScopeKind::User => id.user_id(gw).await,
+        ScopeKind::Key => id.key_id(),
+    }
 }
 
 pub(super) async fn get_budget(
@@ -52,7 +60,8 @@ pub(super) async fn get_budget(
     AdminQuery(q): AdminQuery<Which>,
 ) -> AdminResult {
     let scope = ScopeKind::parse(&q.scope).map_err(AdminError::Invalid)?;
-    let v = gw.admin().get_budget(scope, q.id).await?;
+    let id = subject(&gw, scope, &UserName::Text(q.id)).await?;
+    let v = gw.admin().get_budget(scope, id).await?;
     Ok(Json(budget_json(&v)).into_response())
 }
 
@@ -62,7 +71,7 @@ pub(super) async fn get_budget(
 #[serde(deny_unknown_fields)]
 pub(super) struct PutBudget {
     scope: String,
-    id: i64,
+    id: UserName,
     #[serde(default, deserialize_with = "usd")]
     limit_usd: Option<f64>,
     period: Option<String>,
@@ -92,23 +101,18 @@ pub(super) async fn put_budget(
     State(gw): State<Arc<Gateway>>,
     AdminJson(b): AdminJson<PutBudget>,
 ) -> AdminResult {
-    let update = BudgetUpdate::parse(
-        &b.scope,
-        b.id,
-        b.limit_usd,
-        b.period.as_deref(),
-        b.rpm,
-        b.tpm,
-    )
-    .map_err(AdminError::Invalid)?;
+    let scope = ScopeKind::parse(&b.scope).map_err(AdminError::Invalid)?;
+    let id = subject(&gw, scope, &b.id).await?;
+    let update = BudgetUpdate::parse(&b.scope, id, b.limit_usd, b.period.as_deref(), b.rpm, b.tpm)
+        .map_err(AdminError::Invalid)?;
     let v = gw.admin().set_budget(&update).await?;
     Ok(Json(budget_json(&v)).into_response())
 }
 
 #[derive(Deserialize)]
 pub(super) struct UsageQuery {
-    user_id: Option<i64>,
-    key_id: Option<i64>,
+    user_id: Option<String>,
+    key_id: Option<String>,
     model: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -127,14 +131,29 @@ pub(super) async fn usage(
             .transpose()
             .map_err(AdminError::Invalid)
     };
+    let user_id = match q
+        .user_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        Some(u) => Some(gw.admin().find_user(u).await?.id),
+        None => None,
+    };
     let filter = UsageFilter {
-        user_id: q.user_id,
-        key_id: q.key_id,
+        user_id,
+        key_id: number("key_id", q.key_id.as_deref())?,
         model: q.model.filter(|m| !m.is_empty()),
         from: time(&q.from)?,
         to: time(&q.to)?,
     };
     let report = gw.admin().query_usage(&filter).await?;
+    Ok(Json(usage_json(&filter, &report)).into_response())
+}
+
+/// A usage report as JSON (also `tollgate admin usage --json`): exact micro-dollars, and USD
+/// as decimal strings.
+pub fn usage_json(filter: &UsageFilter, report: &UsageReport) -> Value {
     let total = &report.total;
     let models: Vec<Value> = report
         .models
@@ -150,7 +169,7 @@ pub(super) async fn usage(
             })
         })
         .collect();
-    Ok(Json(json!({
+    json!({
         "user_id": filter.user_id,
         "key_id": filter.key_id,
         "model": filter.model,
@@ -164,8 +183,7 @@ pub(super) async fn usage(
             "cost_micros": total.cost_micros,
             "spend_usd": micros_to_usd(total.cost_micros),
         },
-    }))
-    .into_response())
+    })
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use axum::Router;
 
 use crate::core::{Gateway, Protocol};
 use crate::request_context::RequestContextLayer;
+pub use budgets::usage_json;
 pub use error::error_response;
 pub use openapi::document as openapi_document;
 

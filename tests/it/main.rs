@@ -5,6 +5,7 @@
 mod common;
 
 mod access_log;
+mod admin_api;
 mod anthropic;
 mod apis;
 mod auth;

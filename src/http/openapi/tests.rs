@@ -3,11 +3,12 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 
 use super::super::admin::{key_json, user_json};
-use super::super::budgets::budget_json;
+use super::super::budgets::{budget_json, usage_json};
 use super::super::routes::{table, In};
 use super::*;
+use crate::core::admin::{UsageReport, UsageTotal};
 use crate::core::policy::{BudgetView, ScopeKind};
-use crate::store::{ApiKey, User};
+use crate::store::{ApiKey, ModelUsage, UsageFilter, User};
 
 fn refs(v: &Value, out: &mut Vec<String>) {
     match v {
@@ -136,6 +137,32 @@ fn admin_schemas_are_the_handlers_json_field_for_field() {
         tpm: None,
     };
     assert_eq!(fields(&budget_json(&budget)), properties("Budget"));
+    let report = UsageReport {
+        models: vec![ModelUsage {
+            model: "up/ok".into(),
+            requests: 1,
+            prompt_tokens: 2,
+            completion_tokens: 3,
+            cost_micros: 4,
+        }],
+        total: UsageTotal::default(),
+    };
+    let usage = usage_json(&UsageFilter::default(), &report);
+    assert_eq!(fields(&usage), properties("Usage"));
+    let usage_schema = &document()["components"]["schemas"]["Usage"]["properties"];
+    let keys = |v: &Value| -> BTreeSet<String> {
+        v["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        fields(&usage["models"][0]),
+        keys(&usage_schema["models"]["items"])
+    );
+    assert_eq!(fields(&usage["total"]), keys(&usage_schema["total"]));
 }
 
 #[test]
