@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `check-config` and `admin` commands.
+//! The command line: `serve`, `migrate`, `check-config`, `openapi` and `admin` commands.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +49,8 @@ pub enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
+    Openapi,
     /// Manage users and API keys.
     Admin {
         #[command(flatten)]
@@ -76,6 +78,32 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: BudgetCommand,
     },
+    /// Spend and tokens per resolved model from the usage ledger (what `GET /admin/usage`
+    /// answers).
+    Usage(UsageArgs),
+}
+
+/// The filters of `admin usage`; each narrows the report.
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    /// A user (id or external id).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// An API key id.
+    #[arg(long)]
+    pub key: Option<i64>,
+    /// A resolved model (`provider/model`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Requests that started at or after: unix ms, YYYY-MM-DD or RFC 3339 UTC.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Requests that started before: unix ms, YYYY-MM-DD or RFC 3339 UTC.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print the JSON of `GET /admin/usage` instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Budget commands.
@@ -274,6 +302,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}: ok", file.display());
             Ok(())
         }
+        Command::Openapi => {
+            let doc = serde_json::to_string_pretty(crate::http::openapi_document()).map_err(err)?;
+            println!("{doc}");
+            Ok(())
+        }
         Command::Admin { config, command } => {
             let config = load_config(&config)?;
             let admin = admin_store(&config).await?;
@@ -351,9 +384,72 @@ async fn run_budget(admin: &Admin, command: BudgetCommand) -> Result<(), CliErro
     Ok(())
 }
 
+/// `admin usage`: the report as a table (one line per model and a total) or as JSON.
+async fn run_usage(admin: &Admin, args: UsageArgs) -> Result<(), CliError> {
+    use crate::core::policy::parse_time;
+    use crate::core::pricing::micros_to_usd;
+    let time = |t: &Option<String>| t.as_deref().map(parse_time).transpose().map_err(CliError);
+    let user_id = match &args.user {
+        Some(u) => Some(admin.find_user(u).await.map_err(err)?.id),
+        None => None,
+    };
+    let filter = crate::store::UsageFilter {
+        user_id,
+        key_id: args.key,
+        model: args.model.clone(),
+        from: time(&args.from)?,
+        to: time(&args.to)?,
+    };
+    let report = admin.query_usage(&filter).await.map_err(err)?;
+    if args.json {
+        let json = crate::http::usage_json(&filter, &report);
+        println!("{}", serde_json::to_string_pretty(&json).map_err(err)?);
+        return Ok(());
+    }
+    let width = report
+        .models
+        .iter()
+        .map(|m| m.model.len())
+        .chain([5])
+        .max()
+        .unwrap_or(5);
+    println!(
+        "{:<width$}  {:>10}  {:>14}  {:>18}  {:>14}",
+        "model", "requests", "prompt_tokens", "completion_tokens", "spend_usd"
+    );
+    let total = &report.total;
+    let rows = report
+        .models
+        .iter()
+        .map(|m| {
+            (
+                m.model.as_str(),
+                m.requests,
+                m.prompt_tokens,
+                m.completion_tokens,
+                m.cost_micros,
+            )
+        })
+        .chain([(
+            "total",
+            total.requests,
+            total.prompt_tokens,
+            total.completion_tokens,
+            total.cost_micros,
+        )]);
+    for (model, requests, prompt, completion, cost) in rows {
+        println!(
+            "{model:<width$}  {requests:>10}  {prompt:>14}  {completion:>18}  {:>14}",
+            micros_to_usd(cost)
+        );
+    }
+    Ok(())
+}
+
 async fn run_admin(admin: &Admin, command: AdminCommand) -> Result<(), CliError> {
     match command {
         AdminCommand::Budget { command } => return run_budget(admin, command).await,
+        AdminCommand::Usage(args) => return run_usage(admin, args).await,
         AdminCommand::User {
             command: UserCommand::Create { external_id, name },
         } => {

@@ -263,8 +263,9 @@ impl Admin {
         Ok(CreatedKey { key, record })
     }
 
-    /// A user's keys (hints only).
+    /// A user's keys (hints only); `NotFound` for a user that does not exist.
     pub async fn list_keys(&self, user_id: i64) -> Result<Vec<ApiKey>, AdminError> {
+        self.get_user(&UserRef::Id(user_id)).await?;
         Ok(self.store.list_api_keys(user_id).await?)
     }
 
@@ -338,8 +339,10 @@ impl Admin {
         Ok(out)
     }
 
-    /// A scope's budget and rate limits as stored.
+    /// A scope's budget and rate limits as stored; `NotFound` for a user or key that does not
+    /// exist (as `set_budget` answers), not an empty budget.
     pub async fn get_budget(&self, scope: ScopeKind, id: i64) -> Result<BudgetView, AdminError> {
+        self.ensure_scope_exists(scope, id).await?;
         let now = self.store.clock().now_ms();
         Ok(budget_admin::view(&self.store, now, scope, id).await?)
     }
@@ -356,8 +359,28 @@ impl Admin {
         Ok(view)
     }
 
-    /// Spend and tokens per resolved model, and their sum.
+    /// `NotFound` unless the user or key exists.
+    async fn ensure_scope_exists(&self, scope: ScopeKind, id: i64) -> Result<(), AdminError> {
+        let exists = match scope {
+            ScopeKind::User => self.store.get_user(id).await?.is_some(),
+            ScopeKind::Key => self.store.api_key_exists(id).await?,
+        };
+        if exists {
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(format!("{} {id}", scope.as_str())))
+        }
+    }
+
+    /// Spend and tokens per resolved model, and their sum; `NotFound` when the filter names a
+    /// user or key that does not exist.
     pub async fn query_usage(&self, filter: &UsageFilter) -> Result<UsageReport, AdminError> {
+        if let Some(id) = filter.user_id {
+            self.ensure_scope_exists(ScopeKind::User, id).await?;
+        }
+        if let Some(id) = filter.key_id {
+            self.ensure_scope_exists(ScopeKind::Key, id).await?;
+        }
         let models = self.store.usage_by_model(filter).await?;
         let mut total = UsageTotal::default();
         for m in &models {

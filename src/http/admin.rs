@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -34,7 +34,7 @@ where
         Json::<T>::from_request(req, state)
             .await
             .map(|Json(v)| AdminJson(v))
-            .map_err(|e| AdminError::Invalid(e.body_text()))
+            .map_err(json_rejection)
     }
 }
 
@@ -55,7 +55,7 @@ where
         Path::<T>::from_request_parts(parts, state)
             .await
             .map(|Path(v)| AdminPath(v))
-            .map_err(|e| AdminError::Invalid(e.body_text()))
+            .map_err(path_rejection)
     }
 }
 
@@ -76,7 +76,102 @@ where
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(v)| AdminQuery(v))
-            .map_err(|e| AdminError::Invalid(e.body_text()))
+            .map_err(|e| {
+                let text = e.body_text();
+                let detail = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text);
+                AdminError::Invalid(format!("invalid query: {detail}"))
+            })
+    }
+}
+
+/// A body the admin API cannot read, said in its own words (axum's text names Rust types).
+fn json_rejection(e: JsonRejection) -> AdminError {
+    let text = e.body_text();
+    let detail = |prefix: &str| text.strip_prefix(prefix).unwrap_or(&text).to_string();
+    AdminError::Invalid(match e {
+        JsonRejection::MissingJsonContentType(_) => {
+            "the body must be JSON, sent with `Content-Type: application/json`".into()
+        }
+        JsonRejection::JsonSyntaxError(_) => format!(
+            "the body is not valid JSON: {}",
+            detail("Failed to parse the request body as JSON: ")
+        ),
+        JsonRejection::JsonDataError(_) => format!(
+            "invalid body: {}",
+            detail("Failed to deserialize the JSON body into the target type: ")
+        ),
+        _ => format!("could not read the body: {text}"),
+    })
+}
+
+/// A path parameter that does not parse: only ids are typed, so it names the value as a
+/// number that is not one.
+fn path_rejection(e: PathRejection) -> AdminError {
+    if let PathRejection::FailedToDeserializePathParams(p) = &e {
+        use axum::extract::path::ErrorKind;
+        if let ErrorKind::ParseErrorAtKey { value, .. }
+        | ErrorKind::ParseErrorAtIndex { value, .. }
+        | ErrorKind::ParseError { value, .. } = p.kind()
+        {
+            return AdminError::Invalid(format!("`{value}` in the path is not an id (a number)"));
+        }
+    }
+    AdminError::Invalid(format!("invalid path: {}", e.body_text()))
+}
+
+/// A number given as text (query strings), naming the parameter when it is not one.
+pub(super) fn number(name: &str, value: Option<&str>) -> Result<Option<i64>, AdminError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| AdminError::Invalid(format!("`{name}` must be a number, not {v:?}"))),
+    }
+}
+
+/// A user as a body or query names it: a numeric id, or text that is a numeric id or, failing
+/// that, an external id (as the CLI resolves `--user`).
+#[derive(Debug, Clone)]
+pub(super) enum UserName {
+    Id(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for UserName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Number(n) => n
+                .as_i64()
+                .map(UserName::Id)
+                .ok_or_else(|| serde::de::Error::custom(format!("{n} is not an id (an integer)"))),
+            Value::String(s) => Ok(UserName::Text(s)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected an id or an external id, not {other}"
+            ))),
+        }
+    }
+}
+
+impl UserName {
+    /// The user's id; `NotFound` when there is no such user.
+    pub(super) async fn user_id(&self, gw: &Gateway) -> Result<i64, AdminError> {
+        let user = match self {
+            UserName::Id(id) => gw.admin().get_user(&UserRef::Id(*id)).await?,
+            UserName::Text(s) => gw.admin().find_user(s).await?,
+        };
+        Ok(user.id)
+    }
+
+    /// The id of an API key, which is only ever named by number.
+    pub(super) fn key_id(&self) -> Result<i64, AdminError> {
+        match self {
+            UserName::Id(id) => Ok(*id),
+            UserName::Text(s) => number("id", Some(s))?
+                .ok_or_else(|| AdminError::Invalid("`id` must be a key id (a number)".into())),
+        }
     }
 }
 
@@ -87,25 +182,6 @@ impl IntoResponse for AdminError {
         let body = json!({"error": {"message": self.to_string(), "type": "admin_error", "code": self.code(), "param": null}});
         (status, Json(body)).into_response()
     }
-}
-
-/// The admin routes, each behind the admin-token check.
-pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/admin/users", post(create_user).get(find_user))
-        .route("/admin/users/{id}", get(get_user))
-        .route("/admin/users/{id}/block", post(block_user))
-        .route("/admin/users/{id}/unblock", post(unblock_user))
-        .route("/admin/signup-cap", get(signup_cap))
-        .route("/admin/keys", post(create_key).get(list_keys))
-        .route("/admin/keys/{id}", axum::routing::delete(revoke_key))
-        .route("/admin/upstream-keys", get(upstream_keys))
-        .route("/admin/reload", post(reload))
-        .route(
-            "/admin/providers/{provider}/keys/{hint}/enable",
-            post(enable_upstream_key),
-        )
-        .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
 }
 
 /// Refuses requests without the admin token, in the admin error shape.
@@ -163,12 +239,12 @@ fn snapshot_json(k: &KeySnapshot) -> Value {
 }
 
 #[derive(Deserialize)]
-struct CreateUser {
+pub(super) struct CreateUser {
     external_id: String,
     name: Option<String>,
 }
 
-async fn create_user(
+pub(super) async fn create_user(
     State(gw): State<Arc<Gateway>>,
     AdminJson(body): AdminJson<CreateUser>,
 ) -> AdminResult {
@@ -180,14 +256,14 @@ async fn create_user(
 }
 
 #[derive(Deserialize)]
-struct FindUser {
+pub(super) struct FindUser {
     external_id: Option<String>,
-    after_id: Option<i64>,
-    limit: Option<i64>,
+    after_id: Option<String>,
+    limit: Option<String>,
 }
 
 /// `?external_id=` finds one user; without it, a page of users in id order.
-async fn find_user(
+pub(super) async fn find_user(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<FindUser>,
 ) -> AdminResult {
@@ -198,22 +274,21 @@ async fn find_user(
             .await?;
         return Ok(Json(user_json(&u)).into_response());
     }
-    let users = gw
-        .admin()
-        .list_users(q.after_id.unwrap_or(0), q.limit.unwrap_or(100))
-        .await?;
+    let after_id = number("after_id", q.after_id.as_deref())?.unwrap_or(0);
+    let limit = number("limit", q.limit.as_deref())?.unwrap_or(100);
+    let users = gw.admin().list_users(after_id, limit).await?;
     Ok(Json(json!({"users": users.iter().map(user_json).collect::<Vec<_>>()})).into_response())
 }
 
 #[derive(Deserialize, Default)]
-struct BlockUser {
+pub(super) struct BlockUser {
     #[serde(default)]
     reason: String,
 }
 
-async fn block_user(
+pub(super) async fn block_user(
     State(gw): State<Arc<Gateway>>,
-    AdminPath(id): AdminPath<i64>,
+    AdminPath(user): AdminPath<String>,
     body: axum::body::Bytes,
 ) -> AdminResult {
     // The body is optional: an empty one blocks with a default reason.
@@ -224,19 +299,21 @@ async fn block_user(
             .map_err(|e| AdminError::Invalid(format!("bad JSON body: {e}")))?
             .reason
     };
+    let id = gw.admin().find_user(&user).await?.id;
     let u = gw.admin().block_user(id, &reason).await?;
     Ok(Json(user_json(&u)).into_response())
 }
 
-async fn unblock_user(
+pub(super) async fn unblock_user(
     State(gw): State<Arc<Gateway>>,
-    AdminPath(id): AdminPath<i64>,
+    AdminPath(user): AdminPath<String>,
 ) -> AdminResult {
+    let id = gw.admin().find_user(&user).await?.id;
     let u = gw.admin().unblock_user(id).await?;
     Ok(Json(user_json(&u)).into_response())
 }
 
-async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
+pub(super) async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     let rt = gw.runtime();
     let caps = gw.admin().signup_caps(&rt.config).await?;
     let data: Vec<Value> = caps
@@ -255,25 +332,29 @@ async fn signup_cap(State(gw): State<Arc<Gateway>>) -> AdminResult {
     Ok(Json(json!({"service_types": data})).into_response())
 }
 
-async fn get_user(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
-    let u = gw.admin().get_user(&UserRef::Id(id)).await?;
+pub(super) async fn get_user(
+    State(gw): State<Arc<Gateway>>,
+    AdminPath(user): AdminPath<String>,
+) -> AdminResult {
+    let u = gw.admin().find_user(&user).await?;
     Ok(Json(user_json(&u)).into_response())
 }
 
 #[derive(Deserialize)]
-struct CreateKey {
-    user_id: i64,
+pub(super) struct CreateKey {
+    user_id: UserName,
     name: Option<String>,
     expires_at: Option<i64>,
 }
 
-async fn create_key(
+pub(super) async fn create_key(
     State(gw): State<Arc<Gateway>>,
     AdminJson(body): AdminJson<CreateKey>,
 ) -> AdminResult {
+    let user_id = body.user_id.user_id(&gw).await?;
     let created = gw
         .admin()
-        .create_key(body.user_id, body.name.as_deref(), body.expires_at)
+        .create_key(user_id, body.name.as_deref(), body.expires_at)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -283,33 +364,37 @@ async fn create_key(
 }
 
 #[derive(Deserialize)]
-struct ListKeys {
-    user_id: i64,
+pub(super) struct ListKeys {
+    user_id: String,
 }
 
-async fn list_keys(
+pub(super) async fn list_keys(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<ListKeys>,
 ) -> AdminResult {
-    let keys = gw.admin().list_keys(q.user_id).await?;
+    let user_id = gw.admin().find_user(&q.user_id).await?.id;
+    let keys = gw.admin().list_keys(user_id).await?;
     Ok(Json(json!({"data": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
 }
 
-async fn revoke_key(State(gw): State<Arc<Gateway>>, AdminPath(id): AdminPath<i64>) -> AdminResult {
+pub(super) async fn revoke_key(
+    State(gw): State<Arc<Gateway>>,
+    AdminPath(id): AdminPath<i64>,
+) -> AdminResult {
     let k = gw.admin().revoke_key(id).await?;
     Ok(Json(key_json(&k)).into_response())
 }
 
-async fn upstream_keys(State(gw): State<Arc<Gateway>>) -> AdminResult {
+pub(super) async fn upstream_keys(State(gw): State<Arc<Gateway>>) -> AdminResult {
     Ok(Json(health_json(&gw)).into_response())
 }
 
-async fn reload(State(gw): State<Arc<Gateway>>) -> AdminResult {
+pub(super) async fn reload(State(gw): State<Arc<Gateway>>) -> AdminResult {
     gw.reload().await.map_err(AdminError::Invalid)?;
     Ok(Json(json!({"reloaded": true})).into_response())
 }
 
-async fn enable_upstream_key(
+pub(super) async fn enable_upstream_key(
     State(gw): State<Arc<Gateway>>,
     AdminPath((provider, hint)): AdminPath<(String, String)>,
 ) -> AdminResult {

@@ -5,26 +5,17 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
-use crate::core::admin::AdminError;
+use crate::core::admin::{AdminError, UsageReport};
 use crate::core::policy::{parse_time, rfc3339, BudgetUpdate, BudgetView, ScopeKind};
 use crate::core::pricing::micros_to_usd;
 use crate::core::Gateway;
 use crate::store::UsageFilter;
 
-use super::admin::{require_admin, AdminJson, AdminQuery, AdminResult};
-
-/// The routes, each behind the admin-token check.
-pub fn routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/admin/budgets", get(get_budget).put(put_budget))
-        .route("/admin/usage", get(usage))
-        .layer(axum::middleware::from_fn_with_state(gateway, require_admin))
-}
+use super::admin::{number, AdminJson, AdminQuery, AdminResult, UserName};
 
 /// A budget as JSON: exact micro-dollars, and USD as decimal strings.
 pub fn budget_json(v: &BudgetView) -> Value {
@@ -52,17 +43,26 @@ pub fn budget_json(v: &BudgetView) -> Value {
 
 /// Scope and id: `?scope=user&id=7`.
 #[derive(Deserialize)]
-struct Which {
+pub(super) struct Which {
     scope: String,
-    id: i64,
+    id: String,
 }
 
-async fn get_budget(
+/// The id of the user or key a budget request names (a user by id or external id).
+async fn subject(gw: &Gateway, scope: ScopeKind, id: &UserName) -> Result<i64, AdminError> {
+    match scope {
+        ScopeKind::User => id.user_id(gw).await,
+        ScopeKind::Key => id.key_id(),
+    }
+}
+
+pub(super) async fn get_budget(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<Which>,
 ) -> AdminResult {
     let scope = ScopeKind::parse(&q.scope).map_err(AdminError::Invalid)?;
-    let v = gw.admin().get_budget(scope, q.id).await?;
+    let id = subject(&gw, scope, &UserName::Text(q.id)).await?;
+    let v = gw.admin().get_budget(scope, id).await?;
     Ok(Json(budget_json(&v)).into_response())
 }
 
@@ -70,9 +70,9 @@ async fn get_budget(
 /// a number or a decimal string; leaving it out (or null) removes the scope's own budget.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PutBudget {
+pub(super) struct PutBudget {
     scope: String,
-    id: i64,
+    id: UserName,
     #[serde(default, deserialize_with = "usd")]
     limit_usd: Option<f64>,
     period: Option<String>,
@@ -98,27 +98,22 @@ fn usd<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     }
 }
 
-async fn put_budget(
+pub(super) async fn put_budget(
     State(gw): State<Arc<Gateway>>,
     AdminJson(b): AdminJson<PutBudget>,
 ) -> AdminResult {
-    let update = BudgetUpdate::parse(
-        &b.scope,
-        b.id,
-        b.limit_usd,
-        b.period.as_deref(),
-        b.rpm,
-        b.tpm,
-    )
-    .map_err(AdminError::Invalid)?;
+    let scope = ScopeKind::parse(&b.scope).map_err(AdminError::Invalid)?;
+    let id = subject(&gw, scope, &b.id).await?;
+    let update = BudgetUpdate::parse(&b.scope, id, b.limit_usd, b.period.as_deref(), b.rpm, b.tpm)
+        .map_err(AdminError::Invalid)?;
     let v = gw.admin().set_budget(&update).await?;
     Ok(Json(budget_json(&v)).into_response())
 }
 
 #[derive(Deserialize)]
-struct UsageQuery {
-    user_id: Option<i64>,
-    key_id: Option<i64>,
+pub(super) struct UsageQuery {
+    user_id: Option<String>,
+    key_id: Option<String>,
     model: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -126,7 +121,7 @@ struct UsageQuery {
 
 /// `GET /admin/usage`: spend and tokens per resolved model of the requests that started in
 /// `[from, to)` (unix ms, `YYYY-MM-DD` or RFC 3339 UTC), for a user, a key and/or a model.
-async fn usage(
+pub(super) async fn usage(
     State(gw): State<Arc<Gateway>>,
     AdminQuery(q): AdminQuery<UsageQuery>,
 ) -> AdminResult {
@@ -137,14 +132,29 @@ async fn usage(
             .transpose()
             .map_err(AdminError::Invalid)
     };
+    let user_id = match q
+        .user_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        Some(u) => Some(gw.admin().find_user(u).await?.id),
+        None => None,
+    };
     let filter = UsageFilter {
-        user_id: q.user_id,
-        key_id: q.key_id,
+        user_id,
+        key_id: number("key_id", q.key_id.as_deref())?,
         model: q.model.filter(|m| !m.is_empty()),
         from: time(&q.from)?,
         to: time(&q.to)?,
     };
     let report = gw.admin().query_usage(&filter).await?;
+    Ok(Json(usage_json(&filter, &report)).into_response())
+}
+
+/// A usage report as JSON (also `tollgate admin usage --json`): exact micro-dollars, and USD
+/// as decimal strings.
+pub fn usage_json(filter: &UsageFilter, report: &UsageReport) -> Value {
     let total = &report.total;
     let models: Vec<Value> = report
         .models
@@ -160,7 +170,7 @@ async fn usage(
             })
         })
         .collect();
-    Ok(Json(json!({
+    json!({
         "user_id": filter.user_id,
         "key_id": filter.key_id,
         "model": filter.model,
@@ -174,8 +184,7 @@ async fn usage(
             "cost_micros": total.cost_micros,
             "spend_usd": micros_to_usd(total.cost_micros),
         },
-    }))
-    .into_response())
+    })
 }
 
 #[cfg(test)]

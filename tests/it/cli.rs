@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::common::*;
 use serde_json::Value;
@@ -368,4 +369,116 @@ async fn admin_keys_work_and_revoke_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_keys_work_and_revoke_postgres() {
     admin_keys_work_and_revoke(Backend::Postgres).await;
+}
+
+/// `admin usage` reads the ledger as `GET /admin/usage` does (its `--json` is that body), and
+/// ids that do not exist fail with a clear message and a non-zero exit, reads included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_usage_and_unknown_ids() {
+    const TOKEN: &str = "tg-admin-cli-usage-0123456789";
+    let db = TestDb::sqlite();
+    let url = db.url.clone();
+    let admin = |args: &[&str]| {
+        let mut all: Vec<String> = vec!["admin".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.extend(["--database-url".to_string(), url.clone()]);
+        async move {
+            let out = tollgate_async(all.clone()).await;
+            let shown: Vec<&str> = all.iter().map(String::as_str).collect();
+            (out.status.success(), text_of(&out), describe(&shown, &out))
+        }
+    };
+    let out = tollgate_async(vec!["migrate".into(), "--database-url".into(), url.clone()]).await;
+    assert!(out.status.success(), "{}", text_of(&out));
+    let (ok, _, d) = admin(&["user", "create", "--external-id", "dora"]).await;
+    assert!(ok, "{d}");
+    let (ok, key_out, d) = admin(&["key", "create", "--user", "dora"]).await;
+    assert!(ok, "{d}");
+    let key = find_key(&key_out).expect("a key");
+
+    let mut s = TestServer::start_on(
+        db,
+        Opts {
+            server: format!("admin_token = \"{TOKEN}\""),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let rid = new_request_id();
+    let resp = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-request-id", &rid)
+        .json(&chat_body("fast", &rid))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let row = s.ledger_row(&rid).await;
+
+    let json = eventually(Duration::from_secs(10), "usage in the ledger", || async {
+        let (ok, out, d) = admin(&["usage", "--user", "dora", "--json"]).await;
+        assert!(ok, "{d}");
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {d}"));
+        (v["total"]["requests"] == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(json["user_id"], row.user_id.unwrap(), "{json}");
+    assert_eq!(json["total"]["cost_micros"], row.cost_micros, "{json}");
+    let http: Value = s
+        .client
+        .get(s.url("/admin/usage?user_id=dora"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json, http, "--json is the HTTP usage body");
+
+    let (ok, table, d) = admin(&["usage", "--user", "dora"]).await;
+    assert!(ok, "{d}");
+    let model = json["models"][0]["model"].as_str().unwrap();
+    let cost = json["total"]["spend_usd"].as_str().unwrap();
+    let line_in = |table: &str, first: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .unwrap_or_else(|| panic!("no {first} line: {table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let line = |first: &str| line_in(&table, first);
+    assert_eq!(line(model)[1], "1", "{table}");
+    assert_eq!(line("total")[1], "1", "{table}");
+    assert_eq!(line("total").last().unwrap(), cost, "{table}");
+    let (ok, out, d) = admin(&["usage", "--user", "dora", "--from", "2100-01-01"]).await;
+    assert!(ok, "{d}");
+    assert_eq!(line_in(&out, "total")[1], "0", "nothing after 2100: {out}");
+
+    // Unknown ids and bad filters fail, saying so.
+    for (args, says) in [
+        (vec!["usage", "--user", "nobody"], "not found"),
+        (vec!["usage", "--key", "987654"], "key 987654 not found"),
+        (vec!["usage", "--from", "yesterday"], "yesterday"),
+        (
+            vec!["budget", "get", "--scope", "user", "--id", "nobody"],
+            "not found",
+        ),
+        (
+            vec!["budget", "get", "--scope", "key", "--id", "987654"],
+            "key 987654 not found",
+        ),
+        (vec!["key", "list", "--user", "nobody"], "not found"),
+        (vec!["user", "block", "--user", "nobody"], "not found"),
+    ] {
+        let (ok, out, d) = admin(&args).await;
+        assert!(!ok, "{d}");
+        assert!(out.contains(says), "{d}");
+        assert!(!out.contains("panicked"), "{d}");
+    }
+    s.shutdown().await;
 }

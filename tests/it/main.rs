@@ -5,6 +5,7 @@
 mod common;
 
 mod access_log;
+mod admin_api;
 mod anthropic;
 mod apis;
 mod auth;
@@ -16,6 +17,7 @@ mod embeddings;
 mod faults;
 mod key_pools;
 mod messages;
+mod openapi;
 mod operator;
 mod responses;
 mod routing;
