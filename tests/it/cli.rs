@@ -163,6 +163,66 @@ fn check_config_rejects_an_inconsistent_file() {
     assert!(!out.status.success(), "a missing file fails");
 }
 
+#[test]
+fn check_config_reports_every_problem_with_file_line_and_dotted_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "\
+[database]
+url = \"sqlite://unused.db\"
+
+[providers.mock]
+kind = \"mock\"
+tokenz = 5
+
+[providers.up]
+kind = \"openai\"
+base_url = \"http://127.0.0.1:9/v1\"
+total_timeout_ms = \"20ms\"
+
+[aliases.fast]
+chain = [\"mokc/m\"]
+
+[aliases.loop]
+chain = [\"fast\"]
+";
+    let path = write(dir.path(), "three.toml", text);
+    let args = ["check-config", path.as_str()];
+    let out = tollgate(&args);
+    let all = text_of(&out);
+    assert!(!out.status.success(), "{}", describe(&args, &out));
+    // Each problem on its own line, naming the file, its line and its full dotted key.
+    let problem = |line: usize, key: &str, what: &str| {
+        let found = all.lines().any(|l| {
+            l.contains(&path) && names_line(l, line) && l.contains(key) && l.contains(what)
+        });
+        assert!(
+            found,
+            "no line with {path}, line {line}, {key}, {what:?}:\n{all}"
+        );
+    };
+    problem(
+        line_of(text, "tokenz"),
+        "providers.mock.tokenz",
+        "did you mean `tokens`?",
+    );
+    problem(
+        line_of(text, "total_timeout_ms"),
+        "providers.up.total_timeout_ms",
+        "invalid type: string \"20ms\", expected u64",
+    );
+    problem(
+        line_of(text, "mokc/m"),
+        "aliases.fast.chain[0]",
+        "names provider \"mokc\", which is not configured; did you mean `mock`?",
+    );
+    problem(
+        line_of(text, "[\"fast\"]"),
+        "aliases.loop.chain[0]",
+        "is an alias",
+    );
+    assert!(all.contains("4 problems"), "counts them: {all}");
+}
+
 /// The first `tg-...` key in `text`.
 fn find_key(text: &str) -> Option<String> {
     let start = text.find("tg-")?;
