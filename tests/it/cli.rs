@@ -223,6 +223,74 @@ chain = [\"fast\"]
     assert!(all.contains("4 problems"), "counts them: {all}");
 }
 
+/// Runs `tollgate check-config` on `file` with `env` set (and nothing else of TOLLGATE_*).
+fn check_with_env(file: &str, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check-config", file]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TOLLGATE_") || k.ends_with("_API_KEY") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied()).env("RUST_LOG", "warn");
+    cmd.output().unwrap_or_else(|e| panic!("run {BIN}: {e}"))
+}
+
+#[test]
+fn the_example_configs_for_real_upstreams_check_clean() {
+    let examples = [
+        ("examples/openai.toml", "OPENAI_API_KEY", "aliases.smart"),
+        (
+            "examples/anthropic.toml",
+            "ANTHROPIC_API_KEY",
+            "aliases.claude",
+        ),
+    ];
+    for (example, key_var, alias) in examples {
+        let file = format!("{}/{example}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&file).expect("read example");
+        // What the file promises: keys from the environment, prices, an alias with a fallback.
+        assert!(
+            text.contains(&format!("${{{key_var}}}")),
+            "{example} reads {key_var}"
+        );
+        assert!(text.contains("[pricing."), "{example} has prices");
+        let config = tollgate::config::Config::from_toml_str(
+            &text
+                .replace(&format!("${{{key_var}}}"), "dummy-upstream-key")
+                .replace("${TOLLGATE_ADMIN_TOKEN}", "dummy-admin-token"),
+        )
+        .unwrap_or_else(|e| panic!("{example}: {e}"));
+        let chain = &config.aliases[alias.trim_start_matches("aliases.")].chain;
+        assert!(chain.len() >= 2, "{example}: {alias} falls back: {chain:?}");
+        assert!(
+            chain.iter().all(|m| config.pricing.contains_key(m)),
+            "{example}: every chain entry is priced"
+        );
+
+        let env = [
+            (key_var, "dummy-upstream-key"),
+            ("TOLLGATE_ADMIN_TOKEN", "dummy-admin-token"),
+        ];
+        let out = check_with_env(&file, &env);
+        let all = text_of(&out);
+        assert!(out.status.success(), "{example}:\n{all}");
+        assert!(
+            !all.contains("warning"),
+            "{example} checks without warnings:\n{all}"
+        );
+
+        // Without the key in the environment the file names the variable and its line.
+        let out = check_with_env(&file, &env[1..]);
+        let all = text_of(&out);
+        assert!(!out.status.success(), "{example} without {key_var}:\n{all}");
+        assert!(
+            all.contains(key_var) && names_line(&all, line_of(&text, &format!("${{{key_var}}}"))),
+            "{example} names {key_var} and its line:\n{all}"
+        );
+    }
+}
+
 /// The first `tg-...` key in `text`.
 fn find_key(text: &str) -> Option<String> {
     let start = text.find("tg-")?;
