@@ -176,18 +176,20 @@ fn err(e: impl std::fmt::Display) -> CliError {
     CliError(e.to_string())
 }
 
-/// A configuration error naming the file on every line: one line per problem, then how many.
+/// A configuration error naming the file on every line: each problem is printed to stderr on
+/// its own line; the error returned says how many there were.
 fn config_error(path: &std::path::Path, e: ConfigError) -> CliError {
     let file = path.display();
     match e {
         ConfigError::Problems(problems) => {
-            let mut text: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
+            for p in &problems {
+                eprintln!("{file}: {p}");
+            }
             let n = problems.len();
-            text.push(format!(
+            CliError(format!(
                 "{file}: {n} problem{}",
                 if n == 1 { "" } else { "s" }
-            ));
-            CliError(text.join("\n"))
+            ))
         }
         e => CliError(format!("{file}: {e}")),
     }
