@@ -462,6 +462,40 @@ mod tests {
     }
 
     #[test]
+    fn every_problem_is_found_once_with_its_line_and_key() {
+        let text = "[server]\nhttp_adr = \"x\"\nshutdown_grace_secs = \"2s\"\n\
+                    [aliases.a]\nchain = 5\n[aliases.b]\nchain = [\"nope/m\"]\n";
+        let problems = check_text(text).unwrap_err();
+        let found: Vec<(Option<usize>, String)> = problems
+            .iter()
+            .map(|p| (p.line, p.key.to_string()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (Some(2), "server.http_adr".to_string()),
+                (Some(3), "server.shutdown_grace_secs".to_string()),
+                (Some(5), "aliases.a.chain".to_string()),
+                (Some(7), "aliases.b.chain[0]".to_string()),
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[0].message.contains("did you mean `http_addr`?"));
+        // `chain` was taken out for its wrong type: it is not also reported missing.
+        assert!(!problems.iter().any(|p| p.message.contains("missing field")));
+    }
+
+    #[test]
+    fn a_value_from_the_environment_that_does_not_fit_is_not_quoted() {
+        std::env::set_var("TG_CHECK_TEST_ADDR", "secret-value-not-an-address");
+        let problems = check_text("[server]\nhttp_addr = \"${TG_CHECK_TEST_ADDR}\"\n").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let text = problems[0].to_string();
+        assert!(text.starts_with("line 2: server.http_addr: "), "{text}");
+        assert!(!text.contains("secret-value"), "{text}");
+    }
+
+    #[test]
     fn paths_print_dotted_with_quotes_and_indices() {
         let p = KeyPath::root().key("pricing").key("openai/gpt-4o");
         assert_eq!(p.to_string(), "pricing.\"openai/gpt-4o\"");
