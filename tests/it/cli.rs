@@ -291,6 +291,51 @@ fn the_example_configs_for_real_upstreams_check_clean() {
     }
 }
 
+#[test]
+fn the_deploy_configs_check_clean() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    // The ConfigMap's file, as the pods see it (the block under `tollgate.toml: |`).
+    let configmap = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml"))
+        .expect("configmap.yaml");
+    let embedded: String = configmap
+        .split_once("tollgate.toml: |\n")
+        .expect("the ConfigMap holds tollgate.toml")
+        .1
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let configmap_file = write(dir.path(), "configmap-tollgate.toml", &embedded);
+    let env = [
+        ("TOLLGATE_ADMIN_TOKEN", "dummy-admin-token"),
+        ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:1/0"),
+        ("OPENAI_API_KEY", "dummy-upstream-key"),
+    ];
+    let files = [
+        (format!("{root}/deploy/tollgate.toml"), false),
+        (format!("{root}/deploy/tollgate-replicas.toml"), true),
+        (configmap_file, true),
+    ];
+    for (file, shares_rate_limits) in files {
+        let out = check_with_env(&file, &env);
+        let all = text_of(&out);
+        // The Redis rate-limit backend (`[rate_limits] backend = "redis"`) is another branch's
+        // work; until it merges the table is unknown here, and that one problem is tolerated
+        // so the rest of these files is still checked. Drop the tolerance when it lands.
+        let problems: Vec<&str> = all
+            .lines()
+            .filter(|l| l.contains(": line "))
+            .filter(|l| {
+                !(shares_rate_limits && l.contains(": rate_limits: unknown field `rate_limits`"))
+            })
+            .collect();
+        assert!(problems.is_empty(), "{file}:\n{all}");
+        if !shares_rate_limits {
+            assert!(out.status.success(), "{file}:\n{all}");
+        }
+    }
+}
+
 /// The first `tg-...` key in `text`.
 fn find_key(text: &str) -> Option<String> {
     let start = text.find("tg-")?;
