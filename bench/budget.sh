@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the budget check costs a request (DESIGN.md section 5, "Cost of exactness"): the same
+# What the budget check costs a request (docs/budgets.md, "Cost of exactness"): the same
 # open-loop load, in interleaved rounds, through two tollgates on the same mock upstream that
 # differ only in one thing: "on" has a per-user budget (so every request reserves its maximum
 # cost in the database before the upstream call and settles after it), "off" has none. Direct

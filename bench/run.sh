@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tollgate speed benchmark (DESIGN.md section 8): added latency, throughput
+# Tollgate speed benchmark (bench/README.md): added latency, throughput
 # frontier, CPU per request, RSS and streaming overhead of tollgate ("min" and
 # "full" policy profiles) and of a bare byte-forwarding proxy, each against
 # talking to the mock upstream directly, every figure also as a ratio to the

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, Overrides};
+use crate::config::{Config, ConfigError, LogFormat, Overrides};
 use crate::core::admin::Admin;
 use crate::core::ConfigSource;
 use crate::server::{RunningServer, ServeOptions};
@@ -204,12 +204,29 @@ fn err(e: impl std::fmt::Display) -> CliError {
     CliError(e.to_string())
 }
 
+/// A configuration error naming the file on every line: each problem is printed to stderr on
+/// its own line; the error returned says how many there were.
+fn config_error(path: &std::path::Path, e: ConfigError) -> CliError {
+    let file = path.display();
+    match e {
+        ConfigError::Problems(problems) => {
+            for p in &problems {
+                eprintln!("{file}: {p}");
+            }
+            let n = problems.len();
+            CliError(format!(
+                "{file}: {n} problem{}",
+                if n == 1 { "" } else { "s" }
+            ))
+        }
+        e => CliError(format!("{file}: {e}")),
+    }
+}
+
 /// Loads the configuration: file (or defaults), then environment, then flags.
 pub fn load_config(args: &ConfigArgs) -> Result<Config, CliError> {
     let mut config = match &args.config {
-        Some(path) => {
-            Config::load(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?
-        }
+        Some(path) => Config::load(path).map_err(|e| config_error(path, e))?,
         None => Config::default(),
     };
     config.apply(&overrides(args)?);
@@ -294,8 +311,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::CheckConfig { file } => {
-            let config =
-                Config::load(&file).map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+            let config = Config::load(&file).map_err(|e| config_error(&file, e))?;
             for w in config.warnings() {
                 eprintln!("warning: {}: {w}", file.display());
             }

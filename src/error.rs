@@ -1,4 +1,4 @@
-//! The outcome taxonomy (DESIGN.md section 3): one `Reason` decides the availability outcome,
+//! The outcome taxonomy (docs/operations.md, The availability SLI): one `Reason` decides the availability outcome,
 //! the HTTP status, the gRPC code and the error code string. Nothing else maps errors.
 
 use std::time::Duration;

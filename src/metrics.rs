@@ -1,4 +1,4 @@
-//! Every metric family (DESIGN.md sections 3 and 4), in one registry created once in `main`
+//! Every metric family (listed in docs/metrics.md), in one registry created once in `main`
 //! and injected. Label values are bounded by the callers: models, service types and purposes
 //! are collapsed to `unknown` unless configured.
 

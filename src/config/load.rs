@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use super::check::{check_text, did_you_mean, ConfigProblem, KeyPath};
 use super::*;
 
 /// Overrides from flags and environment, applied after the file.
@@ -58,21 +59,9 @@ impl Config {
     }
 
     /// Parses and validates configuration text, interpolating `${VAR}` from the environment.
+    /// Fails with every problem of the text, each naming its line and dotted key.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        // Parse once before interpolation so that syntax errors quote the file as written,
-        // never a secret that came from the environment.
-        toml::from_str::<Config>(text)
-            .map_err(|e| ConfigError::Parse(describe_toml_error(text, &e)))?;
-        let expanded = interpolate(text)?;
-        let config: Config = toml::from_str(&expanded).map_err(|e| {
-            let line = e.span().map(|s| line_of(&expanded, s.start)).unwrap_or(0);
-            ConfigError::Parse(format!(
-                "line {line}: a value taken from the environment does not fit here ({})",
-                e.message()
-            ))
-        })?;
-        config.validate()?;
-        Ok(config)
+        check_text(text).map_err(ConfigError::Problems)
     }
 
     /// Applies flag and environment overrides.
@@ -91,19 +80,46 @@ impl Config {
         }
     }
 
-    /// Checks what serde cannot: references between sections and sane values.
+    /// Checks what serde cannot: references between sections and sane values. Fails with
+    /// every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.routing.unhealthy_after_failures == 0 {
-            return bad("routing.unhealthy_after_failures must be at least 1".into());
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Problems(problems))
         }
-        if self.server.header_read_timeout_ms == 0 || self.server.body_read_timeout_ms == 0 {
-            return bad(
-                "server.header_read_timeout_ms and body_read_timeout_ms must be above 0".into(),
+    }
+
+    /// Every inconsistency serde cannot see, each with its key (lines are filled in by the
+    /// file check, which knows where the keys are).
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut out = Vec::new();
+        let mut bad = |key: KeyPath, message: String| out.push(ConfigProblem::at(key, message));
+        let top = |name: &str| KeyPath::root().key(name);
+        if self.routing.unhealthy_after_failures == 0 {
+            bad(
+                top("routing").key("unhealthy_after_failures"),
+                "must be at least 1".into(),
+            );
+        }
+        if self.server.header_read_timeout_ms == 0 {
+            bad(
+                top("server").key("header_read_timeout_ms"),
+                "must be above 0".into(),
+            );
+        }
+        if self.server.body_read_timeout_ms == 0 {
+            bad(
+                top("server").key("body_read_timeout_ms"),
+                "must be above 0".into(),
             );
         }
         if self.server.max_body_bytes == 0 {
-            return bad("server.max_body_bytes must be above 0".into());
+            bad(
+                top("server").key("max_body_bytes"),
+                "must be above 0".into(),
+            );
         }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
             // Not echoed: an endpoint may carry credentials.
@@ -117,51 +133,52 @@ impl Config {
             return bad("telemetry.max_queue_spans and max_batch_spans must be above 0".into());
         }
         for (name, p) in &self.providers {
+            let at = top("providers").key(name);
             if name.is_empty() || name.contains('/') {
-                return bad(format!(
-                    "providers.{name}: a provider name may not be empty or contain '/'"
-                ));
+                bad(
+                    at.clone(),
+                    "a provider name may not be empty or contain '/'".into(),
+                );
             }
             let mut seen = std::collections::HashSet::new();
             let Some(http) = p.http() else { continue };
             for (i, k) in http.keys.iter().enumerate() {
+                let key = at.clone().key("keys").index(i);
                 if k.trim().is_empty() {
-                    return bad(format!("providers.{name}.keys[{i}] is empty"));
-                }
-                if !seen.insert(k) {
-                    return bad(format!("providers.{name}.keys[{i}] repeats an earlier key"));
+                    bad(key, "is empty".into());
+                } else if !seen.insert(k) {
+                    bad(key, "repeats an earlier key".into());
                 }
             }
             if http.total_timeout_ms == 0 || http.connect_timeout_ms == 0 {
-                return bad(format!("providers.{name}: timeouts must be above 0"));
+                bad(at.clone(), "timeouts must be above 0".into());
             }
             if http.max_response_bytes < 1024 {
-                return bad(format!(
-                    "providers.{name}.max_response_bytes must be at least 1024"
-                ));
+                bad(at.key("max_response_bytes"), "must be at least 1024".into());
             }
         }
         for (alias, a) in &self.aliases {
+            let at = top("aliases").key(alias);
             if alias.contains('/') {
-                return bad(format!(
-                    "aliases.{alias}: an alias name may not contain '/'"
-                ));
+                bad(at.clone(), "an alias name may not contain '/'".into());
             }
+            let chain = at.key("chain");
             if a.chain.is_empty() {
-                return bad(format!(
-                    "aliases.{alias}.chain must name at least one provider/model"
-                ));
+                bad(
+                    chain.clone(),
+                    "must name at least one provider/model".into(),
+                );
             }
-            for entry in &a.chain {
-                self.check_model_ref(&format!("aliases.{alias}.chain"), entry)?;
+            for (i, entry) in a.chain.iter().enumerate() {
+                if let Err(m) = self.check_model_ref(entry) {
+                    bad(chain.clone().index(i), m);
+                }
             }
-        }
-        for model in self.pricing.keys() {
-            self.check_model_ref("pricing", model)?;
         }
         for (name, p) in &self.pricing {
-            if p.input_usd_per_mtok < 0.0 || p.output_usd_per_mtok < 0.0 {
-                return bad(format!("pricing.\"{name}\": prices may not be negative"));
+            let at = top("pricing").key(name);
+            if let Err(m) = self.check_model_ref(name) {
+                bad(at.clone(), m);
             }
             let prices = [
                 Some(p.input_usd_per_mtok),
@@ -173,47 +190,56 @@ impl Config {
                 .flatten()
                 .any(|v| !v.is_finite() || *v < 0.0 || *v > 1e9)
             {
-                return bad(format!(
-                    "pricing.\"{name}\": prices must be finite, not negative, at most 1e9"
-                ));
+                bad(
+                    at.clone(),
+                    "prices must be finite, not negative, at most 1e9".into(),
+                );
             }
             if p.max_output_tokens == Some(0) {
-                return bad(format!(
-                    "pricing.\"{name}\".max_output_tokens must be above 0"
-                ));
+                bad(at.key("max_output_tokens"), "must be above 0".into());
             }
         }
         if self.pricing_policy.default_max_output_tokens == 0 {
-            return bad("pricing_policy.default_max_output_tokens must be above 0".into());
+            bad(
+                top("pricing_policy").key("default_max_output_tokens"),
+                "must be above 0".into(),
+            );
         }
-        if self.budgets.reservation_ttl_secs == 0 || self.budgets.sweep_interval_secs == 0 {
-            return bad(
-                "budgets.reservation_ttl_secs and budgets.sweep_interval_secs must be above 0"
-                    .into(),
+        if self.budgets.reservation_ttl_secs == 0 {
+            bad(
+                top("budgets").key("reservation_ttl_secs"),
+                "must be above 0".into(),
+            );
+        }
+        if self.budgets.sweep_interval_secs == 0 {
+            bad(
+                top("budgets").key("sweep_interval_secs"),
+                "must be above 0".into(),
             );
         }
         for (name, st) in &self.service_types {
+            let at = top("service_types").key(name);
             if let Some(b) = &st.budget {
-                b.validate(&format!("service_types.{name}.budget"))
-                    .map_err(ConfigError::Invalid)?;
+                if let Err(m) = b.validate(&format!("service_types.{name}.budget")) {
+                    bad(at.clone().key("budget"), m);
+                }
             }
             if let Some(r) = &st.rate_limits {
-                r.validate(&format!("service_types.{name}.rate_limits"))
-                    .map_err(ConfigError::Invalid)?;
+                if let Err(m) = r.validate(&format!("service_types.{name}.rate_limits")) {
+                    bad(at.clone().key("rate_limits"), m);
+                }
             }
         }
         let mut static_seen = std::collections::HashSet::new();
         for (i, k) in self.auth.static_keys.iter().enumerate() {
+            let at = top("auth").key("static_keys").index(i);
             if k.user.trim().is_empty() {
-                return bad(format!("auth.static_keys[{i}].user is empty"));
+                bad(at.clone().key("user"), "is empty".into());
             }
             if k.key.len() < 8 {
-                return bad(format!(
-                    "auth.static_keys[{i}].key is shorter than 8 characters"
-                ));
-            }
-            if !static_seen.insert(&k.key) {
-                return bad(format!("auth.static_keys[{i}].key repeats an earlier key"));
+                bad(at.key("key"), "is shorter than 8 characters".into());
+            } else if !static_seen.insert(&k.key) {
+                bad(at.key("key"), "repeats an earlier key".into());
             }
         }
         if !self.service_types.is_empty()
@@ -221,18 +247,24 @@ impl Config {
                 .service_types
                 .contains_key(&self.server.default_service_type)
         {
-            return bad(format!(
-                "server.default_service_type {:?} is not a configured service type",
-                self.server.default_service_type
-            ));
+            bad(
+                top("server").key("default_service_type"),
+                format!(
+                    "{:?} is not a configured service type",
+                    self.server.default_service_type
+                ),
+            );
         }
         if !(self.database.url.starts_with("sqlite://")
             || self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
-            return bad("database.url must start with sqlite:// or postgres://".into());
+            bad(
+                top("database").key("url"),
+                "must start with sqlite:// or postgres://".into(),
+            );
         }
-        Ok(())
+        out
     }
 
     /// What is valid but probably not meant: models named in alias chains or providers' model
@@ -265,26 +297,31 @@ impl Config {
             .collect()
     }
 
-    fn check_model_ref(&self, key: &str, entry: &str) -> Result<(), ConfigError> {
+    /// Why `entry` does not name a configured `provider/model`, if it does not.
+    fn check_model_ref(&self, entry: &str) -> Result<(), String> {
         match entry.split_once('/') {
             Some((provider, model)) if !model.is_empty() => {
                 let Some(p) = self.providers.get(provider) else {
-                    return Err(ConfigError::Invalid(format!(
-                        "{key}: {entry:?} names provider {provider:?}, which is not configured"
-                    )));
+                    let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+                    let hint = did_you_mean(provider, &known)
+                        .map(|near| format!("; did you mean `{near}`?"))
+                        .unwrap_or_default();
+                    return Err(format!(
+                        "{entry:?} names provider {provider:?}, which is not configured{hint}"
+                    ));
                 };
                 if let Some(models) = &p.models {
                     if !models.iter().any(|m| m == model) {
-                        return Err(ConfigError::Invalid(format!(
-                            "{key}: {entry:?} is not in providers.{provider}.models"
-                        )));
+                        return Err(format!("{entry:?} is not in providers.{provider}.models"));
                     }
                 }
                 Ok(())
             }
-            _ => Err(ConfigError::Invalid(format!(
-                "{key}: {entry:?} is not of the form provider/model"
-            ))),
+            // Chains hold concrete models only, so aliases cannot form cycles.
+            _ if self.aliases.contains_key(entry) => Err(format!(
+                "{entry:?} is an alias; a chain lists provider/model entries, not aliases"
+            )),
+            _ => Err(format!("{entry:?} is not of the form provider/model")),
         }
     }
 
@@ -298,9 +335,11 @@ impl Config {
 }
 
 /// Replaces `${VAR}` with the environment's value. Comment lines are left alone so that
-/// commented-out examples do not demand variables.
-fn interpolate(text: &str) -> Result<String, ConfigError> {
+/// commented-out examples do not demand variables. A variable that is not set is left as
+/// written and returned with its line, so that the rest of the file can still be checked.
+pub(super) fn interpolate(text: &str) -> (String, Vec<(usize, String)>) {
     let mut out = String::with_capacity(text.len());
+    let mut missing = Vec::new();
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {
             out.push_str(line);
@@ -316,34 +355,28 @@ fn interpolate(text: &str) -> Result<String, ConfigError> {
                 break;
             };
             let var = &after[..end];
-            let value = std::env::var(var).map_err(|_| ConfigError::MissingEnv {
-                line: i + 1,
-                var: var.to_string(),
-            })?;
-            // Escape so that a value can never break out of its TOML string.
-            for c in value.chars() {
-                match c {
-                    '"' => out.push_str("\\\""),
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
+            match std::env::var(var) {
+                // Escaped so that a value can never break out of its TOML string, nor add a
+                // line (lines of the interpolated text are the file's lines).
+                Ok(value) => {
+                    for c in value.chars() {
+                        match c {
+                            '"' => out.push_str("\\\""),
+                            '\\' => out.push_str("\\\\"),
+                            '\n' => out.push_str("\\n"),
+                            '\r' => out.push_str("\\r"),
+                            c => out.push(c),
+                        }
+                    }
+                }
+                Err(_) => {
+                    out.push_str(&rest[start..start + 2 + end + 1]);
+                    missing.push((i + 1, var.to_string()));
                 }
             }
             rest = &after[end + 1..];
         }
         out.push_str(rest);
     }
-    Ok(out)
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let line = e.span().map(|s| line_of(text, s.start));
-    match line {
-        Some(line) => format!("line {line}: {}", e.message().trim()),
-        None => e.message().trim().to_string(),
-    }
+    (out, missing)
 }

@@ -6,12 +6,14 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+mod check;
 mod load;
 pub mod period;
 mod providers;
 #[cfg(test)]
 mod tests;
 
+pub use check::{ConfigProblem, KeyPath, KeySegment};
 pub use load::Overrides;
 pub use period::{Period, PeriodError};
 pub use providers::{
@@ -36,6 +38,14 @@ pub enum ConfigError {
     /// The file parses but says something inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// Everything wrong with a file, each naming its line and dotted key (one per line).
+    #[error("{}", problems_text(.0))]
+    Problems(Vec<ConfigProblem>),
+}
+
+fn problems_text(problems: &[ConfigProblem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n")
 }
 
 /// The whole configuration file.

@@ -1,4 +1,4 @@
-//! The Anthropic Messages API (DESIGN.md section 5): `POST {base_url}/v1/messages` with the
+//! The Anthropic Messages API (docs/architecture.md, Providers): `POST {base_url}/v1/messages` with the
 //! pool key in `x-api-key`, `anthropic-version` and the configured `anthropic-beta`. The
 //! translation itself lives in `crate::api::anthropic`.
 

@@ -1,5 +1,5 @@
-//! The `anthropic` provider kind: tollgate speaks the Anthropic Messages API upstream (DESIGN.md
-//! section 5) to a fake of it ([`common::anthropic_upstream`]) that speaks the real wire and
+//! The `anthropic` provider kind: tollgate speaks the Anthropic Messages API upstream (docs/architecture.md,
+//! Providers) to a fake of it ([`common::anthropic_upstream`]) that speaks the real wire and
 //! refuses what the real API refuses.
 //!
 //! The first two tests check the fake itself (against the official `anthropic` Python SDK and

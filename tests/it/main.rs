@@ -13,6 +13,7 @@ mod budgets;
 mod chat;
 mod cli;
 mod contract;
+mod docs;
 mod embeddings;
 mod faults;
 mod key_pools;

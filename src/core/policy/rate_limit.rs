@@ -1,5 +1,5 @@
 //! Requests-per-minute and tokens-per-minute limits, per user and per API key, kept in memory
-//! on each replica (DESIGN.md section 6: rate-limit windows are per replica).
+//! on each replica (docs/budgets.md, Rate limits: the windows are per replica).
 //!
 //! Each limit is a token bucket holding at most one minute's allowance and refilling at
 //! `limit / 60 s`: a burst of the whole minute's allowance passes, then requests are admitted at
