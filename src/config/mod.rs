@@ -9,6 +9,7 @@ use serde::Deserialize;
 mod load;
 pub mod period;
 mod providers;
+mod rate_limits;
 #[cfg(test)]
 mod tests;
 
@@ -16,6 +17,9 @@ pub use load::Overrides;
 pub use period::{Period, PeriodError};
 pub use providers::{
     AnthropicConfig, HttpUpstreamConfig, MockConfig, ProviderConfig, ProviderKind, ProviderSettings,
+};
+pub use rate_limits::{
+    OnRedisError, RateLimitBackendConfig, RateLimitsConfig, RedisRateLimitConfig,
 };
 
 /// Why a configuration could not be loaded.
@@ -64,6 +68,9 @@ pub struct Config {
     pub pricing_policy: PricingPolicyConfig,
     #[serde(default)]
     pub budgets: BudgetsConfig,
+    /// `[rate_limits]`: where RPM/TPM windows are counted (per process, or a shared Redis).
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
 }
 
 /// `[pricing_policy]`: what a model without a price costs, and how much output a request

@@ -17,5 +17,6 @@ mod faults;
 mod key_pools;
 mod messages;
 mod operator;
+mod redis_limits;
 mod responses;
 mod routing;
