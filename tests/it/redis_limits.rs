@@ -230,6 +230,112 @@ async fn rpm_and_tpm_hold_across_three_replicas() {
     exact_across_replicas(3, &format!("rpm = 10, tpm = {tpm}")).await;
 }
 
+/// TPM is reserve-then-settle in Redis too: admission takes the estimate (prompt + `max_tokens`),
+/// settlement gives back what the request did not use. The bucket is one key per scope and
+/// window, named `PREFIX:rl:v1:user:ID:tok`, with an expiry: once full again it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_settle_in_redis_and_idle_keys_expire() {
+    let Some(url) = shared_redis() else { return };
+    let db = TestDb::sqlite();
+    let prefix = prefix();
+    let rate_limits = format!(
+        "backend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n\
+         redis_timeout_ms = 2000\non_redis_error = \"fail_closed\""
+    );
+    let config = replica_config(&db.url, "tpm = 1000", &rate_limits);
+    let p = start_replicas(1, &config, db.dir().unwrap())
+        .await
+        .remove(0);
+    let client = http_client();
+
+    // The mock `mock/echo` answers 8 tokens; the request reserves 500 of output.
+    let mut b = chat_body("mock/echo", "settle");
+    b["max_tokens"] = json!(500);
+    let reserved = tollgate::api::openai_chat::parse_request(b.to_string().as_bytes())
+        .unwrap()
+        .estimate_prompt_tokens()
+        + 500;
+    let resp = chat(&client, &p, &b).await;
+    assert_eq!(resp.status(), 200);
+    let remaining: u64 = resp.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        remaining,
+        1000 - reserved,
+        "admission takes the whole estimate"
+    );
+    let usage: Value = resp.json().await.unwrap();
+    let used = usage["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used < reserved);
+
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test Redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one bucket (the user's TPM): {keys:?}");
+    let key = keys[0].clone();
+    let rest = key
+        .strip_prefix(&format!("{prefix}:rl:v1:user:"))
+        .and_then(|r| r.strip_suffix(":tok"))
+        .unwrap_or_else(|| panic!("versioned key name: {key}"));
+    assert!(rest.parse::<i64>().is_ok(), "the user id: {key}");
+
+    // Settled: the level comes back to about the limit less what was used (refill adds about
+    // 17 tokens a second, far less than the 400-odd given back).
+    let what = "the unused estimate to come back to the bucket";
+    let level = eventually(DEADLINE, what, || {
+        let mut redis = redis.clone();
+        let key = key.clone();
+        async move {
+            let v: Option<f64> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("v")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            v.filter(|v| *v >= (1000 - used) as f64 - 1.0)
+        }
+    })
+    .await;
+    assert!(level < 1000.0, "not more than the limit: {level}");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        (1..=61_000).contains(&pttl),
+        "the key expires when its bucket is full again (+1 s): {pttl} ms"
+    );
+    // Idle: the bucket refills in a few seconds and its key is gone.
+    eventually(
+        Duration::from_secs(15),
+        "the idle bucket's key to expire",
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move {
+                let n: i64 = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                (n == 0).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Redis outage
 

@@ -319,3 +319,42 @@ mod tests {
         assert_eq!(reset_string(3_723_000), "1h2m3s");
     }
 }
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use crate::core::policy::budget::ScopeKind;
+
+    /// Threads racing on one user (and each on a key of its own, in other shards) admit
+    /// exactly the user's minute: the shards of a request are locked together.
+    #[test]
+    fn racing_threads_admit_exactly_the_limit() {
+        let rl = std::sync::Arc::new(RateLimiter::default());
+        let user = (
+            (ScopeKind::User, 7),
+            Limits {
+                rpm: Some(50),
+                tpm: None,
+            },
+        );
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let rl = rl.clone();
+                std::thread::spawn(move || {
+                    let key = (
+                        (ScopeKind::Key, 100 + t),
+                        Limits {
+                            rpm: Some(1000),
+                            tpm: None,
+                        },
+                    );
+                    (0..100)
+                        .filter(|_| rl.admit(1_000, &[user, key], 0).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(admitted, 50);
+    }
+}
