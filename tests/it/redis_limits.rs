@@ -450,7 +450,7 @@ async fn redis_outage_fail_closed_and_fail_open_then_recovery() {
     let mode = |on: &str| {
         format!(
             "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"{}\"\n\
-             redis_timeout_ms = 300\non_redis_error = \"{on}\"",
+             redis_timeout_ms = 1000\non_redis_error = \"{on}\"",
             redis.url(),
             prefix()
         )
