@@ -15,7 +15,7 @@ import statistics
 import sys
 
 PCTS = [("p50", "p50_us"), ("p90", "p90_us"), ("p99", "p99_us"), ("p99.9", "p999_us")]
-ORDER = ["direct", "bare", "tg-min", "tg-full"]
+ORDER = ["direct", "bare", "tg-min", "tg-full", "tg-redis"]
 
 
 def load(path):

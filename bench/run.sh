@@ -40,7 +40,8 @@ DIRECT_ONLY="${DIRECT_ONLY:-0}"       # 1: no tollgate, measure the mock path on
 BIN_DIR="${BIN_DIR:-$ROOT/target/release}"
 TOLLGATE_BIN="${TOLLGATE_BIN:-$BIN_DIR/tollgate}"
 EXTRA_CONFIG="${EXTRA_CONFIG:-}"      # TOML text appended to every generated config
-PROFILES="${PROFILES:-min full}"      # tollgate configurations: min, full (see README)
+PROFILES="${PROFILES:-min full}"      # tollgate configurations: min, full, redis (see README)
+BENCH_REDIS_URL="${BENCH_REDIS_URL:-redis://127.0.0.1:6379}"  # the "redis" profile's Redis
 DB="${DB:-sqlite}"                    # sqlite | postgres
 BENCH_PG_URL="${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # Pinning: the servers under test on one core, the mock and the load generator
@@ -320,10 +321,22 @@ database_url() {
 # profile_config PROFILE: the TOML that makes a profile. "min": key auth and the
 # ledger. "full": also pricing, a dollar budget every request reserves and
 # settles, and RPM/TPM limits every request is counted against (all far above
-# what the run uses, so none refuses).
+# what the run uses, so none refuses). "redis": "full" with its RPM/TPM windows in
+# Redis (BENCH_REDIS_URL; fail_closed, so a failing Redis shows as errors, not as
+# requests admitted unchecked); run it beside "full" to read the Redis check's cost.
 profile_config() {
   case "$1" in
     min) ;;
+    redis)
+      profile_config full
+      cat <<EOF
+[rate_limits]
+backend = "redis"
+redis_url = "$BENCH_REDIS_URL"
+key_prefix = "tollgate-bench-$$"
+on_redis_error = "fail_closed"
+EOF
+      ;;
     full)
       cat <<EOF
 [pricing."up/gpt-bench"]
@@ -341,7 +354,7 @@ EOF
         printf '[budgets]\nlease_fraction = %s\n' "$LEASE_FRACTION"
       fi
       ;;
-    *) die "unknown profile $1 (min or full)" ;;
+    *) die "unknown profile $1 (min, full or redis)" ;;
   esac
 }
 
@@ -404,9 +417,9 @@ if [[ "$DIRECT_ONLY" != 1 ]]; then
         -H 'Authorization: Bearer tg-bench-key' -H 'Content-Type: application/json' \
         --data-binary "@$body" "${URL_OF[$t]}/v1/chat/completions" || true)"
       [[ "$code" == 200 ]] || { head -c 500 "$TMP/probe.out" >&2; echo >&2; die "probe ($mode) via $t answered $code"; }
-      if [[ "$t" == tg-full && "$mode" == plain ]]; then
-        grep -qi '^x-budget-remaining-usd' "$TMP/probe.h" || die "tg-full sent no budget headers: its budget is not on"
-        grep -qi '^x-ratelimit-remaining-requests' "$TMP/probe.h" || die "tg-full sent no rate-limit headers: its limits are not on"
+      if [[ ( "$t" == tg-full || "$t" == tg-redis ) && "$mode" == plain ]]; then
+        grep -qi '^x-budget-remaining-usd' "$TMP/probe.h" || die "$t sent no budget headers: its budget is not on"
+        grep -qi '^x-ratelimit-remaining-requests' "$TMP/probe.h" || die "$t sent no rate-limit headers: its limits are not on"
       fi
     done
     [[ "$t" == tg-* ]] && printf '{"phase":"rss","target":"%s","at":"idle","kb":%s}\n' "$t" "$(rss_kb "${PID_OF[$t]}")" >>"$RAW"

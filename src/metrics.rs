@@ -186,6 +186,9 @@ pub struct Metrics {
     /// Budget writes to the store (reservations, lease grants and renewals, settlement
     /// batches, expiry releases): with leases, far fewer than requests.
     pub budget_store_writes: Family<BudgetWriteLabels, Counter>,
+    /// Requests admitted without a rate-limit check because the rate-limit Redis failed
+    /// (`on_redis_error = "fail_open"`).
+    pub rate_limit_fail_open: Counter,
 }
 
 /// Labels of `tollgate_budget_store_writes_total`.
@@ -262,6 +265,7 @@ impl Metrics {
             signups: Family::default(),
             authorize: Family::default(),
             budget_store_writes: Family::default(),
+            rate_limit_fail_open: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -383,6 +387,11 @@ impl Metrics {
             "budget_store_writes",
             "Budget writes to the store by kind: reserve, lease, settle, fix, release",
             m.budget_store_writes.clone(),
+        );
+        registry.register(
+            "rate_limit_fail_open",
+            "Requests admitted without a rate-limit check because the rate-limit Redis failed (on_redis_error = fail_open)",
+            m.rate_limit_fail_open.clone(),
         );
         // Both results exist from the start, so that a failure rate can be computed at once.
         for result in ["success", "failure"] {

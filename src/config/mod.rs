@@ -10,6 +10,7 @@ mod check;
 mod load;
 pub mod period;
 mod providers;
+mod rate_limits;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +19,9 @@ pub use load::Overrides;
 pub use period::{Period, PeriodError};
 pub use providers::{
     AnthropicConfig, HttpUpstreamConfig, MockConfig, ProviderConfig, ProviderKind, ProviderSettings,
+};
+pub use rate_limits::{
+    OnRedisError, RateLimitBackendConfig, RateLimitsConfig, RedisRateLimitConfig,
 };
 
 /// Why a configuration could not be loaded.
@@ -74,6 +78,9 @@ pub struct Config {
     pub pricing_policy: PricingPolicyConfig,
     #[serde(default)]
     pub budgets: BudgetsConfig,
+    /// `[rate_limits]`: where RPM/TPM windows are counted (per process, or a shared Redis).
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
 }

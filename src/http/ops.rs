@@ -16,12 +16,27 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The store answers and a configuration is loaded.
+/// The store answers and a configuration is loaded; with `[rate_limits] backend = "redis"`,
+/// the body also says whether Redis answers, and a replica that fails closed is not ready
+/// while it does not (one that fails open still serves, so it stays ready).
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.ready().await {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "store unreachable").into_response()
+    let (store, redis) = tokio::join!(gw.ready(), gw.redis_ready());
+    if !store {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store unreachable").into_response();
+    }
+    match redis {
+        None => (StatusCode::OK, "ready").into_response(),
+        Some((true, _)) => (StatusCode::OK, "ready\nredis: ok").into_response(),
+        Some((false, false)) => (
+            StatusCode::OK,
+            "ready\nredis: unreachable (fail_open: requests are admitted without rate limits)",
+        )
+            .into_response(),
+        Some((false, true)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis unreachable (fail_closed: rate-limited requests are refused)",
+        )
+            .into_response(),
     }
 }
 

@@ -20,6 +20,7 @@ mod key_pools;
 mod messages;
 mod openapi;
 mod operator;
+mod redis_limits;
 mod responses;
 mod routing;
 mod tracing;

@@ -138,6 +138,8 @@ impl Gateway {
             parts.deps.clock.clone(),
             &runtime.config.budgets,
             parts.metrics.budget_store_writes.clone(),
+            &runtime.config.rate_limits,
+            parts.metrics.rate_limit_fail_open.clone(),
         );
         let auth = Arc::new(Authenticator::new(parts.store.clone(), ttl));
         let provisioner = Arc::new(Provisioner::new(parts.store.clone(), identity_ttl));
@@ -210,6 +212,9 @@ impl Gateway {
         {
             tracing::warn!("listen addresses and the database URL change only on restart");
         }
+        if config.rate_limits != old.config.rate_limits {
+            tracing::warn!("[rate_limits] (the backend and its Redis) changes only on restart");
+        }
         self.admin
             .sync_static_keys(&config.auth.static_keys)
             .await
@@ -270,6 +275,13 @@ impl Gateway {
         tokio::time::timeout(Duration::from_secs(2), self.store.ping())
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Readiness of the rate-limit Redis: `None` without one (`backend = "local"`), else
+    /// whether it answers a PING and whether this replica refuses requests while it does not.
+    pub async fn redis_ready(&self) -> Option<(bool, bool)> {
+        let limiter = self.recorder.budgets.rate_limiter();
+        Some((limiter.redis_ready().await?, limiter.fails_closed()))
     }
 
     /// Every provider's health and upstream keys (masked), by name.

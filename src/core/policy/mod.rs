@@ -20,14 +20,14 @@ pub use budget::{
 };
 
 use self::budget::{Applied, CachedBudget, Knobs, LeasedPart, Leases, Reservation, Settler};
-use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimiter};
+use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimitBackend, RateRefusal};
 use super::gateway::Principal;
 use super::pricing::{OutputCap, Pricing, Unpriced};
 use super::ttl_cache::TtlCache;
 use super::{Reason, Rejection};
 use crate::api::{ChatRequest, EmbeddingsRequest};
 use crate::clock::Clock;
-use crate::config::{BudgetsConfig, ServiceTypeConfig};
+use crate::config::{BudgetsConfig, RateLimitsConfig, ServiceTypeConfig};
 use crate::error::PolicyHeaders;
 use crate::metrics::BudgetWriteLabels;
 use crate::routing::Route;
@@ -41,7 +41,7 @@ pub struct Budgets {
     clock: Clock,
     settler: Settler,
     cache: TtlCache<ScopeKey, ScopePolicy>,
-    limiter: RateLimiter,
+    limiter: RateLimitBackend,
     leases: Leases,
     writes: WriteCounter,
 }
@@ -153,12 +153,15 @@ impl Scopes {
 }
 
 impl Budgets {
-    /// Starts the settlement writer and the expiry sweep.
+    /// Starts the settlement writer and the expiry sweep, over the rate-limit backend
+    /// `rate_limits` names (`fail_open` counts requests it admits unchecked).
     pub fn start(
         store: Store,
         clock: Clock,
         config: &BudgetsConfig,
         writes: Family<BudgetWriteLabels, Counter>,
+        rate_limits: &RateLimitsConfig,
+        fail_open: Counter,
     ) -> Arc<Budgets> {
         let writes = WriteCounter(writes);
         let settler = Settler::start(store.clone(), clock.clone(), config, writes.clone());
@@ -167,7 +170,7 @@ impl Budgets {
             clock: clock.clone(),
             settler,
             cache: TtlCache::new(clock.clone()),
-            limiter: RateLimiter::default(),
+            limiter: RateLimitBackend::from_config(rate_limits, fail_open),
             leases: Leases::default(),
             writes,
         });
@@ -206,7 +209,9 @@ impl Budgets {
                 headers: Vec::new(),
             });
         }
-        let (rate, mut headers) = self.take_rate(now, &rate_scopes, a.demand.rate_tokens())?;
+        let (rate, mut headers) = self
+            .take_rate(now, &rate_scopes, a.demand.rate_tokens())
+            .await?;
         match self.reserve_max_cost(&a, applied).await {
             Ok((reservation, leased, budget_headers)) => {
                 headers.extend(budget_headers);
@@ -227,7 +232,7 @@ impl Budgets {
     }
 
     /// Takes the request from the rate-limit windows of its scopes (none: nothing to take).
-    fn take_rate(
+    async fn take_rate(
         &self,
         now: i64,
         scopes: &[(ScopeKey, Limits)],
@@ -236,9 +241,13 @@ impl Budgets {
         if scopes.is_empty() {
             return Ok((None, Vec::new()));
         }
-        match self.limiter.admit(now, scopes, tokens) {
-            Ok((charge, headers)) => Ok((Some(charge), headers)),
-            Err(d) => Err(rate_limited(d)),
+        match self.limiter.admit(now, scopes, tokens).await {
+            Ok(admitted) => Ok(admitted),
+            Err(RateRefusal::Limited(d)) => Err(rate_limited(d)),
+            Err(RateRefusal::Unavailable) => Err(Rejection::new(
+                Reason::PolicyUnavailable,
+                "the rate-limit store could not be reached; try again shortly",
+            )),
         }
     }
 
@@ -298,6 +307,11 @@ impl Budgets {
         };
         self.cache.insert(key, policy.clone(), ttl_ms);
         Ok(policy)
+    }
+
+    /// Where this process counts rate-limit windows.
+    pub fn rate_limiter(&self) -> &RateLimitBackend {
+        &self.limiter
     }
 
     /// Forgets cached settings of a scope (after an admin change here), and retires this

@@ -1,31 +1,21 @@
-//! Requests-per-minute and tokens-per-minute limits, per user and per API key, kept in memory
-//! on each replica (docs/budgets.md, Rate limits: the windows are per replica).
-//!
-//! Each limit is a token bucket holding at most one minute's allowance and refilling at
-//! `limit / 60 s`: a burst of the whole minute's allowance passes, then requests are admitted at
-//! the steady rate. A request takes one request and its estimated tokens (prompt estimate plus
-//! `max_tokens`) from every bucket that applies to it, all or none; when it ends, the estimate
-//! is corrected to the tokens actually used (a bucket may go into debt).
+//! The local backend: the buckets of every scope seen, in this process's memory (each replica
+//! counts on its own). The map is split into shards by scope, each under its own mutex, so
+//! requests of different users do not wait on one lock; a request locks the shards of its
+//! scopes (at most two) in index order, so its check-and-take stays all or none.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::budget::ScopeKey;
+use super::{report, Limits, RateCharge, RateDenial, ScopeView, WindowView};
+use crate::core::policy::budget::ScopeKey;
 
-/// One scope's limits (per minute).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub rpm: Option<u64>,
-    pub tpm: Option<u64>,
-}
+/// Shards of the map: a power of two well above the cores of a typical node.
+const SHARDS: usize = 64;
 
-impl Limits {
-    /// Whether any limit is set.
-    pub fn any(&self) -> bool {
-        self.rpm.is_some() || self.tpm.is_some()
-    }
-}
+/// A shard forgets its full buckets when it holds more scopes than this.
+const SHARD_PRUNE_AT: usize = 100_000 / SHARDS;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -65,78 +55,95 @@ impl Bucket {
         }
     }
 
-    /// Milliseconds until the bucket is full again.
-    fn reset_ms(&self) -> i64 {
-        self.wait_ms(self.limit)
+    fn view(&self) -> WindowView {
+        WindowView {
+            limit: self.limit as u64,
+            level: self.level,
+            reset_ms: self.wait_ms(self.limit),
+        }
     }
 
-    fn remaining(&self) -> u64 {
-        self.level.max(0.0).floor() as u64
+    /// Whether the bucket is full by `now` (then it is the same as no bucket).
+    fn full_at(&self, now: i64) -> bool {
+        self.level + (now - self.at_ms) as f64 * self.limit / 60_000.0 >= self.limit
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct ScopeBuckets {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
 }
 
-/// What one request took, to be corrected when it ends (or given back if it is refused later).
-#[derive(Debug, Clone)]
-pub struct RateCharge {
-    pub scopes: Vec<(ScopeKey, Limits)>,
-    pub tokens: u64,
-}
-
-/// Why a request was not admitted.
-#[derive(Debug, Clone)]
-pub struct RateDenial {
-    /// "requests" or "tokens".
-    pub what: &'static str,
-    pub limit: u64,
-    pub retry_after: Duration,
-    pub headers: Vec<(&'static str, String)>,
-}
-
-/// The per-replica windows of every scope seen.
-#[derive(Default)]
-pub struct RateLimiter {
-    buckets: Mutex<HashMap<ScopeKey, ScopeBuckets>>,
-}
-
-/// Header names, as OpenAI sends them.
-pub mod headers {
-    pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
-    pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
-    pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
-    pub const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
-    pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
-    pub const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
-}
-
-/// A duration the way OpenAI's reset headers write it: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
-pub fn reset_string(ms: i64) -> String {
-    let ms = ms.max(0);
-    if ms < 1000 {
-        return format!("{ms}ms");
+impl ScopeBuckets {
+    fn view(&self) -> ScopeView {
+        ScopeView {
+            requests: self.requests.map(|b| b.view()),
+            tokens: self.tokens.map(|b| b.view()),
+        }
     }
-    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
-    let (m, rest) = (rest / 60_000, rest % 60_000);
-    let (s, milli) = (rest / 1000, rest % 1000);
-    let secs = if milli == 0 {
-        format!("{s}s")
-    } else {
-        let frac = format!("{milli:03}");
-        format!("{s}.{}s", frac.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
+}
+
+type Shard = HashMap<ScopeKey, ScopeBuckets>;
+
+/// The per-process windows of every scope seen.
+pub struct RateLimiter {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        RateLimiter {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+/// The locked shards of one request's scopes.
+struct Locked<'a> {
+    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+}
+
+impl Locked<'_> {
+    fn entry(&mut self, shard: usize, key: ScopeKey) -> &mut ScopeBuckets {
+        let map = self
+            .guards
+            .iter_mut()
+            .find(|(i, _)| *i == shard)
+            .map(|(_, g)| &mut **g)
+            .expect("the shard of every scope is locked");
+        map.entry(key).or_default()
     }
 }
 
 impl RateLimiter {
+    fn shard_of(&self, key: &ScopeKey) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    /// Locks the shards of `scopes` in index order (never two requests in opposite orders).
+    fn lock(&self, scopes: &[(ScopeKey, Limits)], now: i64) -> (Locked<'_>, Vec<usize>) {
+        let of: Vec<usize> = scopes.iter().map(|(k, _)| self.shard_of(k)).collect();
+        let mut order = of.clone();
+        order.sort_unstable();
+        order.dedup();
+        let guards = order
+            .into_iter()
+            .map(|i| {
+                let mut g = self.shards[i].lock().unwrap_or_else(|p| p.into_inner());
+                if g.len() > SHARD_PRUNE_AT {
+                    // Full buckets are the same as no bucket: forget them.
+                    let full = |x: &Option<Bucket>| x.is_none_or(|b| b.full_at(now));
+                    g.retain(|_, b| !(full(&b.requests) && full(&b.tokens)));
+                }
+                (i, g)
+            })
+            .collect();
+        (Locked { guards }, of)
+    }
+
     /// Admits a request carrying `tokens` estimated tokens against every scope's limits, or
     /// refuses it with the wait until it would fit. Scopes without limits are ignored.
     pub fn admit(
@@ -145,76 +152,57 @@ impl RateLimiter {
         scopes: &[(ScopeKey, Limits)],
         tokens: u64,
     ) -> Result<(RateCharge, crate::error::PolicyHeaders), RateDenial> {
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            // Full buckets are the same as no bucket: forget them.
-            map.retain(|_, b| {
-                let full = |x: &Option<Bucket>| {
-                    x.is_none_or(|b| {
-                        b.level + (now - b.at_ms) as f64 * b.limit / 60_000.0 >= b.limit
-                    })
-                };
-                !(full(&b.requests) && full(&b.tokens))
-            });
-        }
+        let (mut locked, shard_of) = self.lock(scopes, now);
         // First look, then take: all or nothing.
         let mut denial: Option<RateDenial> = None;
-        for (key, limits) in scopes {
-            let entry = map.entry(*key).or_default();
+        let mut views = Vec::with_capacity(scopes.len());
+        for ((key, limits), shard) in scopes.iter().zip(&shard_of) {
+            let entry = locked.entry(*shard, *key);
             sync(&mut entry.requests, limits.rpm, now);
             sync(&mut entry.tokens, limits.tpm, now);
-            if let (Some(b), Some(limit)) = (&entry.requests, limits.rpm) {
-                let wait = b.wait_ms(1.0);
+            let mut consider = |what: &'static str, limit: u64, wait: i64| {
                 if wait > 0
                     && denial
                         .as_ref()
                         .is_none_or(|d| d.retry_after.as_millis() < wait as u128)
                 {
                     denial = Some(RateDenial {
-                        what: "requests",
+                        what,
                         limit,
                         retry_after: Duration::from_millis(wait as u64),
                         headers: Vec::new(),
                     });
                 }
+            };
+            if let (Some(b), Some(limit)) = (&entry.requests, limits.rpm) {
+                consider("requests", limit, b.wait_ms(1.0));
             }
             if let (Some(b), Some(limit)) = (&entry.tokens, limits.tpm) {
-                let need = (tokens as f64).min(b.limit);
-                let wait = b.wait_ms(need);
-                if wait > 0
-                    && denial
-                        .as_ref()
-                        .is_none_or(|d| d.retry_after.as_millis() < wait as u128)
-                {
-                    denial = Some(RateDenial {
-                        what: "tokens",
-                        limit,
-                        retry_after: Duration::from_millis(wait as u64),
-                        headers: Vec::new(),
-                    });
-                }
+                consider("tokens", limit, b.wait_ms((tokens as f64).min(b.limit)));
             }
+            views.push(entry.view());
         }
         if let Some(mut d) = denial {
-            d.headers = report(&map, scopes);
+            d.headers = report(&views);
             return Err(d);
         }
-        for (key, _) in scopes {
-            let entry = map.entry(*key).or_default();
+        views.clear();
+        for ((key, _), shard) in scopes.iter().zip(&shard_of) {
+            let entry = locked.entry(*shard, *key);
             if let Some(b) = entry.requests.as_mut() {
                 b.level -= 1.0;
             }
             if let Some(b) = entry.tokens.as_mut() {
                 b.level -= tokens as f64;
             }
+            views.push(entry.view());
         }
-        let headers = report(&map, scopes);
         Ok((
             RateCharge {
                 scopes: scopes.to_vec(),
                 tokens,
             },
-            headers,
+            report(&views),
         ))
     }
 
@@ -229,9 +217,9 @@ impl RateLimiter {
     }
 
     fn apply(&self, now: i64, charge: &RateCharge, requests: f64, tokens: f64) {
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, limits) in &charge.scopes {
-            let entry = map.entry(*key).or_default();
+        let (mut locked, shard_of) = self.lock(&charge.scopes, now);
+        for ((key, limits), shard) in charge.scopes.iter().zip(&shard_of) {
+            let entry = locked.entry(*shard, *key);
             sync(&mut entry.requests, limits.rpm, now);
             sync(&mut entry.tokens, limits.tpm, now);
             if let Some(b) = entry.requests.as_mut() {
@@ -252,49 +240,11 @@ fn sync(bucket: &mut Option<Bucket>, limit: Option<u64>, now: i64) {
     }
 }
 
-/// The headers of the tightest scope, for requests and for tokens separately.
-fn report(
-    map: &HashMap<ScopeKey, ScopeBuckets>,
-    scopes: &[(ScopeKey, Limits)],
-) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    type Pick = fn(&ScopeBuckets) -> Option<&Bucket>;
-    let kinds: [(Pick, [&'static str; 3]); 2] = [
-        (
-            |s| s.requests.as_ref(),
-            [
-                headers::LIMIT_REQUESTS,
-                headers::REMAINING_REQUESTS,
-                headers::RESET_REQUESTS,
-            ],
-        ),
-        (
-            |s| s.tokens.as_ref(),
-            [
-                headers::LIMIT_TOKENS,
-                headers::REMAINING_TOKENS,
-                headers::RESET_TOKENS,
-            ],
-        ),
-    ];
-    for (pick, names) in kinds {
-        let tightest = scopes
-            .iter()
-            .filter_map(|(k, _)| map.get(k).and_then(pick))
-            .min_by(|a, b| a.level.total_cmp(&b.level));
-        if let Some(b) = tightest {
-            out.push((names[0], (b.limit as u64).to_string()));
-            out.push((names[1], b.remaining().to_string()));
-            out.push((names[2], reset_string(b.reset_ms())));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::budget::ScopeKind;
+    use super::super::{headers, reset_string};
     use super::*;
+    use crate::core::policy::budget::ScopeKind;
 
     fn header<'a>(h: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
         h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
@@ -367,5 +317,44 @@ mod tests {
         assert_eq!(reset_string(1500), "1.5s");
         assert_eq!(reset_string(360_000), "6m0s");
         assert_eq!(reset_string(3_723_000), "1h2m3s");
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use crate::core::policy::budget::ScopeKind;
+
+    /// Threads racing on one user (and each on a key of its own, in other shards) admit
+    /// exactly the user's minute: the shards of a request are locked together.
+    #[test]
+    fn racing_threads_admit_exactly_the_limit() {
+        let rl = std::sync::Arc::new(RateLimiter::default());
+        let user = (
+            (ScopeKind::User, 7),
+            Limits {
+                rpm: Some(50),
+                tpm: None,
+            },
+        );
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let rl = rl.clone();
+                std::thread::spawn(move || {
+                    let key = (
+                        (ScopeKind::Key, 100 + t),
+                        Limits {
+                            rpm: Some(1000),
+                            tpm: None,
+                        },
+                    );
+                    (0..100)
+                        .filter(|_| rl.admit(1_000, &[user, key], 0).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(admitted, 50);
     }
 }

@@ -1,0 +1,221 @@
+//! Requests-per-minute and tokens-per-minute limits, per user and per API key.
+//!
+//! Each limit is a token bucket holding at most one minute's allowance and refilling at
+//! `limit / 60 s`: a burst of the whole minute's allowance passes, then requests are admitted at
+//! the steady rate. A request takes one request and its estimated tokens (prompt estimate plus
+//! `max_tokens`) from every bucket that applies to it, all or none; when it ends, the estimate
+//! is corrected to the tokens actually used (a bucket may go into debt).
+//!
+//! Two backends keep the buckets with the same arithmetic (`[rate_limits] backend`, DESIGN.md
+//! section 6): [`local`] in this process's memory, [`redis`] in one Redis shared by every
+//! replica.
+
+pub mod local;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+
+use super::budget::ScopeKey;
+use crate::config::{RateLimitBackendConfig, RateLimitsConfig};
+use crate::error::PolicyHeaders;
+
+pub use self::local::RateLimiter;
+pub use self::redis::RedisLimiter;
+
+/// One scope's limits (per minute).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+}
+
+impl Limits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.rpm.is_some() || self.tpm.is_some()
+    }
+}
+
+/// What one request took, to be corrected when it ends (or given back if it is refused later).
+#[derive(Debug, Clone)]
+pub struct RateCharge {
+    pub scopes: Vec<(ScopeKey, Limits)>,
+    pub tokens: u64,
+}
+
+/// Why a request was not admitted by its windows.
+#[derive(Debug, Clone)]
+pub struct RateDenial {
+    /// "requests" or "tokens".
+    pub what: &'static str,
+    pub limit: u64,
+    pub retry_after: Duration,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Why a request was not admitted: over a limit, or the shared windows could not be asked
+/// (and `on_redis_error = "fail_closed"`).
+#[derive(Debug, Clone)]
+pub enum RateRefusal {
+    Limited(RateDenial),
+    Unavailable,
+}
+
+/// What admission took (`None`: nothing to settle, e.g. admitted unchecked while Redis
+/// fails) and the `x-ratelimit-*` headers.
+pub type RateAdmission = (Option<RateCharge>, PolicyHeaders);
+
+/// Header names, as OpenAI sends them.
+pub mod headers {
+    pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
+    pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
+    pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
+    pub const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
+    pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
+    pub const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
+}
+
+/// A duration the way OpenAI's reset headers write it: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
+pub fn reset_string(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let (s, milli) = (rest / 1000, rest % 1000);
+    let secs = if milli == 0 {
+        format!("{s}s")
+    } else {
+        let frac = format!("{milli:03}");
+        format!("{s}.{}s", frac.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+/// One bucket as the headers see it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WindowView {
+    pub limit: u64,
+    /// May be below zero (a bucket in debt); compared to find the tightest scope.
+    pub level: f64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: i64,
+}
+
+/// A scope's two buckets as the headers see them.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ScopeView {
+    pub requests: Option<WindowView>,
+    pub tokens: Option<WindowView>,
+}
+
+/// The headers of the tightest scope, for requests and for tokens separately.
+pub(super) fn report(views: &[ScopeView]) -> PolicyHeaders {
+    let mut out = Vec::new();
+    type Pick = fn(&ScopeView) -> Option<WindowView>;
+    let kinds: [(Pick, [&'static str; 3]); 2] = [
+        (
+            |s| s.requests,
+            [
+                headers::LIMIT_REQUESTS,
+                headers::REMAINING_REQUESTS,
+                headers::RESET_REQUESTS,
+            ],
+        ),
+        (
+            |s| s.tokens,
+            [
+                headers::LIMIT_TOKENS,
+                headers::REMAINING_TOKENS,
+                headers::RESET_TOKENS,
+            ],
+        ),
+    ];
+    for (pick, names) in kinds {
+        let tightest = views
+            .iter()
+            .filter_map(pick)
+            .min_by(|a, b| a.level.total_cmp(&b.level));
+        if let Some(b) = tightest {
+            out.push((names[0], b.limit.to_string()));
+            out.push((names[1], (b.level.max(0.0).floor() as u64).to_string()));
+            out.push((names[2], reset_string(b.reset_ms)));
+        }
+    }
+    out
+}
+
+/// Where the windows live: one per process, chosen at start (`[rate_limits] backend`).
+pub enum RateLimitBackend {
+    Local(RateLimiter),
+    Redis(Arc<RedisLimiter>),
+}
+
+impl RateLimitBackend {
+    /// The backend `config` names; `fail_open` counts requests admitted unchecked.
+    pub fn from_config(config: &RateLimitsConfig, fail_open: Counter) -> RateLimitBackend {
+        match &config.backend {
+            RateLimitBackendConfig::Local => RateLimitBackend::Local(RateLimiter::default()),
+            RateLimitBackendConfig::Redis(r) => {
+                RateLimitBackend::Redis(Arc::new(RedisLimiter::new(r, fail_open)))
+            }
+        }
+    }
+
+    /// Takes one request and `tokens` from every scope's windows, all or none. `now` is this
+    /// process's clock (the local backend); Redis reads its own.
+    pub async fn admit(
+        &self,
+        now: i64,
+        scopes: &[(ScopeKey, Limits)],
+        tokens: u64,
+    ) -> Result<RateAdmission, RateRefusal> {
+        match self {
+            RateLimitBackend::Local(l) => match l.admit(now, scopes, tokens) {
+                Ok((charge, headers)) => Ok((Some(charge), headers)),
+                Err(d) => Err(RateRefusal::Limited(d)),
+            },
+            RateLimitBackend::Redis(r) => r.admit(scopes, tokens).await,
+        }
+    }
+
+    /// Gives back what a request took (it was refused after admission, by its budget).
+    pub fn refund(&self, now: i64, charge: &RateCharge) {
+        match self {
+            RateLimitBackend::Local(l) => l.refund(now, charge),
+            RateLimitBackend::Redis(r) => r.clone().refund_later(charge.clone()),
+        }
+    }
+
+    /// Corrects the tokens taken at admission to what the request actually used.
+    pub fn settle(&self, now: i64, charge: &RateCharge, used_tokens: u64) {
+        match self {
+            RateLimitBackend::Local(l) => l.settle(now, charge, used_tokens),
+            RateLimitBackend::Redis(r) => r.clone().settle_later(charge.clone(), used_tokens),
+        }
+    }
+
+    /// Readiness: `None` for the local backend, else whether Redis answers a PING in time.
+    pub async fn redis_ready(&self) -> Option<bool> {
+        match self {
+            RateLimitBackend::Local(_) => None,
+            RateLimitBackend::Redis(r) => Some(r.ping().await),
+        }
+    }
+
+    /// Whether a Redis backend refuses requests while Redis fails (readiness reports it).
+    pub fn fails_closed(&self) -> bool {
+        match self {
+            RateLimitBackend::Local(_) => false,
+            RateLimitBackend::Redis(r) => r.fails_closed(),
+        }
+    }
+}
