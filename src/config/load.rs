@@ -126,11 +126,19 @@ impl Config {
             let ok = reqwest::Url::parse(endpoint)
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
             if !ok {
-                return bad("telemetry.otlp_endpoint must be an http:// or https:// URL".into());
+                bad(
+                    top("telemetry").key("otlp_endpoint"),
+                    "must be an http:// or https:// URL".into(),
+                );
             }
         }
-        if self.telemetry.max_queue_spans == 0 || self.telemetry.max_batch_spans == 0 {
-            return bad("telemetry.max_queue_spans and max_batch_spans must be above 0".into());
+        for (key, n) in [
+            ("max_queue_spans", self.telemetry.max_queue_spans),
+            ("max_batch_spans", self.telemetry.max_batch_spans),
+        ] {
+            if n == 0 {
+                bad(top("telemetry").key(key), "must be above 0".into());
+            }
         }
         for (name, p) in &self.providers {
             let at = top("providers").key(name);

@@ -287,6 +287,7 @@ fn admin_schemas() -> Vec<(&'static str, Value)> {
                     ("spent_usd", usd("USD as a decimal string")),
                     ("spent_micros", int()),
                     ("reserved_micros", int()),
+                    ("leased_micros", int()),
                     (
                         "remaining_usd",
                         json!({"type": ["string", "null"], "description": "USD as a decimal string"}),

@@ -132,6 +132,7 @@ fn admin_schemas_are_the_handlers_json_field_for_field() {
         reset_at: None,
         spent_micros: 0,
         reserved_micros: 0,
+        leased_micros: 0,
         remaining_micros: None,
         rpm: None,
         tpm: None,
