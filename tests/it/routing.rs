@@ -1201,9 +1201,11 @@ async fn a_stream_falls_back_when_its_first_entry_fails_before_the_first_chunk()
         let rid = new_request_id();
         let resp = s.chat(&stream_body(name, &rid), Some(&rid)).await;
         assert_eq!(resp.status(), 200, "{name}");
-        if let Some(h) = header(&resp, "x-tollgate-resolved-model") {
-            assert_eq!(h, "good/m", "{name}");
-        }
+        assert_eq!(
+            header(&resp, "x-tollgate-resolved-model").as_deref(),
+            Some("good/m"),
+            "{name}: a stream names its resolved model in the head"
+        );
         let (events, end) = SseReader::new(resp).collect().await;
         assert_eq!(end, SseEvent::End, "{name}");
         assert_eq!(
