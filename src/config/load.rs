@@ -4,6 +4,9 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// The smallest `server.max_header_bytes`: the HTTP/1 parser needs a buffer this large.
+const MIN_HEADER_BYTES: usize = 8192;
+
 use super::*;
 
 /// Overrides from flags and environment, applied after the file.
@@ -101,6 +104,11 @@ impl Config {
             return bad(
                 "server.header_read_timeout_ms and body_read_timeout_ms must be above 0".into(),
             );
+        }
+        if self.server.max_header_bytes < MIN_HEADER_BYTES {
+            return bad(format!(
+                "server.max_header_bytes must be at least {MIN_HEADER_BYTES}"
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return bad("server.max_body_bytes must be above 0".into());

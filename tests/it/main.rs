@@ -14,6 +14,7 @@ mod cli;
 mod contract;
 mod embeddings;
 mod faults;
+mod fuzz;
 mod hostile;
 mod key_pools;
 mod messages;
