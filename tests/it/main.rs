@@ -9,6 +9,7 @@ mod anthropic;
 mod apis;
 mod auth;
 mod budgets;
+mod chaos;
 mod chat;
 mod cli;
 mod contract;
