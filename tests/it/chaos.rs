@@ -1,6 +1,6 @@
 //! Accounting under chaos: a few hundred concurrent requests over HTTP and gRPC mixing every
 //! outcome the tests can cause (success, invalid_request, auth_rejected, rate_limited,
-//! model_not_found, upstream_error, upstream_timeout, a non-streaming HTTP client that hangs
+//! budget_exceeded, model_not_found, upstream_error, upstream_timeout, a non-streaming HTTP client that hangs
 //! up, a gRPC deadline, a gRPC cancel). The availability counter grows by exactly the number of
 //! requests, reason by reason and protocol by protocol, and every request has exactly one
 //! ledger row with the reason it was counted under.
@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
+const BOB_KEY: &str = "tg-test-bob";
+const ADMIN: &str = "tg-admin-chaos";
+
 /// One kind of request: protocol, what it sends, the reason it must be counted under.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -19,6 +22,8 @@ enum Kind {
     Invalid,
     WrongKey,
     RateLimited,
+    /// Bob, whose budget (one micro-dollar) no priced request fits in.
+    OverBudget,
     NoSuchModel,
     UpstreamFails,
     UpstreamStalls,
@@ -34,6 +39,7 @@ const MIX: &[(Kind, usize, usize)] = &[
     (Kind::Invalid, 25, 25),
     (Kind::WrongKey, 20, 20),
     (Kind::RateLimited, 20, 20),
+    (Kind::OverBudget, 15, 15),
     (Kind::NoSuchModel, 10, 10),
     (Kind::UpstreamFails, 20, 20),
     (Kind::UpstreamStalls, 8, 8),
@@ -57,6 +63,7 @@ async fn http_one(s: &TestServer, kind: Kind, rid: &str) -> Option<String> {
         Kind::Ok | Kind::Invalid => ("fast", ALICE_KEY, "default"),
         Kind::WrongKey => ("fast", "tg-not-a-key", "default"),
         Kind::RateLimited => ("fast", ALICE_KEY, "rpm3"),
+        Kind::OverBudget => ("fast", BOB_KEY, "default"),
         Kind::NoSuchModel => ("no-such-model", ALICE_KEY, "default"),
         Kind::UpstreamFails => ("broken", ALICE_KEY, "default"),
         Kind::UpstreamStalls | Kind::HangUp | Kind::Cancel => ("slow", ALICE_KEY, "default"),
@@ -90,6 +97,7 @@ async fn grpc_one(s: &TestServer, kind: Kind, rid: &str) -> Option<String> {
         Kind::Ok | Kind::Invalid => ("fast", ALICE_KEY, "default"),
         Kind::WrongKey => ("fast", "tg-not-a-key", "default"),
         Kind::RateLimited => ("fast", ALICE_KEY, "rpm3"),
+        Kind::OverBudget => ("fast", BOB_KEY, "default"),
         Kind::NoSuchModel => ("no-such-model", ALICE_KEY, "default"),
         Kind::UpstreamFails => ("broken", ALICE_KEY, "default"),
         Kind::UpstreamStalls | Kind::HangUp | Kind::Cancel => ("slow", ALICE_KEY, "default"),
@@ -131,15 +139,55 @@ async fn grpc_one(s: &TestServer, kind: Kind, rid: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_request_is_counted_once_under_its_reason() {
-    let mut s = TestServer::sqlite(Opts {
-        extra: "[routing]\n# `broken` and `slow` share `up` with `fast`: keep it in rotation.\n\
+async fn every_request_is_counted_once_under_its_reason_on_sqlite() {
+    counted_once(Backend::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_counted_once_under_its_reason_on_postgres() {
+    counted_once(Backend::Postgres).await
+}
+
+async fn counted_once(backend: Backend) {
+    let Some(mut s) = TestServer::start(
+        backend,
+        Opts {
+            extra:
+                "[routing]\n# `broken` and `slow` share `up` with `fast`: keep it in rotation.\n\
                 unhealthy_after_failures = 1000000\n\n\
-                [service_types.rpm3]\nmodels = [\"*\"]\nrate_limits = { rpm = 3 }\n"
-            .into(),
-        ..Opts::default()
-    })
-    .await;
+                [service_types.rpm3]\nmodels = [\"*\"]\nrate_limits = { rpm = 3 }\n\n\
+                [[auth.static_keys]]\nuser = \"bob\"\nkey = \"tg-test-bob\"\n"
+                    .into(),
+            server: format!("admin_token = \"{ADMIN}\""),
+            ..Opts::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let bob = s
+        .store()
+        .await
+        .find_user("bob")
+        .await
+        .unwrap()
+        .expect("bob exists")
+        .id;
+    let resp = s
+        .client
+        .put(s.url("/admin/budgets"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"scope": "user", "id": bob, "limit_usd": 0.000001, "period": "total"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
     let before = s.metrics().await;
 
     // Interleave the kinds, so that every kind runs alongside every other.
@@ -179,6 +227,7 @@ async fn every_request_is_counted_once_under_its_reason() {
             (Kind::Ok, _) => "success",
             (Kind::Invalid, _) => "invalid_request",
             (Kind::WrongKey, _) => "auth_rejected",
+            (Kind::OverBudget, _) => "budget_exceeded",
             (Kind::NoSuchModel, _) => "model_not_found",
             (Kind::UpstreamFails, _) => "upstream_error",
             (Kind::UpstreamStalls, _) => "upstream_timeout",
