@@ -2504,6 +2504,15 @@ async fn service_type_models_and_rate_limits() {
         1.0,
     )
     .await;
+    // And the four successes (`restricted` on `fast`, three within rpm = 3): eight in all.
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &[("outcome", "success"), ("reason", "success")],
+        4.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 8.0).await;
     s.shutdown().await;
 }
 
