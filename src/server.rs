@@ -154,6 +154,7 @@ impl RunningServer {
             http_listener,
             app,
             Duration::from_millis(server_cfg.header_read_timeout_ms),
+            server_cfg.max_header_bytes,
             stopped.clone(),
         ));
 
@@ -245,18 +246,22 @@ impl RunningServer {
 
 /// Serves HTTP/1.1 on `listener` until `stopped`, then lets open connections finish. hyper's
 /// own connection loop rather than `axum::serve`, which cannot set `header_read_timeout`: a
-/// client that trickles its headers is cut off after `header_timeout`.
+/// client that trickles its headers is cut off after `header_timeout`, and a head larger than
+/// `max_header_bytes` is refused.
 async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     header_timeout: Duration,
+    max_header_bytes: usize,
     mut stopped: watch::Receiver<bool>,
 ) {
     use tower::ServiceExt;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        // The read buffer bounds the head: a larger one is refused with 431 (validated >= 8192).
+        .max_buf_size(max_header_bytes);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let tcp = tokio::select! {

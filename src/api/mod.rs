@@ -14,6 +14,9 @@ pub mod openai_responses;
 pub mod stream;
 pub mod usage;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use chat::{
     ChatRequest, ChatResponse, Choice, Content, ContentPart, FunctionTool, MaxTokensField, Message,
     Reasoning, Role, StopReason, Tool, ToolCall, ToolChoice,

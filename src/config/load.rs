@@ -7,6 +7,9 @@ use std::path::Path;
 use super::check::{check_text, did_you_mean, ConfigProblem, KeyPath};
 use super::*;
 
+/// The smallest `server.max_header_bytes`: the HTTP/1 parser needs a buffer this large.
+const MIN_HEADER_BYTES: usize = 8192;
+
 /// Overrides from flags and environment, applied after the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -113,6 +116,12 @@ impl Config {
             bad(
                 top("server").key("body_read_timeout_ms"),
                 "must be above 0".into(),
+            );
+        }
+        if self.server.max_header_bytes < MIN_HEADER_BYTES {
+            bad(
+                top("server").key("max_header_bytes"),
+                format!("must be at least {MIN_HEADER_BYTES}"),
             );
         }
         if self.server.max_body_bytes == 0 {

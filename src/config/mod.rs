@@ -234,6 +234,10 @@ pub struct ServerConfig {
     /// How long an HTTP client may take to send a request's body, from its headers on; past it
     /// the request is 408 `request_timeout`.
     pub body_read_timeout_ms: u64,
+    /// The most bytes of an HTTP request's head (request line and headers); past it the answer
+    /// is 431 and the connection is closed, so a client cannot make the server buffer without
+    /// bound. At least 8192.
+    pub max_header_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -247,6 +251,7 @@ impl Default for ServerConfig {
             default_service_type: "default".into(),
             header_read_timeout_ms: 30_000,
             body_read_timeout_ms: 60_000,
+            max_header_bytes: 64 * 1024,
         }
     }
 }

@@ -164,3 +164,16 @@ fn telemetry_is_off_by_default_and_its_endpoint_must_be_a_url() {
         .to_string();
     assert!(err.contains("otlp_endpont"), "{err}");
 }
+
+#[test]
+fn max_header_bytes_has_a_default_and_a_floor() {
+    assert_eq!(
+        Config::from_toml_str("").unwrap().server.max_header_bytes,
+        64 << 10
+    );
+    // Below 8192 the HTTP/1 parser cannot work (hyper would panic): refused at load.
+    let err = Config::from_toml_str("[server]\nmax_header_bytes = 4096\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_header_bytes"), "{err}");
+}

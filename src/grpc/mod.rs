@@ -9,6 +9,9 @@ mod gateway;
 mod limit;
 mod telemetry;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::sync::Arc;
 
 use tonic::service::Routes;

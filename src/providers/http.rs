@@ -345,12 +345,14 @@ async fn read_capped(
 /// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).
 pub use super::sse::RawEventBytes as RawEvent;
 
-/// Connection failures are `Connect`; anything else while sending is a bad response.
+/// A connect that passed `connect_timeout_ms` is a timeout (reqwest reports it as a connect
+/// error too, so that is asked first); other connection failures are `Connect`; anything else
+/// while sending is a bad response.
 fn classify(e: reqwest::Error) -> UpstreamError {
-    if e.is_connect() {
-        UpstreamError::Connect(without_url(&e))
-    } else if e.is_timeout() {
+    if e.is_timeout() {
         UpstreamError::Timeout("connect")
+    } else if e.is_connect() {
+        UpstreamError::Connect(without_url(&e))
     } else {
         UpstreamError::BadResponse(without_url(&e))
     }

@@ -474,6 +474,7 @@ async fn chat_completion_reaches_claude() {
         1.0,
     )
     .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
     s.shutdown().await;
 }
 
@@ -1000,6 +1001,7 @@ async fn midstream_error_event_ends_the_stream() {
         1.0,
     )
     .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
     s.shutdown().await;
 }
 

@@ -971,8 +971,7 @@ async fn introspection_valid_and_rejected_tokens() {
     )
     .await;
     s.assert_delta_now(&before, SIGNUPS, &[], 0.0).await;
-    // An active answer whose `exp` is already past (the endpoint's clock may differ; whether it
-    // is honoured is the gateway's choice) is never cached past that `exp`.
+    // An active answer whose `exp` is already past is refused (401) and never cached past it.
     intro.add_answer(
         "opaque-expired",
         json!({"active": true, "sub": "intro-late", "exp": unix_now() - 3600}),
@@ -988,13 +987,17 @@ async fn introspection_valid_and_rejected_tokens() {
         .await;
         answers.push(resp.status().as_u16());
     }
-    assert_eq!(answers[0], answers[1], "{answers:?}");
+    assert_eq!(
+        answers,
+        [401, 401],
+        "an endpoint calling an expired token active is not taken at its word"
+    );
     assert_eq!(
         intro.asked("opaque-expired"),
         2,
         "an answer is not cached past its exp"
     );
-    for sub in ["intro-gone"] {
+    for sub in ["intro-gone", "intro-late"] {
         assert_eq!(
             count_users(&s.db, &format!("external_id = 'introspection#{sub}'")).await,
             0
@@ -2755,18 +2758,6 @@ impl Drop for LoggedChild {
     }
 }
 
-fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    if !line.contains("tollgate listening") {
-        return None;
-    }
-    let after = |key: &str| -> Option<SocketAddr> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|a| a.trim_matches(|c| c == '"' || c == ',').parse().ok())
-    };
-    Some((after("http=")?, after("grpc=")?))
-}
-
 impl LoggedChild {
     /// Blocking: starts the binary with `TOLLGATE_LOG=trace` and waits for its listening line.
     fn start(config: &std::path::Path) -> LoggedChild {
@@ -2805,7 +2796,7 @@ impl LoggedChild {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {
                             let text = String::from_utf8_lossy(&line).into_owned();
-                            if let Some(addrs) = parse_listening(&text) {
+                            if let Some(addrs) = crate::common::process::listening_addrs(&text) {
                                 let _ = tx.send(addrs);
                             }
                             log.lock().unwrap().push_str(&text);
@@ -2887,9 +2878,21 @@ async fn key_echoing_upstream() -> SocketAddr {
 /// The real binary at `trace`: API keys (static, admin-made, unknown), JWTs (valid, forged,
 /// expired, with the JWKS failing), introspection tokens (active, inactive, with the endpoint
 /// failing), the introspection client secret, the admin token (right and wrong), Basic
-/// credentials, and upstream keys (one echoed back by its upstream) never appear in its output.
+/// credentials, and upstream keys (one echoed back by its upstream) never appear in its output,
+/// in either log format. Every call's HTTP status and gRPC outcome is asserted, so a call that
+/// failed early (before the secret was handled) cannot pass for one that was logged cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs() {
+    secrets_never_appear_in_logs_of("text").await
+}
+
+/// [`secrets_never_appear_in_logs`] with `[log] format = "json"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_json_logs() {
+    secrets_never_appear_in_logs_of("json").await
+}
+
+async fn secrets_never_appear_in_logs_of(format: &str) {
     let dir = tempfile::tempdir().unwrap();
     let jwks = JwksServer::start(Mode::Healthy).await;
     let intro = IntrospectionServer::start(Mode::Healthy).await;
@@ -2910,8 +2913,10 @@ async fn secrets_never_appear_in_logs() {
         ),
         ..Opts::default()
     };
-    let text = config_toml(&db, &upstream.base_url(), &opts)
-        .replace("[log]\nlevel = \"warn\"", "[log]\nlevel = \"trace\"");
+    let text = config_toml(&db, &upstream.base_url(), &opts).replace(
+        "[log]\nlevel = \"warn\"",
+        &format!("[log]\nlevel = \"trace\"\nformat = \"{format}\""),
+    );
     assert!(text.contains("level = \"trace\""));
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, &text).unwrap();
@@ -3077,6 +3082,13 @@ async fn secrets_never_appear_in_logs() {
         ("echoing upstream", 200),
     ] {
         assert_eq!(get(name), want, "{name}: {statuses:?}");
+        let grpc_want = match want {
+            200 => "OK",
+            401 => "Unauthenticated/auth_rejected",
+            _ => "InvalidArgument/invalid_auth_request",
+        };
+        let g = &statuses.iter().find(|s| s.0 == name).unwrap().2;
+        assert_eq!(g, grpc_want, "{name} over gRPC: {statuses:?}");
     }
 
     // The verifiers fail: a JWT with a kid the gateway must fetch, a new opaque token.
@@ -3130,20 +3142,35 @@ async fn secrets_never_appear_in_logs() {
         let mut req = tonic::Request::new(tollgate::proto::ListUsersRequest::default());
         req.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let _ = admin.list_users(req).await;
+        let got = admin
+            .list_users(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code());
+        let want = if token == ADMIN_TOKEN {
+            Ok(())
+        } else {
+            Err(tonic::Code::Unauthenticated)
+        };
+        assert_eq!(
+            got, want,
+            "gRPC ListUsers with the right / a wrong admin token"
+        );
     }
-    let _ = grpc
-        .authorize(grpc_req(
-            AuthorizeRequest::default(),
-            &Creds::bearer(&made_key),
-            None,
-        ))
-        .await;
-    let _ = client
+    grpc.authorize(grpc_req(
+        AuthorizeRequest::default(),
+        &Creds::bearer(&made_key),
+        None,
+    ))
+    .await
+    .expect("gRPC Authorize with the made key");
+    let resp = client
         .get(format!("{base}/v1/models"))
         .bearer_auth(&made_key)
         .send()
-        .await;
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "/v1/models with the made key");
 
     let log = blocking(move || child.stop()).await;
     eprintln!(

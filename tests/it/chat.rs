@@ -1107,6 +1107,7 @@ async fn stream_is_incremental() {
         1.0,
     )
     .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     let lh = s.ledger_row(&rid_h).await;
     assert_eq!((lh.prompt_tokens, lh.completion_tokens), (11, 3));
     assert_eq!(ledger_core(&lh), ledger_core(&s.ledger_row(&rid_g).await));
@@ -1217,6 +1218,7 @@ async fn stream_idle_timeout_after_first_chunk() {
         1.0,
     )
     .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     let lh = s.ledger_row(&rid_h).await;
     assert_eq!(
         (lh.outcome.as_str(), lh.reason.as_str()),
@@ -1498,6 +1500,14 @@ async fn payload_too_large() {
         .await;
     s.expect_delta(&before, AVAILABILITY, &labels("grpc"), 1.0)
         .await;
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &avail("http", "success", "success", "fast"),
+        1.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 3.0).await;
     assert!(s.upstream.find("ok", &big).is_none());
     s.shutdown().await;
 }
@@ -1544,6 +1554,7 @@ async fn upstream_bad_body_is_upstream_error() {
         1.0,
     )
     .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 3.0).await;
     s.shutdown().await;
 }
 
@@ -1609,6 +1620,8 @@ async fn alias_fallback_on_5xx_not_on_4xx() {
         1.0,
     )
     .await;
+    // The third request, `strict`'s refused one, is counted too.
+    s.assert_delta_now(&before, AVAILABILITY, &[], 3.0).await;
     s.assert_delta_now(
         &before,
         "tollgate_fallback_total",
@@ -2219,12 +2232,12 @@ async fn key_pools_rotate_and_exhaust() {
     let count = |k: &str| seen.iter().filter(|s| s.as_str() == k).count();
     assert_eq!(count("sk-upstream-test"), 8, "{seen:?}");
     assert!(
-        count("sk-rate-limited-1") <= 1,
-        "a 429 key rests until its Retry-After: {seen:?}"
+        count("sk-rate-limited-1") == 1,
+        "the first walk tries the 429 key once; then it rests until its Retry-After: {seen:?}"
     );
     assert!(
-        count("sk-revoked-1") <= 1,
-        "a 401 key is not used again: {seen:?}"
+        count("sk-revoked-1") == 1,
+        "the first walk tries the 401 key once; then it is not used again: {seen:?}"
     );
     let text = s.metrics().await;
     let state = |st: &str| {
@@ -2491,6 +2504,15 @@ async fn service_type_models_and_rate_limits() {
         1.0,
     )
     .await;
+    // And the four successes (`restricted` on `fast`, three within rpm = 3): eight in all.
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &[("outcome", "success"), ("reason", "success")],
+        4.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 8.0).await;
     s.shutdown().await;
 }
 

@@ -301,6 +301,7 @@ async fn plain_completion(kind: &'static Kind) {
         1.0,
     )
     .await;
+    h.s.assert_delta_now(&before, AVAILABILITY, &[], 1.0).await;
     h.shutdown().await;
 }
 

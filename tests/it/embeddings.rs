@@ -432,6 +432,7 @@ async fn a_model_that_cannot_embed_is_invalid_request_not_a_fallback() {
         let labels = avail("http", "excluded", "invalid_request", model);
         s.expect_delta(&before, AVAILABILITY, &labels, 1.0).await;
     }
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     assert!(e.seen.lock().unwrap().is_empty(), "nothing went upstream");
     s.shutdown().await;
 }

@@ -637,7 +637,7 @@ async fn trickled_headers_are_cut_off() {
 
 /// A codec that sends its bytes as the message as they are, and reads answers as raw bytes.
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
+pub(crate) struct RawCodec;
 
 impl tonic::codec::Codec for RawCodec {
     type Encode = Vec<u8>;

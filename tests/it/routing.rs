@@ -748,6 +748,7 @@ async fn a_failing_chain_answers_by_its_last_cause_and_lists_every_attempt() {
             &["e500/m: upstream answered 500: e500 says 500"],
         ),
     ];
+    let mut sent = 0.0;
     for (name, status, reason, code, parts) in cases {
         let check_message = |msg: &str| {
             let mut at = 0;
@@ -800,9 +801,11 @@ async fn a_failing_chain_answers_by_its_last_cause_and_lists_every_attempt() {
             )
             .await;
         }
+        sent += 2.0;
         s.assert_delta_now(&before, ALIAS_RESOLVED, &[("alias", name)], 0.0)
             .await;
     }
+    s.assert_delta_now(&before, AVAILABILITY, &[], sent).await;
     // Every move along a chain was counted once, under the cause of the entry left behind.
     s.assert_delta_now(
         &before,
@@ -1201,9 +1204,11 @@ async fn a_stream_falls_back_when_its_first_entry_fails_before_the_first_chunk()
         let rid = new_request_id();
         let resp = s.chat(&stream_body(name, &rid), Some(&rid)).await;
         assert_eq!(resp.status(), 200, "{name}");
-        if let Some(h) = header(&resp, "x-tollgate-resolved-model") {
-            assert_eq!(h, "good/m", "{name}");
-        }
+        assert_eq!(
+            header(&resp, "x-tollgate-resolved-model").as_deref(),
+            Some("good/m"),
+            "{name}: a stream names its resolved model in the head"
+        );
         let (events, end) = SseReader::new(resp).collect().await;
         assert_eq!(end, SseEvent::End, "{name}");
         assert_eq!(
@@ -1301,6 +1306,7 @@ async fn a_stream_never_falls_back_after_its_first_chunk() {
             Code::DeadlineExceeded,
         ),
     ];
+    let mut sent = 0.0;
     for (name, target, upstream, reason, code) in cases {
         let first_content = format!("{}-0", upstream.state.name);
         let rid = new_request_id();
@@ -1365,6 +1371,7 @@ async fn a_stream_never_falls_back_after_its_first_chunk() {
             )
             .await;
         }
+        sent += 2.0;
         s.assert_delta_now(&before, FALLBACK, &[("from_model", target)], 0.0)
             .await;
         s.assert_delta_now(&before, ALIAS_RESOLVED, &resolved(name, target), 2.0)
@@ -1372,6 +1379,7 @@ async fn a_stream_never_falls_back_after_its_first_chunk() {
         s.assert_delta_now(&before, ALIAS_RESOLVED, &resolved(name, "good/m"), 0.0)
             .await;
     }
+    s.assert_delta_now(&before, AVAILABILITY, &[], sent).await;
     assert_eq!(good.count(), 0);
     s.shutdown().await;
 }

@@ -31,6 +31,8 @@ pub struct StreamDecoder {
     output_tokens: u64,
     blocks: HashMap<u64, Block>,
     tool_calls: u32,
+    /// Whether `message_start` was seen: every other event must come after it.
+    started: bool,
     finished: bool,
 }
 
@@ -47,6 +49,7 @@ impl StreamDecoder {
             output_tokens: 0,
             blocks: HashMap::new(),
             tool_calls: 0,
+            started: false,
             finished: false,
         }
     }
@@ -65,6 +68,17 @@ impl StreamDecoder {
             .get("type")
             .and_then(Value::as_str)
             .ok_or_else(|| StreamError::Malformed("event without a type".into()))?;
+        // Out of order is a broken upstream, not an answer: nothing is made up from it.
+        if ty == "message_start" && self.started {
+            return Err(StreamError::Malformed("a second message_start".into()));
+        }
+        if matches!(
+            ty,
+            "content_block_start" | "content_block_delta" | "message_delta" | "message_stop"
+        ) && !self.started
+        {
+            return Err(StreamError::Malformed(format!("{ty} before message_start")));
+        }
         match ty {
             "message_start" => self.message_start(&v),
             "content_block_start" => self.block_start(&v),
@@ -92,6 +106,7 @@ impl StreamDecoder {
         let m = v
             .get("message")
             .ok_or_else(|| StreamError::Malformed("message_start without a message".into()))?;
+        self.started = true;
         let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or_default();
         self.id = s("id").to_string();
         self.model = s("model").to_string();
@@ -175,9 +190,13 @@ impl StreamDecoder {
             StreamError::Malformed(format!("content_block_delta {index} without a delta"))
         })?;
         let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or_default();
-        let kind = self.blocks.get(&index).copied();
+        let kind = self.blocks.get(&index).copied().ok_or_else(|| {
+            StreamError::Malformed(format!(
+                "content_block_delta for block {index}, which was never started"
+            ))
+        })?;
         let mut choice = ChoiceDelta::default();
-        match (s("type"), kind) {
+        match (s("type"), Some(kind)) {
             (_, Some(Block::Other)) => {
                 choice.delta_extra.insert(
                     "content_block_delta".into(),

@@ -47,7 +47,9 @@ fn excerpt(s: &str) -> String {
 /// A chunk object.
 fn chunk_from_object(mut chunk: JsonObject) -> Result<ChatDelta, String> {
     let choices = match chunk.remove("choices") {
-        None | Some(Value::Null) => Vec::new(),
+        // A usage-only chunk may leave `choices` out; a chunk with neither says nothing.
+        None | Some(Value::Null) if chunk.get("usage").is_some_and(|u| !u.is_null()) => Vec::new(),
+        None | Some(Value::Null) => return Err("a chunk with neither `choices` nor `usage`".into()),
         Some(Value::Array(c)) => c,
         Some(_) => return Err("`choices` in a chunk is not an array".into()),
     };
