@@ -55,6 +55,10 @@ pub fn totals() -> (u64, u64) {
     (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed))
 }
 
+/// The family names (under the registry's `tollgate` prefix; docs/metrics.md lists them).
+const ALLOCATIONS_FAMILY: &str = "allocations";
+const BYTES_FAMILY: &str = "allocated_bytes";
+
 /// Exports [`totals`] on every scrape.
 #[derive(Debug)]
 pub struct AllocationCollector;
@@ -64,12 +68,12 @@ impl Collector for AllocationCollector {
         let (n, bytes) = totals();
         for (name, help, v) in [
             (
-                "allocations",
+                ALLOCATIONS_FAMILY,
                 "Heap allocations and reallocations since start (alloc-count builds only)",
                 n,
             ),
             (
-                "allocated_bytes",
+                BYTES_FAMILY,
                 "Bytes asked for by those allocations (alloc-count builds only)",
                 bytes,
             ),

@@ -141,6 +141,14 @@ impl Config {
                 );
             }
         }
+        if let RateLimitBackendConfig::Redis(r) = &self.rate_limits.backend {
+            if !r.url_scheme_ok() {
+                bad(
+                    top("rate_limits").key("redis_url"),
+                    "must start with redis:// (or redis+unix:// for a socket)".into(),
+                );
+            }
+        }
         for (key, n) in [
             ("max_queue_spans", self.telemetry.max_queue_spans),
             ("max_batch_spans", self.telemetry.max_batch_spans),

@@ -64,6 +64,14 @@ pub enum OnRedisError {
     FailClosed,
 }
 
+impl RedisRateLimitConfig {
+    /// Whether the URL names a scheme the client speaks. The scheme only: the rest may hold
+    /// a password, which must not be echoed.
+    pub fn url_scheme_ok(&self) -> bool {
+        self.url.starts_with("redis://") || self.url.starts_with("redis+unix://")
+    }
+}
+
 impl OnRedisError {
     /// The configuration name.
     pub fn as_str(self) -> &'static str {
@@ -124,12 +132,8 @@ impl TryFrom<RawRateLimitsConfig> for RateLimitsConfig {
                 let url = r
                     .redis_url
                     .ok_or("redis_url is required for backend = \"redis\"")?;
-                // The scheme only: the rest may hold a password, which must not be echoed.
-                if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
-                    return Err(
-                        "redis_url must start with redis:// (or redis+unix:// for a socket)".into(),
-                    );
-                }
+                // The scheme is checked with the other problems (`Config::problems`), after
+                // `${VAR}` interpolation: as written, the value may be a placeholder.
                 let timeout_ms = r.redis_timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
                 if timeout_ms == 0 || timeout_ms > 60_000 {
                     return Err(format!(

@@ -16,6 +16,20 @@ fn registered_families() -> BTreeSet<String> {
             let rest = rest.trim_start().strip_prefix('"')?;
             Some(format!("tollgate_{}", &rest[..rest.find('"')?]))
         })
+        .chain(alloc_count_families())
+        .collect()
+}
+
+/// The families of the benchmark's `alloc-count` build (src/alloc_count.rs:
+/// `const ..._FAMILY: &str = "name";`), documented beside the others.
+fn alloc_count_families() -> Vec<String> {
+    let source =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/alloc_count.rs"))
+            .expect("src/alloc_count.rs");
+    source
+        .split("_FAMILY: &str = \"")
+        .skip(1)
+        .filter_map(|rest| Some(format!("tollgate_{}", &rest[..rest.find('"')?])))
         .collect()
 }
 
