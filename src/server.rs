@@ -56,6 +56,7 @@ pub struct RunningServer {
     grpc_task: JoinHandle<()>,
     reload_task: JoinHandle<()>,
     grace: Duration,
+    delay: Duration,
 }
 
 impl RunningServer {
@@ -192,6 +193,7 @@ impl RunningServer {
             grpc_task,
             reload_task,
             grace: Duration::from_secs(server_cfg.shutdown_grace_secs),
+            delay: Duration::from_millis(server_cfg.shutdown_delay_ms),
         })
     }
 
@@ -210,20 +212,36 @@ impl RunningServer {
         &self.gateway
     }
 
-    /// Stops accepting, lets in-flight requests and streams finish up to the grace period,
-    /// then flushes the usage ledger.
+    /// Turns unready, keeps serving for `shutdown_delay_ms`, stops accepting, lets in-flight
+    /// requests and streams finish up to the grace period, ends the streams still running
+    /// (each with an error event, recorded), then flushes the usage ledger and settlements and
+    /// hands the budget leases back.
     pub async fn shutdown(self) {
+        self.gateway.start_draining();
+        if !self.delay.is_zero() {
+            tracing::info!(
+                delay_ms = self.delay.as_millis() as u64,
+                "not ready; serving until the load balancers notice"
+            );
+            tokio::time::sleep(self.delay).await;
+        }
         let _ = self.stop.send(true);
         self.reload_task.abort();
-        let both = async {
+        let mut both = Box::pin(async {
             let _ = self.http_task.await;
             let _ = self.grpc_task.await;
-        };
-        if tokio::time::timeout(self.grace, both).await.is_err() {
+        });
+        if tokio::time::timeout(self.grace, &mut both).await.is_err() {
             tracing::warn!(
                 grace_secs = self.grace.as_secs(),
-                "in-flight requests outlived the shutdown grace period"
+                "in-flight requests outlived the shutdown grace period; ending their streams"
             );
+            self.gateway.cut_streams();
+            // A cut stream sends its error event and records its row within milliseconds;
+            // what still runs then (a non-streamed request) is abandoned.
+            if tokio::time::timeout(CUT_WAIT, &mut both).await.is_err() {
+                tracing::warn!("requests still running after their streams were ended");
+            }
         }
         self.gateway.flush_ledger().await;
         tracing::info!("tollgate stopped; usage ledger flushed");
@@ -236,6 +254,9 @@ impl RunningServer {
         self.shutdown().await;
     }
 }
+
+/// How long streams ended at the grace period's end get to send their error event.
+const CUT_WAIT: Duration = Duration::from_secs(2);
 
 /// Serves HTTP/1.1 on `listener` until `stopped`, then lets open connections finish. hyper's
 /// own connection loop rather than `axum::serve`, which cannot set `header_read_timeout`: a

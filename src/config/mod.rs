@@ -171,6 +171,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
     pub shutdown_grace_secs: u64,
+    /// After SIGTERM, how long `/readyz` answers 503 while both listeners keep serving, before
+    /// they stop accepting: load balancers see the replica leave before its port closes.
+    pub shutdown_delay_ms: u64,
     pub default_service_type: String,
     /// How long an HTTP client may take to send a request's headers (a trickling client is
     /// cut off instead of holding its connection forever).
@@ -188,6 +191,7 @@ impl Default for ServerConfig {
             max_body_bytes: 3 * 1024 * 1024,
             admin_token: None,
             shutdown_grace_secs: 30,
+            shutdown_delay_ms: 0,
             default_service_type: "default".into(),
             header_read_timeout_ms: 30_000,
             body_read_timeout_ms: 60_000,

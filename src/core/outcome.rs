@@ -29,6 +29,8 @@ pub struct Recorder {
     pub clock: Clock,
     /// `[log] access`: shared so that a reload turns the access log on or off at once.
     pub access_log: Arc<AtomicBool>,
+    /// Shutdown: streams watch it to end at the grace period's end.
+    pub lifecycle: crate::core::lifecycle::Lifecycle,
 }
 
 /// Everything known about a chat request so far; filled in as it moves through the stages.
@@ -109,6 +111,11 @@ impl OutcomeGuard {
         self.record
             .as_mut()
             .expect("an OutcomeGuard is not used after it is finished")
+    }
+
+    /// When shutdown cuts the streams still running (for a stream to watch).
+    pub fn stream_cut(&self) -> crate::core::lifecycle::StreamCut {
+        self.recorder.lifecycle.stream_cut()
     }
 
     /// The inbound API the request came in on.

@@ -16,9 +16,11 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The store answers and a configuration is loaded.
+/// The store answers, a configuration is loaded, and the process is not shutting down.
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.ready().await {
+    if gw.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if gw.ready().await {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store unreachable").into_response()

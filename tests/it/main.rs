@@ -15,6 +15,7 @@ mod contract;
 mod embeddings;
 mod faults;
 mod key_pools;
+mod lifecycle;
 mod messages;
 mod operator;
 mod responses;

@@ -1,0 +1,622 @@
+//! Process lifecycle on the built binary, each gateway a separate process (issue 13 items 1-3
+//! and 7, issue 14 item 5): SIGTERM under load, SIGKILL and restart, a database that goes
+//! away while requests flow, two replicas on one fresh database, a rolling restart. The
+//! database is counted directly: every request that reached a gateway must have exactly one
+//! ledger row, and no lease or reservation may be left behind.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tollgate::clock::Clock;
+use tollgate::proto::gateway_client::GatewayClient;
+use tollgate::store::Store;
+
+use crate::common::process::Process;
+use crate::common::*;
+
+const ADMIN: &str = "tg-admin-lifecycle-test-0123456789";
+/// How long a process may take to start, drain or exit on a loaded 2-core machine.
+const SLOW: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// a paced upstream
+
+/// An OpenAI-compatible upstream whose answers take known time, by model name:
+///
+/// | model   | behaviour |
+/// |---------|-----------|
+/// | `slow`  | waits 2 s, then a chat.completion with usage 10/5 |
+/// | `quick` | a chat.completion with usage 10/5 at once |
+/// | `short` | streamed: 10 chunks 150 ms apart, then usage 10/10 and `[DONE]` (1.5 s) |
+/// | `long`  | streamed: 600 chunks 100 ms apart (a minute: outlives any grace period) |
+///
+/// A non-streamed request for `short` or `long` is answered like `quick`.
+#[derive(Clone)]
+struct Paced {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Paced {
+    async fn start() -> Paced {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let app = Router::new().fallback(move |body: Bytes| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                paced_answer(body).await
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Paced { addr, calls }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn completion(model: &str) -> Response {
+    let v = json!({
+        "id": "chatcmpl-p", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "paced answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    });
+    ([("content-type", "application/json")], v.to_string()).into_response()
+}
+
+fn sse_chunk(content: Option<&str>, finish: Option<&str>, usage: Option<(u64, u64)>) -> Bytes {
+    let choices = match (content, finish) {
+        (None, None) => json!([]),
+        _ => {
+            json!([{"index": 0, "delta": content.map_or(json!({}), |c| json!({"content": c})), "finish_reason": finish}])
+        }
+    };
+    let mut v = json!({
+        "id": "chatcmpl-p", "object": "chat.completion.chunk", "created": 1_700_000_000,
+        "model": "m", "choices": choices,
+    });
+    if let Some((p, c)) = usage {
+        v["usage"] = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+    }
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+async fn paced_answer(body: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let (chunks, pace) = match model.as_str() {
+        "short" => (10u64, 150u64),
+        "long" => (600, 100),
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return completion(&model);
+        }
+        _ => return completion(&model),
+    };
+    if !stream {
+        return completion(&model);
+    }
+    let s = futures_util::stream::unfold(0u64, move |i| async move {
+        if i > chunks + 1 {
+            return None;
+        }
+        let item = if i < chunks {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(pace)).await;
+            }
+            sse_chunk(Some("tok "), None, None)
+        } else if i == chunks {
+            let mut b = sse_chunk(None, Some("stop"), None).to_vec();
+            b.extend_from_slice(&sse_chunk(None, None, Some((10, chunks))));
+            Bytes::from(b)
+        } else {
+            Bytes::from_static(b"data: [DONE]\n\n")
+        };
+        Some((Ok::<_, std::io::Error>(item), i + 1))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(s))
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// configuration, processes and the database
+
+/// The standard test configuration with an admin token, provider `p` on the paced upstream
+/// (priced: 1000/2000 USD per million tokens), `grace` seconds of shutdown grace, and extra
+/// `[server]` lines and tables.
+fn config_text(db_url: &str, up: &Paced, grace: u64, server: &str, extra: &str) -> String {
+    let opts = Opts {
+        server: format!("admin_token = \"{ADMIN}\"\n{server}"),
+        ledger_flush_ms: Some(200),
+        extra: format!(
+            r#"[providers.p]
+kind = "openai"
+base_url = "{base}"
+keys = ["sk-upstream-test"]
+first_byte_timeout_ms = 10000
+idle_timeout_ms = 10000
+total_timeout_ms = 120000
+
+[pricing."p/slow"]
+input_usd_per_mtok = 1000.0
+output_usd_per_mtok = 2000.0
+
+[pricing."p/quick"]
+input_usd_per_mtok = 1000.0
+output_usd_per_mtok = 2000.0
+
+[pricing."p/short"]
+input_usd_per_mtok = 1000.0
+output_usd_per_mtok = 2000.0
+
+[pricing."p/long"]
+input_usd_per_mtok = 1000.0
+output_usd_per_mtok = 2000.0
+
+{extra}
+"#,
+            base = up.base_url()
+        ),
+        ..Opts::default()
+    };
+    let text = config_toml(db_url, &up.base_url(), &opts);
+    let text = text.replace(
+        "shutdown_grace_secs = 2\n",
+        &format!("shutdown_grace_secs = {grace}\n"),
+    );
+    assert!(text.contains(&format!("shutdown_grace_secs = {grace}\n")));
+    text
+}
+
+/// A config file in a temp dir of its own.
+struct ConfigFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn write_config(text: &str) -> ConfigFile {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, text).expect("write config");
+    ConfigFile { _dir: dir, path }
+}
+
+async fn spawn(config: &ConfigFile) -> Process {
+    let path = config.path.clone();
+    blocking(move || Process::serve(&path, SLOW)).await
+}
+
+/// `/readyz` status of a process, `None` when it cannot be reached.
+async fn readyz(client: &reqwest::Client, p: &Process) -> Option<u16> {
+    client
+        .get(p.url("/readyz"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+async fn wait_ready(client: &reqwest::Client, p: &Process) {
+    eventually(SLOW, "/readyz to answer 200", || async {
+        (readyz(client, p).await == Some(200)).then_some(())
+    })
+    .await;
+}
+
+/// Waits for the process to exit; its exit status.
+async fn wait_exit(p: &mut Process, within: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = p.exited() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < within,
+            "tollgate did not exit within {within:?}\n--- log ---\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `PUT /admin/budgets` on a process.
+async fn put_budget(client: &reqwest::Client, p: &Process, body: Value) {
+    let resp = client
+        .put(p.url("/admin/budgets"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .expect("PUT /admin/budgets");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "PUT /admin/budgets: {text}");
+}
+
+async fn store_of(url: &str) -> Store {
+    Store::connect(url, 2, Clock::system())
+        .await
+        .unwrap_or_else(|e| panic!("Store::connect({url}): {e}"))
+}
+
+/// The reason of every ledger row of each request id.
+async fn ledger_reasons(store: &Store, ids: &[String]) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    for id in ids {
+        let rows = store
+            .ledger_by_request_id(id)
+            .await
+            .unwrap_or_else(|e| panic!("ledger_by_request_id: {e}"));
+        out.insert(id.clone(), rows.into_iter().map(|r| r.reason).collect());
+    }
+    out
+}
+
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct Held {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rows: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    leases: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    amount: i64,
+}
+
+#[derive(diesel::QueryableByName, Debug)]
+struct BudgetTotals {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    spent: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    reserved: i64,
+}
+
+#[derive(diesel::QueryableByName, Debug)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+async fn pg(url: &str) -> diesel_async::AsyncPgConnection {
+    use diesel_async::AsyncConnection;
+    diesel_async::AsyncPgConnection::establish(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// Open reservation rows (leases among them) and what they hold, on PostgreSQL.
+async fn held(url: &str) -> Held {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query(
+        "SELECT COUNT(*)::BIGINT AS rows, \
+         COUNT(*) FILTER (WHERE id LIKE 'lease-%')::BIGINT AS leases, \
+         COALESCE(SUM(amount_micros), 0)::BIGINT AS amount FROM budget_reservations",
+    )
+    .get_result(&mut pg(url).await)
+    .await
+    .expect("count reservations")
+}
+
+/// Spent and reserved of every budget row together, on PostgreSQL.
+async fn budget_totals(url: &str) -> BudgetTotals {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query(
+        "SELECT COALESCE(SUM(spent_micros), 0)::BIGINT AS spent, \
+         COALESCE(SUM(reserved_micros), 0)::BIGINT AS reserved FROM budgets",
+    )
+    .get_result(&mut pg(url).await)
+    .await
+    .expect("sum budgets")
+}
+
+/// Ledger rows and their cost, on PostgreSQL.
+async fn ledger_count(url: &str) -> (i64, i64) {
+    use diesel_async::RunQueryDsl;
+    let n: Count = diesel::sql_query("SELECT COUNT(*)::BIGINT AS n FROM usage_ledger")
+        .get_result(&mut pg(url).await)
+        .await
+        .expect("count ledger");
+    let cost: Count =
+        diesel::sql_query("SELECT COALESCE(SUM(cost_micros), 0)::BIGINT AS n FROM usage_ledger")
+            .get_result(&mut pg(url).await)
+            .await
+            .expect("sum ledger");
+    (n.n, cost.n)
+}
+
+/// How one request sent during a test ended, as the caller saw it.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    /// A whole answer (200 and, for a stream, `[DONE]`).
+    Answered,
+    /// A stream that ended with an error event / gRPC status whose reason is given.
+    StreamError(String),
+    /// A refusal with this HTTP status (or gRPC code) and reason.
+    Refused(String, String),
+    /// The connection was refused before the request was sent (nothing reached the gateway).
+    NotConnected,
+    /// Anything else (a cut connection, a broken body): always a failure of the test.
+    Broken(String),
+}
+
+async fn http_call(
+    client: reqwest::Client,
+    url: String,
+    model: String,
+    stream: bool,
+    id: String,
+) -> Seen {
+    let mut body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": format!("lifecycle {id}")}],
+        "max_tokens": 20,
+    });
+    if stream {
+        body["stream"] = json!(true);
+    }
+    let resp = match client
+        .post(url)
+        .bearer_auth(ALICE_KEY)
+        .header("x-request-id", &id)
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return Seen::NotConnected,
+        Err(e) => return Seen::Broken(format!("send: {e:?}")),
+    };
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let text = resp.text().await.unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        return match v["error"]["code"].as_str() {
+            Some(code) => Seen::Refused(status.to_string(), code.to_string()),
+            None => Seen::Broken(format!("{status}: {text}")),
+        };
+    }
+    if !stream {
+        return match resp.json::<Value>().await {
+            Ok(v) if v["choices"][0]["message"]["content"].is_string() => Seen::Answered,
+            Ok(v) => Seen::Broken(format!("not a completion: {v}")),
+            Err(e) => Seen::Broken(format!("body: {e}")),
+        };
+    }
+    let (events, end) = SseReader::new(resp).collect().await;
+    if end != SseEvent::End {
+        return Seen::Broken(format!(
+            "stream ended {end:?} after {} events",
+            events.len()
+        ));
+    }
+    match events.last().map(String::as_str) {
+        Some("[DONE]") => Seen::Answered,
+        Some(last) => {
+            let v: Value = serde_json::from_str(last).unwrap_or(Value::Null);
+            match v["error"]["code"].as_str() {
+                Some(code) => Seen::StreamError(code.to_string()),
+                None => Seen::Broken(format!("stream ended on {last}")),
+            }
+        }
+        None => Seen::Broken("empty stream".into()),
+    }
+}
+
+async fn grpc_call(addr: SocketAddr, model: String, stream: bool, id: String) -> Seen {
+    let mut client = match GatewayClient::connect(format!("http://{addr}")).await {
+        Ok(c) => c,
+        Err(_) => return Seen::NotConnected,
+    };
+    let req = grpc_request(complete_request(&model, &id), Some(ALICE_KEY), Some(&id));
+    let refused = |s: tonic::Status| Seen::Refused(format!("{:?}", s.code()), grpc_reason(&s));
+    if !stream {
+        return match client.complete(req).await {
+            Ok(_) => Seen::Answered,
+            Err(s) if grpc_reason(&s).is_empty() => Seen::Broken(format!("{s:?}")),
+            Err(s) => refused(s),
+        };
+    }
+    let mut chunks = match client.stream_complete(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if grpc_reason(&s).is_empty() => return Seen::Broken(format!("{s:?}")),
+        Err(s) => return refused(s),
+    };
+    let mut n = 0;
+    loop {
+        match chunks.next().await {
+            Some(Ok(_)) => n += 1,
+            None if n > 0 => return Seen::Answered,
+            None => return Seen::Broken("empty stream".into()),
+            Some(Err(s)) if grpc_reason(&s).is_empty() => {
+                return Seen::Broken(format!("after {n} chunks: {s:?}"))
+            }
+            Some(Err(s)) => return Seen::StreamError(grpc_reason(&s)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. SIGTERM under load
+
+/// SIGTERM while non-streamed requests and streams are in flight on both protocols, with a
+/// budget leased by the replica: `/readyz` turns 503 at once, requests and streams that fit in
+/// the grace period finish, streams that do not end with an error event (a gRPC status) and are
+/// recorded, the process exits 0, every request has exactly one ledger row, the lease is back
+/// in the budget (no reservation row left, nothing reserved, spent = the ledger's cost), and a
+/// restart on the same database duplicates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_records_and_returns_leases() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let up = Paced::start().await;
+    let text = config_text(
+        &db.url,
+        &up,
+        4,
+        "shutdown_delay_ms = 1000",
+        "[budgets]\nlease_fraction = 0.1\nlease_ttl_ms = 30000\n",
+    );
+    let config = write_config(&text);
+    let mut p = spawn(&config).await;
+    let client = http_client();
+    wait_ready(&client, &p).await;
+    let store = store_of(&db.url).await;
+    let alice = store.find_user("alice").await.unwrap().expect("alice").id;
+    put_budget(
+        &client,
+        &p,
+        json!({"scope": "user", "id": alice, "limit_usd": 1000, "period": "total"}),
+    )
+    .await;
+    // One request first, so that the replica holds a lease when the load comes.
+    let warm = http_call(
+        client.clone(),
+        p.url("/v1/chat/completions"),
+        "p/quick".into(),
+        false,
+        "life-warm".into(),
+    )
+    .await;
+    assert_eq!(warm, Seen::Answered);
+    let before = held(&db.url).await;
+    assert!(
+        before.leases >= 1 && before.amount > 0,
+        "a lease is held: {before:?}"
+    );
+
+    // (protocol, model, stream, how many)
+    let mix: [(&str, &str, bool, usize); 6] = [
+        ("http", "p/slow", false, 24),
+        ("http", "p/short", true, 6),
+        ("http", "p/long", true, 4),
+        ("grpc", "p/slow", false, 10),
+        ("grpc", "p/short", true, 3),
+        ("grpc", "p/long", true, 3),
+    ];
+    let mut tasks = Vec::new();
+    let mut ids = vec!["life-warm".to_string()];
+    for (proto, model, stream, n) in mix {
+        for i in 0..n {
+            let id = format!("life-{proto}-{}-{i}", model.trim_start_matches("p/"));
+            ids.push(id.clone());
+            let (client, url, grpc) = (client.clone(), p.url("/v1/chat/completions"), p.grpc);
+            let model = model.to_string();
+            tasks.push(tokio::spawn(async move {
+                let seen = match proto {
+                    "http" => http_call(client, url, model.clone(), stream, id.clone()).await,
+                    _ => grpc_call(grpc, model.clone(), stream, id.clone()).await,
+                };
+                (id, model, seen)
+            }));
+        }
+    }
+    let sent = ids.len();
+    // Every request has reached the upstream: all of them are in flight.
+    eventually(SLOW, "every request to reach the upstream", || async {
+        (up.calls() >= sent).then_some(())
+    })
+    .await;
+    p.signal("TERM");
+    let term_at = Instant::now();
+    eventually(
+        Duration::from_secs(1),
+        "/readyz to answer 503 after SIGTERM",
+        || async { (readyz(&client, &p).await == Some(503)).then_some(()) },
+    )
+    .await;
+    let status = wait_exit(&mut p, SLOW).await;
+    let exit_after = term_at.elapsed();
+    assert!(status.success(), "exit status {status:?}\n{}", p.log_text());
+    let mut answered = 0;
+    for t in tasks {
+        let (id, model, seen) = t.await.expect("request task");
+        if model == "p/long" {
+            assert_eq!(seen, Seen::StreamError("internal_error".into()), "{id}");
+        } else {
+            assert_eq!(
+                seen,
+                Seen::Answered,
+                "{id} finishes within the grace period"
+            );
+            answered += 1;
+        }
+    }
+    let rows = ledger_reasons(&store, &ids).await;
+    let lost: Vec<_> = rows
+        .iter()
+        .filter(|(_, r)| r.is_empty())
+        .map(|(id, _)| id)
+        .collect();
+    let doubled: Vec<_> = rows.iter().filter(|(_, r)| r.len() > 1).collect();
+    eprintln!(
+        "SIGTERM figures: {} requests in flight at SIGTERM ({answered} answered, {} streams \
+         cut), exit after {exit_after:?}, ledger rows lost: {}",
+        sent - 1,
+        sent - 1 - answered,
+        lost.len()
+    );
+    assert!(lost.is_empty(), "requests without a ledger row: {lost:?}");
+    assert!(
+        doubled.is_empty(),
+        "requests with more than one row: {doubled:?}"
+    );
+    for (id, reasons) in &rows {
+        let want = if id.contains("-long-") {
+            "internal_error"
+        } else {
+            "success"
+        };
+        assert_eq!(reasons, &vec![want.to_string()], "{id}");
+    }
+    // The lease went back: no reservation row is left and nothing is reserved; what was spent
+    // is exactly what the ledger charged.
+    assert_eq!(
+        held(&db.url).await,
+        Held {
+            rows: 0,
+            leases: 0,
+            amount: 0
+        }
+    );
+    let totals = budget_totals(&db.url).await;
+    let (ledger_rows, ledger_cost) = ledger_count(&db.url).await;
+    assert_eq!(ledger_rows as usize, sent);
+    assert_eq!(totals.reserved, 0, "{totals:?}");
+    assert_eq!(totals.spent, ledger_cost, "{totals:?}");
+
+    // A restart on the same database duplicates nothing.
+    let mut again = spawn(&config).await;
+    wait_ready(&client, &again).await;
+    again.signal("TERM");
+    let status = wait_exit(&mut again, SLOW).await;
+    assert!(status.success(), "{}", again.log_text());
+    assert_eq!(ledger_count(&db.url).await, (ledger_rows, ledger_cost));
+    assert_eq!(ledger_reasons(&store, &ids).await, rows);
+}
