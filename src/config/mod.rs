@@ -123,6 +123,21 @@ pub struct BudgetsConfig {
     pub lease_min_remaining_fraction: f64,
     /// A lease not renewed by then (its replica stopped) returns to the budget.
     pub lease_ttl_ms: u64,
+    /// What an expired request reservation (its replica crashed) does to the budget.
+    pub expired_reservations: ExpiredReservations,
+}
+
+/// `budgets.expired_reservations`: a reservation whose request never settled (its replica
+/// died) either goes back to the budget or is charged as spent. Leases are always given back:
+/// their unused part was never spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiredReservations {
+    /// Given back: the request is assumed not to have cost anything (it may have).
+    #[default]
+    Release,
+    /// Charged at the reserved maximum: the upstream may have served and billed it.
+    Charge,
 }
 
 impl Default for BudgetsConfig {
@@ -136,6 +151,7 @@ impl Default for BudgetsConfig {
             lease_fraction: 0.0,
             lease_min_remaining_fraction: 0.2,
             lease_ttl_ms: 30_000,
+            expired_reservations: ExpiredReservations::Release,
         }
     }
 }
