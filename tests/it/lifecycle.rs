@@ -800,3 +800,179 @@ async fn sigkill_expired_reservations_are_released() {
 async fn sigkill_expired_reservations_are_charged_when_configured() {
     sigkill_then_restart("charge").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. two replicas as two processes
+
+/// A chat body whose prompt estimate does not depend on `n` (below 1000).
+fn fixed_body(model: &str, n: usize, max_tokens: u64) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": format!("replica request {n:03}")}],
+        "max_tokens": max_tokens,
+    })
+}
+
+/// The most tollgate reserves for [`fixed_body`] on the priced `p/*` models.
+fn max_cost(max_tokens: u64) -> i64 {
+    let body = fixed_body("p/slow", 0, max_tokens);
+    let est = tollgate::api::openai_chat::parse_request(body.to_string().as_bytes())
+        .expect("a valid chat body")
+        .estimate_prompt_tokens() as i64;
+    est * 1000 + max_tokens as i64 * 2000
+}
+
+async fn send_fixed(client: &reqwest::Client, p: &Process, body: &Value, id: &str) -> (u16, Value) {
+    let resp = client
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth(ALICE_KEY)
+        .header("x-request-id", id)
+        .json(body)
+        .send()
+        .await
+        .expect("chat request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Two processes started at the same moment on a fresh database (their migrations race);
+/// 100 concurrent budgeted requests across both, room for exactly 10: 10 answers, 90
+/// `budget_exceeded`, and the budget spent exactly what the ledger charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_race_migrations_and_share_one_budget_exactly() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let up = Paced::start().await;
+    let text = config_text(&db.url, &up, 2, "", "[budgets]\nlease_fraction = 0\n");
+    let config = write_config(&text);
+    let (a, b) = tokio::join!(spawn(&config), spawn(&config));
+    let mut replicas = [a, b];
+    let client = http_client();
+    for p in &replicas {
+        wait_ready(&client, p).await;
+    }
+    let store = store_of(&db.url).await;
+    let alice = store.find_user("alice").await.unwrap().expect("alice").id;
+    let max = max_cost(20);
+    put_budget(
+        &client,
+        &replicas[0],
+        json!({"scope": "user", "id": alice, "limit_usd": (10 * max) as f64 / 1e6, "period": "total"}),
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for n in 0..100 {
+        let client = client.clone();
+        let url = replicas[n % 2].url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(ALICE_KEY)
+                .header("x-request-id", format!("replica-budget-{n:03}"))
+                .json(&fixed_body("p/slow", n, 20))
+                .send()
+                .await
+                .expect("chat request");
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                v["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }));
+    }
+    let mut seen: HashMap<(u16, String), usize> = HashMap::new();
+    for t in tasks {
+        *seen.entry(t.await.expect("task")).or_default() += 1;
+    }
+    assert_eq!(seen.get(&(200, String::new())), Some(&10), "{seen:?}");
+    assert_eq!(
+        seen.get(&(429, "budget_exceeded".into())),
+        Some(&90),
+        "{seen:?}"
+    );
+    for p in &mut replicas {
+        p.signal("TERM");
+    }
+    for p in &mut replicas {
+        assert!(wait_exit(p, SLOW).await.success(), "{}", p.log_text());
+    }
+    let (rows, cost) = ledger_count(&db.url).await;
+    assert_eq!(rows, 100, "one row per request");
+    let totals = budget_totals(&db.url).await;
+    assert_eq!((totals.spent, totals.reserved), (cost, 0));
+    assert!(totals.spent <= 10 * max);
+}
+
+/// A replica holding a lease is killed: its lease keeps that room from the other replica until
+/// `lease_ttl_ms`, then the other replica gets the whole budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_of_a_killed_replica_is_reclaimed_after_its_ttl() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let up = Paced::start().await;
+    let leasing = config_text(
+        &db.url,
+        &up,
+        2,
+        "",
+        "[budgets]\nlease_fraction = 0.5\nlease_min_remaining_fraction = 0.1\nlease_ttl_ms = 3000\n",
+    );
+    let exact = config_text(&db.url, &up, 2, "", "[budgets]\nlease_fraction = 0\n");
+    let (c1, c2) = (write_config(&leasing), write_config(&exact));
+    let (mut r1, mut r2) = tokio::join!(spawn(&c1), spawn(&c2));
+    let client = http_client();
+    wait_ready(&client, &r1).await;
+    wait_ready(&client, &r2).await;
+    let store = store_of(&db.url).await;
+    let alice = store.find_user("alice").await.unwrap().expect("alice").id;
+    // A request needing 70% of the limit: it fits only if the dead replica's lease (half of
+    // the room) is back.
+    let big = max_cost(200);
+    let limit = big * 10 / 7;
+    put_budget(
+        &client,
+        &r1,
+        json!({"scope": "user", "id": alice, "limit_usd": limit as f64 / 1e6, "period": "total"}),
+    )
+    .await;
+    let (status, v) = send_fixed(&client, &r1, &fixed_body("p/quick", 1, 1), "lease-warm").await;
+    assert_eq!(status, 200, "{v}");
+    let lease = held(&db.url).await;
+    assert_eq!(lease.leases, 1, "{lease:?}");
+    assert!(
+        lease.amount > limit - big,
+        "the lease holds what the big request needs: {lease:?}"
+    );
+    r1.signal("KILL");
+    wait_exit(&mut r1, SLOW).await;
+    let killed_at = Instant::now();
+    let (status, v) = send_fixed(&client, &r2, &fixed_body("p/quick", 2, 200), "lease-early").await;
+    if killed_at.elapsed() < Duration::from_secs(2) {
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (429, Some("budget_exceeded")),
+            "{v}"
+        );
+    }
+    let reclaimed = eventually(
+        SLOW,
+        "the big request to fit after the lease TTL",
+        || async {
+            let (status, _) =
+                send_fixed(&client, &r2, &fixed_body("p/quick", 3, 200), "lease-late").await;
+            (status == 200).then(|| killed_at.elapsed())
+        },
+    )
+    .await;
+    eprintln!("lease figures: the killed replica's lease came back {reclaimed:?} after SIGKILL (lease_ttl_ms = 3000)");
+    assert!(
+        reclaimed >= Duration::from_millis(1500),
+        "not before the TTL: {reclaimed:?}"
+    );
+    assert_eq!(held(&db.url).await.leases, 0);
+    r2.signal("TERM");
+    assert!(wait_exit(&mut r2, SLOW).await.success());
+}
