@@ -255,6 +255,9 @@ impl RunningServer {
     }
 }
 
+/// How long a connection accepted just before the stop may take to send its first request.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(500);
+
 /// How long streams ended at the grace period's end get to send their error event.
 const CUT_WAIT: Duration = Duration::from_secs(2);
 
@@ -290,17 +293,32 @@ async fn serve_http(
         // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
+        // Set once the connection's first request arrives (see below).
+        let first = Arc::new(tokio::sync::Notify::new());
+        let first_seen = first.clone();
         let service =
             hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                first_seen.notify_one();
                 app.clone().oneshot(req.map(axum::body::Body::new))
             });
         let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
         let mut stopped = stopped.clone();
         conns.spawn(async move {
             tokio::pin!(conn);
+            let mut started = std::pin::pin!(first.notified());
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                    // A connection accepted just before the stop has its request on the way:
+                    // hyper would close it unread (it is idle), and the client would see a
+                    // request dropped after it was accepted. Give it its first request
+                    // (answered with `Connection: close`); an idle keep-alive connection that
+                    // already served one is closed at once.
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = &mut started => {}
+                        _ = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
+                    }
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
