@@ -1403,3 +1403,73 @@ async fn sqlite_locked_by_another_process_fails_cleanly_and_loses_nothing() {
         0
     );
 }
+
+/// The signup cap on two processes started at the same moment on a fresh database:
+/// `signup_cap_per_day = 20`, 80 concurrent first requests of 80 new JWT identities across both
+/// replicas: exactly 20 answered, 60 `signup_cap_exceeded`, exactly 20 users created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_signup_cap() {
+    use crate::common::auth_servers::{good_jwt, jwt_table, JwksServer, Mode};
+    let jwks = JwksServer::start(Mode::Healthy).await;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let up = Paced::start().await;
+    let extra = format!(
+        "{}[service_types.capped]\nmodels = [\"*\"]\nsignup_cap_per_day = 20\n",
+        jwt_table(&jwks.url(), "")
+    );
+    let config = write_config(&config_text(&db.url, &up, 2, "", &extra));
+    let (a, b) = tokio::join!(spawn(&config), spawn(&config));
+    let mut replicas = [a, b];
+    let client = http_client();
+    for p in &replicas {
+        wait_ready(&client, p).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        let client = client.clone();
+        let url = replicas[i % 2].url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(good_jwt(&format!("replica-cap-{i}")))
+                .header("x-tollgate-service-type", "capped")
+                .header("x-request-id", format!("replica-cap-{i}"))
+                .json(&json!({"model": "p/quick", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .expect("chat request");
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                v["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }));
+    }
+    let mut seen: HashMap<(u16, String), usize> = HashMap::new();
+    for t in tasks {
+        *seen.entry(t.await.expect("task")).or_default() += 1;
+    }
+    assert_eq!(seen.get(&(200, String::new())), Some(&20), "{seen:?}");
+    assert_eq!(
+        seen.get(&(403, "signup_cap_exceeded".into())),
+        Some(&60),
+        "{seen:?}"
+    );
+    use diesel_async::RunQueryDsl;
+    let users: Count =
+        diesel::sql_query("SELECT COUNT(*)::BIGINT AS n FROM users WHERE service_type = 'capped'")
+            .get_result(&mut pg(&db.url).await)
+            .await
+            .expect("count users");
+    assert_eq!(users.n, 20);
+    for p in &mut replicas {
+        p.signal("TERM");
+    }
+    for p in &mut replicas {
+        assert!(wait_exit(p, SLOW).await.success(), "{}", p.log_text());
+    }
+    assert_eq!(ledger_count(&db.url).await.0, 80, "one row per request");
+}
