@@ -268,7 +268,7 @@ async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     header_timeout: Duration,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
     use tower::ServiceExt;
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -276,20 +276,7 @@ async fn serve_http(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
     let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of file descriptors, say: back off instead of spinning.
-                    tracing::warn!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = async { let _ = stopped.wait_for(|s| *s).await; } => break,
-        };
-        while conns.try_join_next().is_some() {}
+    let serve = |conns: &mut tokio::task::JoinSet<()>, tcp: tokio::net::TcpStream| {
         // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
@@ -324,8 +311,36 @@ async fn serve_http(
                 }
             }
         });
+    };
+    let mut stop_watch = stopped.clone();
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = stop_watch.wait_for(|s| *s).await; } => break,
+        };
+        while conns.try_join_next().is_some() {}
+        serve(&mut conns, tcp);
     }
-    drop(listener);
+    // Connections whose handshake the kernel already completed wait in the accept queue, their
+    // requests possibly sent: closing the listener would reset them. Take every one of them
+    // (straight from the socket, not through the reactor's possibly stale readiness) first.
+    if let Ok(std_listener) = listener.into_std() {
+        while let Ok((tcp, _)) = std_listener.accept() {
+            let _ = tcp.set_nonblocking(true);
+            match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => serve(&mut conns, tcp),
+                Err(e) => tracing::warn!(error = %e, "HTTP accept at shutdown failed"),
+            }
+        }
+    }
     while conns.join_next().await.is_some() {}
 }
 
