@@ -59,6 +59,7 @@ pub struct RunningServer {
     grpc_task: JoinHandle<()>,
     reload_task: JoinHandle<()>,
     grace: Duration,
+    delay: Duration,
 }
 
 impl RunningServer {
@@ -198,6 +199,7 @@ impl RunningServer {
             grpc_task,
             reload_task,
             grace: Duration::from_secs(server_cfg.shutdown_grace_secs),
+            delay: Duration::from_millis(server_cfg.shutdown_delay_ms),
         })
     }
 
@@ -216,20 +218,36 @@ impl RunningServer {
         &self.gateway
     }
 
-    /// Stops accepting, lets in-flight requests and streams finish up to the grace period,
-    /// then flushes the usage ledger.
+    /// Turns unready, keeps serving for `shutdown_delay_ms`, stops accepting, lets in-flight
+    /// requests and streams finish up to the grace period, ends the streams still running
+    /// (each with an error event, recorded), then flushes the usage ledger and settlements and
+    /// hands the budget leases back.
     pub async fn shutdown(self) {
+        self.gateway.start_draining();
+        if !self.delay.is_zero() {
+            tracing::info!(
+                delay_ms = self.delay.as_millis() as u64,
+                "not ready; serving until the load balancers notice"
+            );
+            tokio::time::sleep(self.delay).await;
+        }
         let _ = self.stop.send(true);
         self.reload_task.abort();
-        let both = async {
+        let mut both = Box::pin(async {
             let _ = self.http_task.await;
             let _ = self.grpc_task.await;
-        };
-        if tokio::time::timeout(self.grace, both).await.is_err() {
+        });
+        if tokio::time::timeout(self.grace, &mut both).await.is_err() {
             tracing::warn!(
                 grace_secs = self.grace.as_secs(),
-                "in-flight requests outlived the shutdown grace period"
+                "in-flight requests outlived the shutdown grace period; ending their streams"
             );
+            self.gateway.cut_streams();
+            // A cut stream sends its error event and records its row within milliseconds;
+            // what still runs then (a non-streamed request) is abandoned.
+            if tokio::time::timeout(CUT_WAIT, &mut both).await.is_err() {
+                tracing::warn!("requests still running after their streams were ended");
+            }
         }
         self.gateway.flush_ledger().await;
         self.gateway.flush_traces().await;
@@ -244,6 +262,12 @@ impl RunningServer {
     }
 }
 
+/// How long a connection accepted just before the stop may take to send its first request.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(500);
+
+/// How long streams ended at the grace period's end get to send their error event.
+const CUT_WAIT: Duration = Duration::from_secs(2);
+
 /// Serves HTTP/1.1 on `listener` until `stopped`, then lets open connections finish. hyper's
 /// own connection loop rather than `axum::serve`, which cannot set `header_read_timeout`: a
 /// client that trickles its headers is cut off after `header_timeout`, and a head larger than
@@ -253,7 +277,7 @@ async fn serve_http(
     app: axum::Router,
     header_timeout: Duration,
     max_header_bytes: usize,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
     use tower::ServiceExt;
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -263,6 +287,43 @@ async fn serve_http(
         // The read buffer bounds the head: a larger one is refused with 431 (validated >= 8192).
         .max_buf_size(max_header_bytes);
     let mut conns = tokio::task::JoinSet::new();
+    let serve = |conns: &mut tokio::task::JoinSet<()>, tcp: tokio::net::TcpStream| {
+        // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        // Set once the connection's first request arrives (see below).
+        let first = Arc::new(tokio::sync::Notify::new());
+        let first_seen = first.clone();
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                first_seen.notify_one();
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let mut stopped = stopped.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            let mut started = std::pin::pin!(first.notified());
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                    // A connection accepted just before the stop has its request on the way:
+                    // hyper would close it unread (it is idle), and the client would see a
+                    // request dropped after it was accepted. Give it its first request
+                    // (answered with `Connection: close`); an idle keep-alive connection that
+                    // already served one is closed at once.
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = &mut started => {}
+                        _ = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    };
+    let mut stop_watch = stopped.clone();
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -274,30 +335,23 @@ async fn serve_http(
                     continue;
                 }
             },
-            _ = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+            _ = async { let _ = stop_watch.wait_for(|s| *s).await; } => break,
         };
         while conns.try_join_next().is_some() {}
-        // Nagle plus delayed ACK would hold back small SSE frames by tens of milliseconds.
-        let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let service =
-            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            });
-        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-        let mut stopped = stopped.clone();
-        conns.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
+        serve(&mut conns, tcp);
     }
-    drop(listener);
+    // Connections whose handshake the kernel already completed wait in the accept queue, their
+    // requests possibly sent: closing the listener would reset them. Take every one of them
+    // (straight from the socket, not through the reactor's possibly stale readiness) first.
+    if let Ok(std_listener) = listener.into_std() {
+        while let Ok((tcp, _)) = std_listener.accept() {
+            let _ = tcp.set_nonblocking(true);
+            match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => serve(&mut conns, tcp),
+                Err(e) => tracing::warn!(error = %e, "HTTP accept at shutdown failed"),
+            }
+        }
+    }
     while conns.join_next().await.is_some() {}
 }
 

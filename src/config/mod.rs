@@ -179,6 +179,21 @@ pub struct BudgetsConfig {
     pub lease_min_remaining_fraction: f64,
     /// A lease not renewed by then (its replica stopped) returns to the budget.
     pub lease_ttl_ms: u64,
+    /// What an expired request reservation (its replica crashed) does to the budget.
+    pub expired_reservations: ExpiredReservations,
+}
+
+/// `budgets.expired_reservations`: a reservation whose request never settled (its replica
+/// died) either goes back to the budget or is charged as spent. Leases are always given back:
+/// their unused part was never spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiredReservations {
+    /// Given back: the request is assumed not to have cost anything (it may have).
+    #[default]
+    Release,
+    /// Charged at the reserved maximum: the upstream may have served and billed it.
+    Charge,
 }
 
 impl Default for BudgetsConfig {
@@ -192,6 +207,7 @@ impl Default for BudgetsConfig {
             lease_fraction: 0.1,
             lease_min_remaining_fraction: 0.2,
             lease_ttl_ms: 30_000,
+            expired_reservations: ExpiredReservations::Release,
         }
     }
 }
@@ -227,6 +243,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
     pub shutdown_grace_secs: u64,
+    /// After SIGTERM, how long `/readyz` answers 503 while both listeners keep serving, before
+    /// they stop accepting: load balancers see the replica leave before its port closes.
+    pub shutdown_delay_ms: u64,
     pub default_service_type: String,
     /// How long an HTTP client may take to send a request's headers (a trickling client is
     /// cut off instead of holding its connection forever).
@@ -248,6 +267,7 @@ impl Default for ServerConfig {
             max_body_bytes: 3 * 1024 * 1024,
             admin_token: None,
             shutdown_grace_secs: 30,
+            shutdown_delay_ms: 0,
             default_service_type: "default".into(),
             header_read_timeout_ms: 30_000,
             body_read_timeout_ms: 60_000,

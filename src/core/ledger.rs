@@ -101,10 +101,32 @@ async fn write_with_retry(store: &Store, rows: &[NewLedgerRow]) {
         return;
     }
     let mut backoff = Duration::from_millis(50);
+    let mut failed = false;
     loop {
+        // A failed write may have committed (the connection died before the acknowledgement):
+        // the batch is one transaction, so its first row tells. Never write it twice.
+        if failed {
+            match store.ledger_row_exists(&rows[0]).await {
+                Ok(true) => {
+                    tracing::warn!(
+                        rows = rows.len(),
+                        "a ledger write that seemed to fail had committed"
+                    );
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = rows.len(), "ledger write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         match store.insert_ledger_rows(rows).await {
             Ok(()) => return,
             Err(e) => {
+                failed = true;
                 tracing::warn!(error = %e, rows = rows.len(), "ledger write failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

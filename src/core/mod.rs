@@ -8,6 +8,7 @@ mod dispatch;
 mod embed;
 mod gateway;
 pub mod ledger;
+pub mod lifecycle;
 mod native;
 pub mod outcome;
 pub mod policy;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use super::dispatch::upstream_reason;
+use super::lifecycle::StreamCut;
 use super::outcome::OutcomeGuard;
 use super::{Reason, Rejection};
 use crate::api::{estimate_tokens, Usage};
@@ -41,6 +42,8 @@ pub struct PassthroughStream {
     waiting_since: Option<Instant>,
     upstream_wait: Duration,
     policy_headers: Vec<(&'static str, String)>,
+    /// Shutdown's end of the grace period.
+    cut: StreamCut,
 }
 
 impl PassthroughStream {
@@ -51,6 +54,7 @@ impl PassthroughStream {
         resolved: String,
         prompt_estimate: u64,
     ) -> Self {
+        let cut = guard.stream_cut();
         Self {
             upstream,
             first: Some(first),
@@ -63,6 +67,7 @@ impl PassthroughStream {
             waiting_since: None,
             upstream_wait: Duration::ZERO,
             policy_headers: Vec::new(),
+            cut,
         }
     }
 
@@ -117,6 +122,10 @@ impl Stream for PassthroughStream {
         let this = &mut *self;
         if this.guard.is_none() {
             return Poll::Ready(None);
+        }
+        if this.cut.poll_cut(cx) {
+            this.settle(Reason::InternalError);
+            return Poll::Ready(Some(Err(super::stream::shutdown_cut(&this.resolved))));
         }
         let next = match this.first.take() {
             Some(first) => Some(Ok(first)),

@@ -32,6 +32,8 @@ pub struct Recorder {
     pub access_log: Arc<AtomicBool>,
     /// Where the request's spans go.
     pub tracer: Tracer,
+    /// Shutdown: streams watch it to end at the grace period's end.
+    pub lifecycle: crate::core::lifecycle::Lifecycle,
 }
 
 /// Everything known about a chat request so far; filled in as it moves through the stages.
@@ -128,6 +130,11 @@ impl OutcomeGuard {
     /// The request's server span, to open attempts on and to note what it learns.
     pub fn trace(&mut self) -> Option<&mut ServerTrace> {
         self.trace.as_mut()
+    }
+
+    /// When shutdown cuts the streams still running (for a stream to watch).
+    pub fn stream_cut(&self) -> crate::core::lifecycle::StreamCut {
+        self.recorder.lifecycle.stream_cut()
     }
 
     /// The inbound API the request came in on.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::Stream;
 
 use super::dispatch::upstream_reason;
+use super::lifecycle::StreamCut;
 use super::outcome::OutcomeGuard;
 use super::{Reason, Rejection};
 use crate::api::{estimate_tokens, ChatDelta, Usage};
@@ -29,6 +30,8 @@ pub struct ChatStream {
     waiting_since: Option<Instant>,
     upstream_wait: Duration,
     policy_headers: Vec<(&'static str, String)>,
+    /// Shutdown's end of the grace period.
+    cut: StreamCut,
 }
 
 impl ChatStream {
@@ -40,6 +43,7 @@ impl ChatStream {
         include_usage: bool,
         prompt_estimate: u64,
     ) -> Self {
+        let cut = guard.stream_cut();
         Self {
             upstream,
             first,
@@ -53,6 +57,7 @@ impl ChatStream {
             waiting_since: None,
             upstream_wait: Duration::ZERO,
             policy_headers: Vec::new(),
+            cut,
         }
     }
 
@@ -135,6 +140,10 @@ impl Stream for ChatStream {
             if this.guard.is_none() {
                 return Poll::Ready(None);
             }
+            if this.cut.poll_cut(cx) {
+                this.settle(Reason::InternalError);
+                return Poll::Ready(Some(Err(shutdown_cut(&this.resolved))));
+            }
             let next = match this.first.take() {
                 Some(first) => Some(Ok(first)),
                 None => {
@@ -183,6 +192,17 @@ impl Stream for ChatStream {
             }
         }
     }
+}
+
+/// The error a stream still running at the end of the shutdown grace period ends with: the
+/// gateway itself ended it (a failure, `internal_error`), with what was produced charged.
+pub(crate) fn shutdown_cut(resolved: &str) -> Rejection {
+    Rejection::new(
+        Reason::InternalError,
+        format!(
+            "tollgate is shutting down: the stream from {resolved} outlived the shutdown grace              period and was ended"
+        ),
+    )
 }
 
 impl Drop for ChatStream {

@@ -16,10 +16,14 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The store answers and a configuration is loaded; with `[rate_limits] backend = "redis"`,
-/// the body also says whether Redis answers, and a replica that fails closed is not ready
-/// while it does not (one that fails open still serves, so it stays ready).
+/// The store answers, a configuration is loaded, and the process is not shutting down; with
+/// `[rate_limits] backend = "redis"`, the body also says whether Redis answers, and a replica
+/// that fails closed is not ready while it does not (one that fails open still serves, so it
+/// stays ready).
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     let (store, redis) = tokio::join!(gw.ready(), gw.redis_ready());
     if !store {
         return (StatusCode::SERVICE_UNAVAILABLE, "store unreachable").into_response();

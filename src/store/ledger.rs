@@ -69,6 +69,21 @@ impl Store {
         })
     }
 
+    /// Whether `row` is already stored (same request id, start and finish): after a write
+    /// whose commit was not acknowledged (the connection died), tells whether it committed.
+    pub async fn ledger_row_exists(&self, row: &NewLedgerRow) -> Result<bool, StoreError> {
+        with_conn!(self, conn => {
+            let n: i64 = usage_ledger::table
+                .filter(usage_ledger::request_id.eq(&row.request_id))
+                .filter(usage_ledger::started_at.eq(row.started_at))
+                .filter(usage_ledger::finished_at.eq(row.finished_at))
+                .count()
+                .get_result(conn)
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
     /// The rows of one request (normally one).
     pub async fn ledger_by_request_id(
         &self,

@@ -23,7 +23,7 @@ use crate::clock::Clock;
 
 pub use budgets::{
     BudgetRow, LeaseGrow, ModelUsage, RateLimitRow, ReserveOutcome, ReserveRequest, ReserveScope,
-    SettlePart, Settlement, UsageFilter,
+    SettlePart, Settlement, UsageFilter, LEASE_ID_PREFIX,
 };
 pub use ledger::{LedgerRow, NewLedgerRow};
 pub use signups::{Provisioned, SignupCap, SignupUsage, PROVISIONED_METHODS};

@@ -280,14 +280,14 @@ async fn huge_max_tokens_are_budget_exceeded(backend: Backend) {
 
 /// A TCP proxy to `target` that the test can cut (every open connection dropped, new ones
 /// refused by closing them at once) and restore.
-struct CuttableProxy {
-    addr: std::net::SocketAddr,
+pub(crate) struct CuttableProxy {
+    pub(crate) addr: std::net::SocketAddr,
     up: Arc<std::sync::atomic::AtomicBool>,
     conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl CuttableProxy {
-    async fn start(target: String) -> CuttableProxy {
+    pub(crate) async fn start(target: String) -> CuttableProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -312,14 +312,14 @@ impl CuttableProxy {
     }
 
     /// The database is gone: open connections die, new ones are closed on arrival.
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         for t in self.conns.lock().unwrap().drain(..) {
             t.abort();
         }
     }
 
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
 }

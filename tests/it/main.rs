@@ -20,6 +20,7 @@ mod faults;
 mod fuzz;
 mod hostile;
 mod key_pools;
+mod lifecycle;
 mod messages;
 mod openapi;
 mod operator;

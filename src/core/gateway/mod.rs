@@ -164,6 +164,7 @@ impl Gateway {
                 clock: parts.deps.clock.clone(),
                 access_log: Arc::new(std::sync::atomic::AtomicBool::new(access)),
                 tracer: parts.tracer,
+                lifecycle: crate::core::lifecycle::Lifecycle::new(),
             },
             deps: parts.deps,
             source: parts.source,
@@ -268,6 +269,22 @@ impl Gateway {
     /// Budgets and rate limits.
     pub fn budgets(&self) -> &Arc<super::policy::Budgets> {
         &self.recorder.budgets
+    }
+
+    /// Shutdown has begun: readiness answers 503 from now on, requests are still served.
+    pub fn start_draining(&self) {
+        self.recorder.lifecycle.start_draining();
+    }
+
+    /// Whether shutdown has begun.
+    pub fn draining(&self) -> bool {
+        self.recorder.lifecycle.is_draining()
+    }
+
+    /// The grace period is over: streams still running end with an error event and record
+    /// their outcome and usage.
+    pub fn cut_streams(&self) {
+        self.recorder.lifecycle.cut_streams();
     }
 
     /// Whether the store answers (readiness).

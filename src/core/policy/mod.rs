@@ -44,6 +44,8 @@ pub struct Budgets {
     limiter: RateLimitBackend,
     leases: Leases,
     writes: WriteCounter,
+    /// `budgets.expired_reservations = "charge"` (read at start).
+    charge_expired: bool,
 }
 
 /// Counts budget writes to the store by kind (`tollgate_budget_store_writes_total`).
@@ -173,6 +175,8 @@ impl Budgets {
             limiter: RateLimitBackend::from_config(rate_limits, fail_open),
             leases: Leases::default(),
             writes,
+            charge_expired: config.expired_reservations
+                == crate::config::ExpiredReservations::Charge,
         });
         // Leases with requests in flight are renewed every second until those requests end.
         let weak = Arc::downgrade(&budgets);

@@ -11,6 +11,9 @@
 mod reserve;
 mod settle;
 
+/// Reservation ids of budget leases start with this (a request's reservation never does).
+pub const LEASE_ID_PREFIX: &str = "lease-";
+
 use diesel::dsl::{self, sql};
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;

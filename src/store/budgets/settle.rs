@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel::OptionalExtension;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::Settlement;
+use super::{Settlement, LEASE_ID_PREFIX};
 use crate::store::ledger::pg_insert_rows;
 use crate::store::schema::{budget_reservations, budgets};
 use crate::store::{with_conn, NewLedgerRow, Store, StoreError};
@@ -250,6 +250,19 @@ impl Store {
         now: i64,
         limit: i64,
     ) -> Result<usize, StoreError> {
+        self.budget_expire_reservations(budget_id, now, limit, false)
+            .await
+    }
+
+    /// As [`Store::budget_release_expired`]; with `charge_requests` a request's expired
+    /// reservation is charged as spent instead of given back (leases are always given back).
+    pub async fn budget_expire_reservations(
+        &self,
+        budget_id: Option<i64>,
+        now: i64,
+        limit: i64,
+        charge_requests: bool,
+    ) -> Result<usize, StoreError> {
         with_conn!(self, conn => {
             Ok(conn
                 .transaction::<_, diesel::result::Error, _>(async |conn| {
@@ -264,7 +277,8 @@ impl Store {
                     }
                     .load(&mut *conn)
                     .await?;
-                    let mut give_back = BTreeMap::<i64, i64>::new();
+                    // Per budget: (charged as spent, given back from reserved).
+                    let mut give_back = BTreeMap::<i64, (i64, i64)>::new();
                     let mut released = 0;
                     for (id, budget) in expired {
                         // Deleted here or by a settlement racing us: whoever deletes the row
@@ -280,13 +294,17 @@ impl Store {
                         .await
                         .optional()?;
                         if let Some(amount) = amount {
-                            *give_back.entry(budget).or_default() += amount;
+                            let e = give_back.entry(budget).or_default();
+                            if charge_requests && !id.starts_with(LEASE_ID_PREFIX) {
+                                e.0 += amount;
+                            }
+                            e.1 += amount;
                             released += 1;
                         }
                     }
                     // Budget rows last and in id order: locks held briefly, in one order.
-                    for (budget, amount) in give_back {
-                        charge(budget, 0, amount, now).execute(&mut *conn).await?;
+                    for (budget, (spent, amount)) in give_back {
+                        charge(budget, spent, amount, now).execute(&mut *conn).await?;
                     }
                     Ok(released)
                 })

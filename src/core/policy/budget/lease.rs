@@ -416,7 +416,11 @@ impl Budgets {
                 }
             }
             None => {
-                let id = format!("lease-{}", uuid::Uuid::new_v4().simple());
+                let id = format!(
+                    "{}{}",
+                    crate::store::LEASE_ID_PREFIX,
+                    uuid::Uuid::new_v4().simple()
+                );
                 self.writes.count("lease");
                 let turn = self.settler.write_turn(&self.store).await;
                 let outcome = self

@@ -200,7 +200,12 @@ impl Budgets {
                 self.writes.count("release");
                 let released = self
                     .store
-                    .budget_release_expired(Some(row.id), self.clock.now_ms(), 1000)
+                    .budget_expire_reservations(
+                        Some(row.id),
+                        self.clock.now_ms(),
+                        1000,
+                        self.charge_expired,
+                    )
                     .await;
                 drop(turn);
                 if released? > 0 {

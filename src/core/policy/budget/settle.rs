@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::lease::LeasedPart;
 use super::{Period, ScopeKey};
 use crate::clock::Clock;
-use crate::config::BudgetsConfig;
+use crate::config::{BudgetsConfig, ExpiredReservations};
 use crate::core::ledger::Ledger;
 use crate::core::policy::rate_limit::RateCharge;
 use crate::core::policy::Budgets;
@@ -200,7 +200,10 @@ impl Settler {
             rx,
             shared.clone(),
             writes,
-            Duration::from_secs(config.sweep_interval_secs.max(1)),
+            Sweep {
+                every: Duration::from_secs(config.sweep_interval_secs.max(1)),
+                charge_expired: config.expired_reservations == ExpiredReservations::Charge,
+            },
             Duration::from_millis(config.settle_batch_ms),
         ));
         Settler { tx, shared }
@@ -263,6 +266,12 @@ impl Settler {
     }
 }
 
+/// How often expired reservations are swept, and whether they are charged.
+struct Sweep {
+    every: Duration,
+    charge_expired: bool,
+}
+
 /// The settlement writer: writes whatever is queued in one transaction, at once (settlements
 /// give budget back, so they are not held for a batch deadline), retrying until it succeeds;
 /// and every `sweep` releases expired reservations.
@@ -272,9 +281,13 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
     writes: WriteCounter,
-    sweep: Duration,
+    sweep: Sweep,
     linger: Duration,
 ) {
+    let Sweep {
+        every: sweep,
+        charge_expired,
+    } = sweep;
     let mut tick = tokio::time::interval(sweep);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -287,7 +300,9 @@ async fn writer(
             _ = tick.tick() => {
                 let turn = shared.write_turn(&store).await;
                 writes.count("release");
-                let released = store.budget_release_expired(None, clock.now_ms(), 500).await;
+                let released = store
+                    .budget_expire_reservations(None, clock.now_ms(), 500, charge_expired)
+                    .await;
                 drop(turn);
                 match released {
                     Ok(0) => {}
@@ -354,11 +369,34 @@ async fn write_with_retry(
         return;
     }
     let mut backoff = Duration::from_millis(50);
+    let mut failed = false;
+    // The batch is one transaction: one of its ledger rows tells whether a failed attempt
+    // had committed after all (its acknowledgement lost with the connection).
+    let probe = batch.iter().find_map(|s| s.ledger.as_ref());
     loop {
+        if let (true, Some(row)) = (failed, probe) {
+            match store.ledger_row_exists(row).await {
+                Ok(true) => {
+                    tracing::warn!(
+                        settlements = batch.len(),
+                        "a budget settlement that seemed to fail had committed"
+                    );
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, settlements = batch.len(), "budget settlement failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         writes.count("settle");
         match store.budget_settle(batch, clock.now_ms()).await {
             Ok(()) => return,
             Err(e) => {
+                failed = true;
                 tracing::warn!(error = %e, settlements = batch.len(), "budget settlement failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
