@@ -351,11 +351,14 @@ impl Config {
     }
 
     /// The service types, with an implicit permissive `default` when none are configured.
-    pub fn service_type(&self, name: &str) -> Option<ServiceTypeConfig> {
+    pub fn service_type(&self, name: &str) -> Option<&ServiceTypeConfig> {
+        // Borrowed, not cloned: this is read on every request.
+        static IMPLICIT: std::sync::LazyLock<ServiceTypeConfig> =
+            std::sync::LazyLock::new(ServiceTypeConfig::default);
         if self.service_types.is_empty() && name == self.server.default_service_type {
-            return Some(ServiceTypeConfig::default());
+            return Some(&IMPLICIT);
         }
-        self.service_types.get(name).cloned()
+        self.service_types.get(name)
     }
 }
 

@@ -317,7 +317,7 @@ impl Admin {
         }
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            let st = config.service_type(&name).unwrap_or_default();
+            let st = config.service_type(&name).cloned().unwrap_or_default();
             let used = self.store.signup_usage(&name, now_ms).await?;
             let remaining = |cap: Option<u64>, used: i64| cap.map(|c| (c as i64 - used).max(0));
             let remaining = match (

@@ -120,7 +120,7 @@ pub(in crate::core) async fn admit(
         .budgets
         .admit(crate::core::policy::AdmitArgs {
             principal: &principal,
-            service_type: st.as_ref(),
+            service_type: st,
             route: &route,
             demand,
             request_id: &ctx.request_id,

@@ -354,7 +354,7 @@ impl Gateway {
         let rt = self.runtime();
         let st = rt.config.service_type(&principal.service_type);
         self.budgets()
-            .remaining(principal, st.as_ref(), &rt.config.budgets)
+            .remaining(principal, st, &rt.config.budgets)
             .await
             .map_err(|e| crate::core::policy::store_failed("budget lookup", e))
     }
