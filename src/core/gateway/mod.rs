@@ -548,7 +548,7 @@ impl Gateway {
                 format!("unknown service type `{}`", label_safe(&service_type)),
             ));
         };
-        let purpose = check_purpose(&st, ctx.purpose.as_deref())?;
+        let purpose = check_purpose(st, ctx.purpose.as_deref())?;
         let identity = match credential {
             Credential::Known(identity) => identity,
             Credential::External(ext) => {
