@@ -81,7 +81,10 @@ async fn http_one(s: &TestServer, kind: Kind, rid: &str) -> Option<String> {
         .header("x-tollgate-service-type", service_type)
         .json(&body);
     if kind == Kind::HangUp {
-        req = req.timeout(Duration::from_millis(300));
+        // Long enough for the request to reach the gateway on a loaded machine (a hang-up
+        // before that is no request at all), and shorter than the stall's first-byte timeout
+        // (1.5 s from when the gateway calls upstream), so the hang-up always comes first.
+        req = req.timeout(Duration::from_millis(1000));
         let r = req.send().await;
         assert!(
             r.is_err(),
