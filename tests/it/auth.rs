@@ -2203,6 +2203,7 @@ async fn service_types_and_purposes() {
         )
         .await;
     }
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
 
     // An unknown model is labelled `unknown`.
     let rid = new_request_id();
