@@ -200,7 +200,7 @@ pub(crate) fn shutdown_cut(resolved: &str) -> Rejection {
     Rejection::new(
         Reason::InternalError,
         format!(
-            "tollgate is shutting down: the stream from {resolved} outlived the shutdown grace              period and was ended"
+            "tollgate is shutting down: the stream from {resolved} outlived the shutdown grace period and was ended"
         ),
     )
 }

@@ -402,6 +402,7 @@ async fn expect_success_both(
         2.0,
     )
     .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     let h = s.ledger_row(&rid_h).await;
     let g = s.ledger_row(&rid_g).await;
     for row in [&h, &g] {
@@ -1148,6 +1149,14 @@ async fn first_sight_provisions_exactly_one_user(backend: Backend) {
     s.expect_delta(&before, SIGNUPS, &[("auth_method", "jwt")], 1.0)
         .await;
     s.assert_delta_now(&before, SIGNUPS, &[], 1.0).await;
+    s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &[("outcome", "success"), ("reason", "success")],
+        50.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 50.0).await;
     for rid in &rids {
         assert_eq!(s.ledger_row(rid).await.user_id, Some(user.id));
     }
@@ -2194,6 +2203,7 @@ async fn service_types_and_purposes() {
         )
         .await;
     }
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
 
     // An unknown model is labelled `unknown`.
     let rid = new_request_id();

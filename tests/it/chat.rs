@@ -248,6 +248,7 @@ async fn success_non_stream_parity(backend: Backend) {
         .await;
     s.assert_delta_now(&before, AVAILABILITY, &[("protocol", "grpc")], 1.0)
         .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     let tokens = "tollgate_chat_tokens_total";
     s.assert_delta_now(
         &before,
@@ -1696,6 +1697,7 @@ async fn labels_are_bounded() {
         ];
         s.expect_delta(&before, AVAILABILITY, &labels, 1.0).await;
     }
+    s.assert_delta_now(&before, AVAILABILITY, &[], 4.0).await;
     let row = s.ledger_row(&rid).await;
     assert_eq!(row.service_type.as_deref(), Some("batch"));
     assert_eq!(row.purpose.as_deref(), Some("eval"));
@@ -2314,6 +2316,14 @@ async fn key_pools_rotate_and_exhaust() {
         .await;
     s.expect_delta(&before, AVAILABILITY, &exhausted("grpc"), 2.0)
         .await;
+    s.assert_delta_now(
+        &before,
+        AVAILABILITY,
+        &[("outcome", "success"), ("reason", "success")],
+        8.0,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 13.0).await;
     let text = s.metrics().await;
     let ex = "tollgate_key_pool_exhaustions_total";
     assert!(
@@ -2597,6 +2607,14 @@ async fn budget_is_never_overspent() {
     .await;
     s.expect_delta(&before, AVAILABILITY, &labels("grpc"), 1.0)
         .await;
+    s.assert_delta_now(
+        &before,
+        AVAILABILITY,
+        &[("protocol", "http"), ("outcome", "success")],
+        successes.len() as f64,
+    )
+    .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 13.0).await;
     s.shutdown().await;
 }
 
@@ -2720,6 +2738,7 @@ async fn admin_http_api_users_keys_and_blocks() {
         .await;
     s.expect_delta(&before, AVAILABILITY, &blocked("grpc"), 1.0)
         .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     assert_eq!(
         chat_as(ALICE_KEY, &new_request_id())
             .await

@@ -444,6 +444,13 @@ async fn embeddings(kind: &'static Kind) {
             1.0 + f64::from(u8::from(kind.fail_5xx.is_some())),
         )
         .await;
+        h.s.assert_delta_now(
+            &before,
+            AVAILABILITY,
+            &[],
+            1.0 + f64::from(u8::from(kind.fail_5xx.is_some())),
+        )
+        .await;
         return h.shutdown().await;
     }
     let resolved = resp
@@ -495,6 +502,15 @@ async fn embeddings(kind: &'static Kind) {
         )
         .await;
     }
+    let sent = 1.0 + f64::from(u8::from(kind.fail_5xx.is_some()));
+    h.s.expect_delta(
+        &before,
+        AVAILABILITY,
+        &[("protocol", "http"), ("outcome", "success")],
+        sent,
+    )
+    .await;
+    h.s.assert_delta_now(&before, AVAILABILITY, &[], sent).await;
     h.shutdown().await;
 }
 

@@ -335,6 +335,7 @@ async fn http_body_reaches_upstream_untouched_float_and_base64() {
     let mut success = success.to_vec();
     success.push(("api", "embeddings"));
     s.expect_delta(&before, AVAILABILITY, &success, 2.0).await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 2.0).await;
     let spend = [("model", "emb/small")];
     s.expect_delta(&before, "tollgate_spend_usd_total", &spend, 0.009)
         .await;
@@ -532,6 +533,11 @@ async fn bad_requests_are_refused_and_every_one_counted() {
     s.expect_delta(&before, AVAILABILITY, &auth, 1.0).await;
     let left = avail("http", "abort", "client_disconnected", "stuck");
     s.expect_delta(&before, AVAILABILITY, &left, 1.0).await;
+    let rejected = [("protocol", "http"), ("reason", "upstream_rejected")];
+    s.assert_delta_now(&before, AVAILABILITY, &rejected, 1.0)
+        .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], n + 5.0)
+        .await;
     s.shutdown().await;
 }
 
@@ -660,6 +666,17 @@ async fn grpc_embed_over_the_network() {
     s.expect_delta(&before, AVAILABILITY, &success, 1.0).await;
     let refused = avail("grpc", "excluded", "invalid_request", "unknown");
     s.expect_delta(&before, AVAILABILITY, &refused, 2.0).await;
+    // The mock's token-array success, the model that cannot embed and the unknown model.
+    let grpc_success = [("protocol", "grpc"), ("outcome", "success")];
+    s.assert_delta_now(&before, AVAILABILITY, &grpc_success, 2.0)
+        .await;
+    let cannot_embed = [("protocol", "grpc"), ("reason", "invalid_request")];
+    s.assert_delta_now(&before, AVAILABILITY, &cannot_embed, 3.0)
+        .await;
+    let missing = [("protocol", "grpc"), ("reason", "model_not_found")];
+    s.assert_delta_now(&before, AVAILABILITY, &missing, 1.0)
+        .await;
+    s.assert_delta_now(&before, AVAILABILITY, &[], 7.0).await;
     s.shutdown().await;
 }
 

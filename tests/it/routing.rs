@@ -500,6 +500,7 @@ async fn falls_back_on_each_retryable_failure_over_http_and_grpc() {
     let mut s = server(extra).await;
     let before = s.metrics().await;
 
+    let mut sent = 0.0;
     for (name, first, reason, failing, grpc_reaches_first) in cases {
         // HTTP
         let rid = new_request_id();
@@ -574,6 +575,8 @@ async fn falls_back_on_each_retryable_failure_over_http_and_grpc() {
             )
             .await;
         }
+        sent += 2.0;
+        s.assert_delta_now(&before, AVAILABILITY, &[], sent).await;
     }
     s.shutdown().await;
 }
@@ -601,6 +604,7 @@ async fn a_callers_4xx_does_not_fall_back_or_mark_the_provider_unhealthy() {
     let mut s = server(extra).await;
     let before = s.metrics().await;
 
+    let mut sent = 0.0;
     for (name, upstream, status) in [("strict400", &picky, 400), ("strict422", &fussy, 422)] {
         for round in 0..2 {
             let rid = new_request_id();
@@ -666,6 +670,8 @@ async fn a_callers_4xx_does_not_fall_back_or_mark_the_provider_unhealthy() {
             2.0,
         )
         .await;
+        sent += 4.0;
+        s.assert_delta_now(&before, AVAILABILITY, &[], sent).await;
     }
     assert_eq!(good.count(), 0, "the good upstream never saw anything");
     s.shutdown().await;
@@ -1164,6 +1170,16 @@ async fn a_chain_with_no_healthy_entry_is_still_tried() {
         2.0,
     )
     .await;
+    for protocol in ["http", "grpc"] {
+        s.expect_delta(
+            &before,
+            AVAILABILITY,
+            &avail(protocol, "success", "success", "both_sick"),
+            1.0,
+        )
+        .await;
+    }
+    s.assert_delta_now(&before, AVAILABILITY, &[], 4.0).await;
     s.shutdown().await;
 }
 
@@ -1200,6 +1216,7 @@ async fn a_stream_falls_back_when_its_first_entry_fails_before_the_first_chunk()
     let mut s = server(extra).await;
     let before = s.metrics().await;
 
+    let mut sent = 0.0;
     for (name, first, reason, failing) in cases {
         let rid = new_request_id();
         let resp = s.chat(&stream_body(name, &rid), Some(&rid)).await;
@@ -1271,6 +1288,8 @@ async fn a_stream_falls_back_when_its_first_entry_fails_before_the_first_chunk()
             )
             .await;
         }
+        sent += 2.0;
+        s.assert_delta_now(&before, AVAILABILITY, &[], sent).await;
     }
     s.shutdown().await;
 }

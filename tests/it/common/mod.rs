@@ -524,6 +524,17 @@ impl TestServer {
         );
     }
 
+    /// The running server's metrics registry, still readable after [`TestServer::shutdown`]
+    /// (what is counted only during the shutdown: streams cut at the grace period's end).
+    pub fn metrics_registry(&self) -> std::sync::Arc<tollgate::metrics::Metrics> {
+        self.server
+            .as_ref()
+            .expect("the server is running")
+            .gateway()
+            .metrics()
+            .clone()
+    }
+
     pub async fn grpc(&self) -> GatewayClient<Channel> {
         GatewayClient::connect(format!("http://{}", self.grpc_addr))
             .await
