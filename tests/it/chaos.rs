@@ -170,10 +170,10 @@ async fn http_one(s: &TestServer, kind: Kind, rid: &str) -> Option<String> {
         .header("x-tollgate-service-type", service_type)
         .json(&body);
     if kind == Kind::HangUp {
-        // Long enough for the request to be wholly handed over on a loaded machine (a client
-        // that leaves before the server has its body is counted much later, see
-        // docs/operations.md), and shorter than the stall's first-byte timeout (1.5 s from
-        // when the gateway calls upstream), so the hang-up always comes first.
+        // Long enough for the request to be wholly handed over on a loaded machine (at 300 ms
+        // some clients left before the server had their body, and were counted only when the
+        // client's connection finally closed, ~30 s later), and shorter than the stall's
+        // first-byte timeout (1.5 s from when the gateway calls upstream).
         req = req.timeout(Duration::from_millis(1000));
         let r = req.send().await;
         assert!(
