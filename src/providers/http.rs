@@ -328,18 +328,29 @@ async fn read_capped(
     if resp.content_length().is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
+    // An answer that arrives as one chunk (the usual case) is kept as it came, without a copy.
+    let mut whole: Option<bytes::Bytes> = None;
     let mut buf = bytes::BytesMut::new();
     while let Some(chunk) = resp
         .chunk()
         .await
         .map_err(|e| UpstreamError::BadResponse(e.to_string()))?
     {
-        if buf.len() + chunk.len() > max {
+        let held = whole.as_ref().map_or(0, |w| w.len()) + buf.len();
+        if held + chunk.len() > max {
             return Err(too_large());
+        }
+        if held == 0 {
+            whole = Some(chunk);
+            continue;
+        }
+        if let Some(w) = whole.take() {
+            buf.reserve(w.len() + chunk.len());
+            buf.extend_from_slice(&w);
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf.freeze())
+    Ok(whole.unwrap_or_else(|| buf.freeze()))
 }
 
 /// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).
