@@ -97,37 +97,47 @@ async fn writer(
 }
 
 async fn write_with_retry(store: &Store, rows: &[NewLedgerRow]) {
-    if rows.is_empty() {
+    let Some(first) = rows.first() else {
         return;
-    }
+    };
+    write_exactly_once("ledger write", rows.len(), Some(first), store, || {
+        store.insert_ledger_rows(rows)
+    })
+    .await
+}
+
+/// Writes one batch (one transaction) until it is stored, retrying with backoff, and never
+/// twice: after a failed attempt, whose commit may have been acknowledged to nobody (the
+/// connection died), the batch's ledger row `probe` tells whether it is stored already.
+pub(crate) async fn write_exactly_once<F, Fut>(
+    what: &'static str,
+    batch: usize,
+    probe: Option<&NewLedgerRow>,
+    store: &Store,
+    mut write: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::store::StoreError>>,
+{
     let mut backoff = Duration::from_millis(50);
     let mut failed = false;
     loop {
-        // A failed write may have committed (the connection died before the acknowledgement):
-        // the batch is one transaction, so its first row tells. Never write it twice.
-        if failed {
-            match store.ledger_row_exists(&rows[0]).await {
+        let outcome = match (failed, probe) {
+            (true, Some(row)) => match store.ledger_row_exists(row).await {
                 Ok(true) => {
-                    tracing::warn!(
-                        rows = rows.len(),
-                        "a ledger write that seemed to fail had committed"
-                    );
+                    tracing::warn!(batch, "a {what} that seemed to fail had committed");
                     return;
                 }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, rows = rows.len(), "ledger write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            }
-        }
-        match store.insert_ledger_rows(rows).await {
+                Ok(false) => write().await,
+                Err(e) => Err(e),
+            },
+            _ => write().await,
+        };
+        match outcome {
             Ok(()) => return,
             Err(e) => {
                 failed = true;
-                tracing::warn!(error = %e, rows = rows.len(), "ledger write failed; retrying");
+                tracing::warn!(error = %e, batch, "{what} failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

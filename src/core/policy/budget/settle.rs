@@ -11,7 +11,7 @@ use super::lease::LeasedPart;
 use super::{Period, ScopeKey};
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ExpiredReservations};
-use crate::core::ledger::Ledger;
+use crate::core::ledger::{write_exactly_once, Ledger};
 use crate::core::policy::rate_limit::RateCharge;
 use crate::core::policy::Budgets;
 use crate::core::policy::WriteCounter;
@@ -368,39 +368,10 @@ async fn write_with_retry(
     if batch.is_empty() {
         return;
     }
-    let mut backoff = Duration::from_millis(50);
-    let mut failed = false;
-    // The batch is one transaction: one of its ledger rows tells whether a failed attempt
-    // had committed after all (its acknowledgement lost with the connection).
     let probe = batch.iter().find_map(|s| s.ledger.as_ref());
-    loop {
-        if let (true, Some(row)) = (failed, probe) {
-            match store.ledger_row_exists(row).await {
-                Ok(true) => {
-                    tracing::warn!(
-                        settlements = batch.len(),
-                        "a budget settlement that seemed to fail had committed"
-                    );
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, settlements = batch.len(), "budget settlement failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            }
-        }
+    write_exactly_once("budget settlement", batch.len(), probe, store, || {
         writes.count("settle");
-        match store.budget_settle(batch, clock.now_ms()).await {
-            Ok(()) => return,
-            Err(e) => {
-                failed = true;
-                tracing::warn!(error = %e, settlements = batch.len(), "budget settlement failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+        store.budget_settle(batch, clock.now_ms())
+    })
+    .await
 }
