@@ -52,41 +52,7 @@ async fn database_outage_under_load_fails_cleanly_and_loses_nothing() {
     )
     .await;
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..4usize {
-        let (client, url, stop) = (client.clone(), p.url("/v1/chat/completions"), stop.clone());
-        let key = if w % 2 == 0 { ALICE_KEY } else { BOB_KEY };
-        workers.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                let id = format!("outage-{w}-{i}");
-                i += 1;
-                let start = Instant::now();
-                let resp = client
-                    .post(&url)
-                    .bearer_auth(key)
-                    .header("x-request-id", &id)
-                    .json(&json!({"model": "p/quick", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}))
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await;
-                let seen = match resp {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let v: Value = r.json().await.unwrap_or(Value::Null);
-                        (status, v["error"]["code"].as_str().unwrap_or("").to_string())
-                    }
-                    Err(e) => (0, format!("{e:?}")),
-                };
-                out.push((id, seen, start.elapsed()));
-                // Steady, not flooding: the outage must not fill the machine.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            out
-        }));
-    }
+    let traffic = SteadyTraffic::start(&client, &p, "outage");
     let base = up.calls();
     eventually(SLOW, "traffic before the outage", || async {
         (up.calls() >= base + 40).then_some(())
@@ -125,11 +91,7 @@ async fn database_outage_under_load_fails_cleanly_and_loses_nothing() {
         (up.calls() >= base + 20).then_some(())
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    let mut seen = Vec::new();
-    for w in workers {
-        seen.extend(w.await.expect("worker"));
-    }
+    let seen = traffic.stop().await;
     let metrics = client
         .get(p.url("/metrics"))
         .send()
@@ -218,40 +180,7 @@ async fn sqlite_locked_by_another_process_fails_cleanly_and_loses_nothing() {
         json!({"scope": "user", "id": alice, "limit_usd": 1000, "period": "total"}),
     )
     .await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..4usize {
-        let (client, url, stop) = (client.clone(), p.url("/v1/chat/completions"), stop.clone());
-        let key = if w % 2 == 0 { ALICE_KEY } else { BOB_KEY };
-        workers.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                let id = format!("locked-{w}-{i}");
-                i += 1;
-                let start = Instant::now();
-                let resp = client
-                    .post(&url)
-                    .bearer_auth(key)
-                    .header("x-request-id", &id)
-                    .json(&json!({"model": "p/quick", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}))
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await;
-                let seen = match resp {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let v: Value = r.json().await.unwrap_or(Value::Null);
-                        (status, v["error"]["code"].as_str().unwrap_or("").to_string())
-                    }
-                    Err(e) => (0, format!("{e:?}")),
-                };
-                out.push((id, seen, start.elapsed()));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            out
-        }));
-    }
+    let traffic = SteadyTraffic::start(&client, &p, "locked");
     let base = up.calls();
     eventually(SLOW, "traffic before the lock", || async {
         (up.calls() >= base + 40).then_some(())
@@ -276,11 +205,7 @@ async fn sqlite_locked_by_another_process_fails_cleanly_and_loses_nothing() {
         (up.calls() >= base + 40).then_some(())
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    let mut seen = Vec::new();
-    for w in workers {
-        seen.extend(w.await.expect("worker"));
-    }
+    let seen = traffic.stop().await;
     p.signal("TERM");
     assert!(wait_exit(&mut p, SLOW).await.success(), "{}", p.log_text());
     let refused: Vec<_> = seen.iter().filter(|(_, (s, _), _)| *s != 200).collect();
@@ -334,4 +259,71 @@ async fn sqlite_locked_by_another_process_fails_cleanly_and_loses_nothing() {
             .expect("count"),
         0
     );
+}
+
+/// What one request of the steady traffic saw: its id, (status, error code; 0 and the client
+/// error when it got no answer), and how long it took.
+type Seen = (String, (u16, String), Duration);
+
+/// Four workers sending budgeted (alice) and unbudgeted (bob) requests, 20 ms apart each:
+/// steady, not flooding, so that an outage does not fill the machine.
+struct SteadyTraffic {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Seen>>>,
+}
+
+impl SteadyTraffic {
+    fn start(
+        client: &reqwest::Client,
+        p: &crate::common::process::Process,
+        prefix: &'static str,
+    ) -> SteadyTraffic {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..4usize)
+            .map(|w| {
+                let (client, url, stop) =
+                    (client.clone(), p.url("/v1/chat/completions"), stop.clone());
+                let key = if w % 2 == 0 { ALICE_KEY } else { BOB_KEY };
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let id = format!("{prefix}-{w}-{i}");
+                        i += 1;
+                        let start = Instant::now();
+                        let resp = client
+                            .post(&url)
+                            .bearer_auth(key)
+                            .header("x-request-id", &id)
+                            .json(&json!({"model": "p/quick", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}))
+                            .timeout(Duration::from_secs(30))
+                            .send()
+                            .await;
+                        let seen = match resp {
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                let v: Value = r.json().await.unwrap_or(Value::Null);
+                                (status, v["error"]["code"].as_str().unwrap_or("").to_string())
+                            }
+                            Err(e) => (0, format!("{e:?}")),
+                        };
+                        out.push((id, seen, start.elapsed()));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    out
+                })
+            })
+            .collect();
+        SteadyTraffic { stop, workers }
+    }
+
+    /// Stops the workers; every request they sent.
+    async fn stop(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut seen = Vec::new();
+        for w in self.workers {
+            seen.extend(w.await.expect("worker"));
+        }
+        seen
+    }
 }
