@@ -231,7 +231,110 @@ def main():
                 f"(frontier peak {mib(peak('frontier'))}, streaming peak {mib(peak('stream'))}), "
                 f"after load {mib(rss.get('after'))}"
             )
+    grpc_tables(recs, meta, clk, p)
     print("\n".join(out))
+
+
+def grpc_tables(recs, meta, clk, p):
+    """The gRPC phase: tollgate's Complete and StreamComplete against grpc-bare.
+
+    "added" subtracts the HTTP direct rounds (the mock alone) at the same rate, as the HTTP
+    table does, so the ratio compares what each gateway adds rather than the mock's time too;
+    with no direct round at that rate the ratio is of the whole figures.
+    """
+    gab = [r for r in recs if r["phase"] == "grpc-ab"]
+    gst = [r for r in recs if r["phase"] == "grpc-stream"]
+    if not gab and not gst:
+        return
+    seen = {r["target"] for r in gab + gst}
+    targets = [t for t in ["grpc-bare"] + ORDER if t in seen] + sorted(seen - set(ORDER) - {"grpc-bare"})
+    tgs = [t for t in targets if t != "grpc-bare"]
+    any_rec = (gab + gst)[0]
+
+    def row(label, rows, direct_rows, key):
+        d = med([r[key] for r in direct_rows])
+        base = None
+        cells = []
+        for t in targets:
+            v = med([r[key] for r in rows if r["target"] == t])
+            a = None if d is None or v is None else v - d
+            # Ratios of added figures when there is a direct reference, else of whole ones.
+            cmp = a if d is not None else v
+            if t == "grpc-bare":
+                base = cmp
+                cells.append(f"{fmt(v, 9)} {fmt(a, 5)}")
+            else:
+                cells.append(f"{fmt(v)} {fmt(a, 5)} {ratio(cmp, base)}")
+        p(f"{label:>15} | {fmt(d)} | " + " | ".join(cells))
+
+    head = "                |  direct | " + " | ".join(
+        f"{t:>7} added" + ("" if t == "grpc-bare" else " x bare") for t in targets
+    )
+    if gab:
+        p("")
+        p(
+            f"gRPC Complete, microseconds (medians of {meta['rounds']} interleaved rounds; "
+            f"{any_rec.get('concurrency', '?')} in flight over {any_rec.get('connections', '?')} HTTP/2 connections); "
+            "direct = HTTP to the mock alone at the same rate; added = target - direct; x bare = added / grpc-bare's added"
+        )
+        p(head)
+        ab_direct = [r for r in recs if r["phase"] == "ab" and r["target"] == "direct"]
+        for rate in sorted({r["rate"] for r in gab}):
+            rows = [r for r in gab if r["rate"] == rate]
+            direct = [r for r in ab_direct if r["rate"] == rate]
+            for name, k in PCTS:
+                row(f"{rate:.0f} {name}", rows, direct, k)
+            errs = [sum(r["errors"] + r["non_2xx"] for r in rows if r["target"] == t) for t in targets]
+            p(f"{f'{rate:.0f} errors':>15} | {'':>7} | " + " | ".join(
+                (f"{e:>9} {'':>5}" if t == "grpc-bare" else f"{e:>7} {'':>5} {'':>6}") for t, e in zip(targets, errs)
+            ))
+            if not direct:
+                p(f"  (no HTTP direct round at {rate:.0f} RPS: x bare is of whole latencies)")
+        p("")
+        p("gRPC CPU per request, microseconds (utime+stime / completed requests, medians of rounds; x grpc-bare)")
+        for rate in sorted({r["rate"] for r in gab}):
+            cpu = {t: med([cpu_us_per_req(r, clk) for r in gab if r["rate"] == rate and r["target"] == t]) for t in targets}
+            cells = [f"grpc-bare {fmt(cpu.get('grpc-bare'), 0)}"]
+            for t in tgs:
+                cells.append(f"{t} {fmt(cpu.get(t), 0)} ({ratio(cpu.get(t), cpu.get('grpc-bare'), 0).strip()})")
+            p(f"{rate:7.0f} RPS: " + ", ".join(cells))
+    if gst:
+        rate = gst[0]["rate"]
+        p("")
+        p(
+            f"gRPC StreamComplete, microseconds ({meta['stream_chunks']} chunks every {meta['stream_interval_ms']} ms, "
+            f"{rate:.0f} streams/s, medians of rounds; ttft = time to the first message; gap = largest gap between "
+            "messages of a stream; direct = HTTP streams from the mock alone; x bare = added / grpc-bare's added)"
+        )
+        p(head)
+        direct = [r for r in recs if r["phase"] == "stream" and r["target"] == "direct" and r["rate"] == rate]
+        for label, key in [
+            ("ttft p50", "ttft_p50_us"),
+            ("ttft p99", "ttft_p99_us"),
+            ("max gap p50", "gap_p50_us"),
+            ("max gap p99", "gap_p99_us"),
+            ("total p50", "p50_us"),
+        ]:
+            row(label, gst, direct, key)
+        cpu = {t: med([cpu_us_per_req(r, clk) for r in gst if r["target"] == t]) for t in targets}
+        p(
+            "CPU per stream: "
+            + ", ".join(
+                f"{t} {fmt(cpu.get(t), 0)}" + ("" if t == "grpc-bare" else f" ({ratio(cpu.get(t), cpu.get('grpc-bare'), 0).strip()})")
+                for t in targets
+            )
+        )
+        for t in targets:
+            rs = [r for r in gst if r["target"] == t]
+            if rs:
+                p(
+                    f"{t}: {sum(r['ok'] for r in rs)} streams ok, "
+                    f"{sum(r['errors'] + r['non_2xx'] for r in rs)} failed, "
+                    f"{sum(r['gap_over_limit'] for r in rs)} with a gap over "
+                    f"{10 * meta['stream_interval_ms']} ms (10x the pacing)"
+                )
+    peaks = {t: max([r["rss_peak_kb"] for r in gab + gst if r["target"] == t] or [0]) for t in targets}
+    p("gRPC phase peak RSS: " + ", ".join(f"{t} {peaks[t] / 1024:.1f} MiB" for t in targets))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ STREAM_CHUNKS="${STREAM_CHUNKS:-20}"
 STREAM_INTERVAL_MS="${STREAM_INTERVAL_MS:-20}"
 MOCK_CHECK_SECS="${MOCK_CHECK_SECS:-3}"
 CONNECTIONS="${CONNECTIONS:-64}"      # keep-alive connections of the load generator
+GRPC="${GRPC:-1}"                     # 1: the gRPC phase (grpc-bare and tollgate's gRPC API); 0: skip
+GRPC_RATES="${GRPC_RATES:-$RATES}"    # gRPC A/B rates, requests/s
+GRPC_CONNECTIONS="${GRPC_CONNECTIONS:-8}"  # HTTP/2 connections of grpc-loadgen (CONNECTIONS requests in flight)
 MOCK_WORKERS="${MOCK_WORKERS:-1}"
 LOADGEN_WORKERS="${LOADGEN_WORKERS:-1}"
 READY_TIMEOUT_SECS="${READY_TIMEOUT_SECS:-60}"
@@ -132,7 +135,7 @@ step_ok() {
 # Every server under test is still running.
 check_servers() {
   local t pid
-  for t in "${TARGETS[@]}"; do
+  for t in "${TARGETS[@]}" ${PID_OF[grpc-bare]:+grpc-bare}; do
     [[ "$t" == direct ]] && continue
     pid="${PID_OF[$t]}"
     alive "$pid" || { tail -n 30 "$TMP/$t.log" >&2 2>/dev/null; die "$t exited"; }
@@ -151,16 +154,24 @@ loadgen() {
     "$BIN_DIR/loadgen" --duration-secs "$secs" --connections "$CONNECTIONS" \
     --workers "$LOADGEN_WORKERS" --gap-limit-ms "$((10 * STREAM_INTERVAL_MS))" "$@"
 }
+# grpc_loadgen SECS ARGS...: the same for gRPC; CONNECTIONS requests in flight at most, as
+# with loadgen, over GRPC_CONNECTIONS HTTP/2 connections.
+grpc_loadgen() {
+  local secs="$1"
+  shift
+  "${ON_LOAD[@]}" timeout --kill-after=5 "$(( ${secs%.*} + 30 ))" \
+    "$BIN_DIR/grpc-loadgen" --duration-secs "$secs" --connections "$GRPC_CONNECTIONS" \
+    --concurrency "$CONNECTIONS" --workers "$LOADGEN_WORKERS" \
+    --gap-limit-ms "$((10 * STREAM_INTERVAL_MS))" "$@"
+}
 
-declare -A PID_OF=() URL_OF=()
+declare -A PID_OF=() URL_OF=() GRPC_URL_OF=()
 HDR_ARGS=(--header "Authorization: Bearer tg-bench-key")
-# run_target TARGET RATE SECS MODE: one load run against a target (direct,
-# bare, tg-min, tg-full) while sampling the CPU of the process under test and
-# its peak RSS. Prints loadgen's JSON line with cpu_ticks and rss_peak_kb added.
+# run_target TARGET RATE SECS MODE: one loadgen run against a target (direct,
+# bare, tg-min, tg-full); see measure.
 run_target() {
-  local target="$1" rate="$2" secs="$3" mode="$4" pid body out
+  local target="$1" rate="$2" secs="$3" mode="$4" body
   local -a args
-  pid="${PID_OF[$target]}"
   args=(--url "${URL_OF[$target]}/v1/chat/completions")
   if [[ "$target" == tg-* ]]; then
     args+=("${HDR_ARGS[@]}")
@@ -168,18 +179,35 @@ run_target() {
   else
     body="$TMP/direct-$mode.json"
   fi
+  measure "$target" loadgen "$secs" "${args[@]}" --rate "$rate" --mode "$mode" --body-file "$body"
+}
+# run_grpc TARGET RATE SECS MODE: one grpc-loadgen run (MODE unary or stream) against
+# grpc-bare or a tollgate's gRPC port; see measure.
+run_grpc() {
+  local target="$1" rate="$2" secs="$3" mode="$4"
+  local -a args=(--url "${GRPC_URL_OF[$target]}" --model up/gpt-bench)
+  [[ "$target" == tg-* ]] && args+=("${HDR_ARGS[@]}")
+  measure "$target" grpc_loadgen "$secs" "${args[@]}" --rate "$rate" --mode "$mode"
+}
+# measure TARGET COMMAND...: runs one load generator command while sampling the
+# CPU of TARGET's process and its peak RSS. Prints the generator's JSON line with
+# cpu_ticks and rss_peak_kb (and, ALLOCS=1, a tollgate's allocations) added.
+measure() {
+  local target="$1" pid out
+  shift
+  pid="${PID_OF[$target]}"
   out="$TMP/out.json"
   local before after peak=0 r lg a0=0 b0=0 a1=0 b1=0 extra=""
   if [[ "$ALLOCS" == 1 && "$target" == tg-* ]]; then read -r a0 b0 < <(allocs_of "${URL_OF[$target]}"); fi
   before="$(cpu_ticks "$pid")"
-  loadgen "$secs" "${args[@]}" --rate "$rate" --mode "$mode" --body-file "$body" >"$out" &
+  "$@" >"$out" &
   lg=$!
   while alive "$lg"; do
     r="$(rss_kb "$pid")"
     ((r > peak)) && peak="$r"
     sleep 0.2
   done
-  wait "$lg" || die "loadgen against $target exited with an error"
+  wait "$lg" || die "$1 against $target exited with an error"
   after="$(cpu_ticks "$pid")"
   if [[ "$ALLOCS" == 1 && "$target" == tg-* ]]; then
     read -r a1 b1 < <(allocs_of "${URL_OF[$target]}")
@@ -187,7 +215,7 @@ run_target() {
   fi
   local line
   line="$(head -n 1 "$out")"
-  [[ "$line" == \{* ]] || die "loadgen printed no result against $target"
+  [[ "$line" == \{* ]] || die "$1 printed no result against $target"
   printf '%s,"cpu_ticks":%s,"rss_peak_kb":%s%s}\n' "${line%\}}" "$((after - before))" "$peak" "$extra"
 }
 
@@ -202,7 +230,7 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
     (cd "$ROOT" && cargo build --release -p tollgate -p tollgate-bench "${features[@]}")
   fi
 fi
-for bin in mock-upstream loadgen bare-proxy; do
+for bin in mock-upstream loadgen bare-proxy grpc-loadgen grpc-bare; do
   [[ -x "$BIN_DIR/$bin" ]] || die "$BIN_DIR/$bin not built"
 done
 [[ "$DIRECT_ONLY" == 1 || -x "$TOLLGATE_BIN" ]] || die "$TOLLGATE_BIN not built"
@@ -285,24 +313,37 @@ wait_ready() {
   return 1
 }
 
-# The bare proxy: forwards bytes to the mock, parses nothing.
-if [[ "$DIRECT_ONLY" != 1 ]]; then
-  : >"$TMP/bare.out"
-  "${ON_SUT[@]}" "$BIN_DIR/bare-proxy" --addr 127.0.0.1:0 --upstream "$MOCK_ADDR" \
-    >"$TMP/bare.out" 2>"$TMP/bare.log" &
-  PID_OF[bare]=$!
-  CHILDREN+=("${PID_OF[bare]}")
-  BARE_ADDR=""
+# start_baseline TARGET BIN: starts a baseline server on the SUT core in front of
+# the mock and waits for its "listening ADDR" line; sets PID_OF[TARGET] and ADDR.
+start_baseline() {
+  local target="$1" bin="$2" word addr deadline
+  : >"$TMP/$target.out"
+  "${ON_SUT[@]}" "$BIN_DIR/$bin" --addr 127.0.0.1:0 --upstream "$MOCK_ADDR" \
+    >"$TMP/$target.out" 2>"$TMP/$target.log" &
+  PID_OF[$target]=$!
+  CHILDREN+=("${PID_OF[$target]}")
+  ADDR=""
   deadline=$((SECONDS + 10))
-  while [[ -z "$BARE_ADDR" ]]; do
-    alive "${PID_OF[bare]}" || { cat "$TMP/bare.log" >&2; die "bare-proxy exited"; }
-    ((SECONDS < deadline)) || die "bare-proxy did not report its address in 10 s"
-    read -r word addr <"$TMP/bare.out" 2>/dev/null || true
-    if [[ "${word:-}" == listening ]]; then BARE_ADDR="$addr"; else sleep 0.05; fi
+  while [[ -z "$ADDR" ]]; do
+    alive "${PID_OF[$target]}" || { cat "$TMP/$target.log" >&2; die "$bin exited"; }
+    ((SECONDS < deadline)) || die "$bin did not report its address in 10 s"
+    read -r word addr <"$TMP/$target.out" 2>/dev/null || true
+    if [[ "${word:-}" == listening ]]; then ADDR="$addr"; else sleep 0.05; fi
   done
-  URL_OF[bare]="http://$BARE_ADDR"
+}
+
+# The bare proxy: forwards bytes to the mock, parses nothing. Its gRPC twin
+# (grpc-bare) parses the least a gRPC-to-OpenAI gateway must.
+if [[ "$DIRECT_ONLY" != 1 ]]; then
+  start_baseline bare bare-proxy
+  URL_OF[bare]="http://$ADDR"
   TARGETS+=(bare)
-  log "bare proxy on $BARE_ADDR (pid ${PID_OF[bare]})"
+  log "bare proxy on $ADDR (pid ${PID_OF[bare]})"
+  if [[ "$GRPC" == 1 ]]; then
+    start_baseline grpc-bare grpc-bare
+    GRPC_URL_OF[grpc-bare]="http://$ADDR"
+    log "bare gRPC gateway on $ADDR (pid ${PID_OF[grpc-bare]})"
+  fi
 fi
 
 # database_url PROFILE: a fresh database for one tollgate.
@@ -392,6 +433,7 @@ EOF
     if wait_ready "$name" "$pid" "http://127.0.0.1:$http/readyz"; then
       PID_OF[$name]="$pid"
       URL_OF[$name]="http://127.0.0.1:$http"
+      GRPC_URL_OF[$name]="http://127.0.0.1:$grpc"
       TARGETS+=("$name")
       log "tollgate ($profile, $DB) on http://127.0.0.1:$http (pid $pid)"
       return 0
@@ -461,6 +503,43 @@ for rate in $FRONTIER_RATES; do
   done
   ((${#FAILED[@]} == ${#TARGETS[@]})) && break
 done
+
+# ---- gRPC ----------------------------------------------------------------
+# tollgate's gRPC API against grpc-bare, the least a gRPC-to-OpenAI gateway
+# does, measured like the HTTP A/B: interleaved unary (Complete) rounds at each
+# of GRPC_RATES, then StreamComplete rounds at STREAM_RATE.
+if [[ "$GRPC" == 1 && "$DIRECT_ONLY" != 1 ]]; then
+  GRPC_TARGETS=(grpc-bare)
+  for t in "${TARGETS[@]}"; do [[ "$t" == tg-* ]] && GRPC_TARGETS+=("$t"); done
+  # One call of each RPC first: a bench of refusals would measure nothing.
+  for t in "${GRPC_TARGETS[@]}"; do
+    for mode in unary stream; do
+      line="$(run_grpc "$t" 1 0.001 "$mode" 2>"$TMP/grpc-probe.err")" || true
+      [[ "$(field "$line" ok)" == 1 ]] || { cat "$TMP/grpc-probe.err" >&2; die "gRPC probe ($mode) via $t failed: $line"; }
+    done
+  done
+  # Warm-up, unrecorded: opens the HTTP/2 connections and upstream pools.
+  for t in "${GRPC_TARGETS[@]}"; do line="$(run_grpc "$t" 200 1 unary)"; done
+  check_servers
+  for rate in $GRPC_RATES; do
+    for ((round = 1; round <= ROUNDS; round++)); do
+      for t in "${GRPC_TARGETS[@]}"; do
+        log "gRPC A/B $rate RPS round $round/$ROUNDS: $t"
+        line="$(run_grpc "$t" "$rate" "$ROUND_SECS" unary)"
+        record grpc-ab "$t" "$round" "$line"
+        check_servers
+      done
+    done
+  done
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for t in "${GRPC_TARGETS[@]}"; do
+      log "gRPC streaming round $round/$ROUNDS ($STREAM_RATE streams/s): $t"
+      line="$(run_grpc "$t" "$STREAM_RATE" "$ROUND_SECS" stream)"
+      record grpc-stream "$t" "$round" "$line"
+      check_servers
+    done
+  done
+fi
 
 # ---- streaming -----------------------------------------------------------
 for ((round = 1; round <= ROUNDS; round++)); do
