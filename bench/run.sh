@@ -230,7 +230,7 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
     (cd "$ROOT" && cargo build --release -p tollgate -p tollgate-bench "${features[@]}")
   fi
 fi
-for bin in mock-upstream loadgen bare-proxy grpc-loadgen grpc-bare; do
+for bin in mock-upstream loadgen bare-proxy $([[ "$GRPC" == 1 ]] && echo grpc-loadgen grpc-bare); do
   [[ -x "$BIN_DIR/$bin" ]] || die "$BIN_DIR/$bin not built"
 done
 [[ "$DIRECT_ONLY" == 1 || -x "$TOLLGATE_BIN" ]] || die "$TOLLGATE_BIN not built"
