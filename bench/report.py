@@ -48,8 +48,97 @@ def cpu_us_per_req(rec, clk_tck):
 
 
 def targets_of(recs):
-    seen = {r["target"] for r in recs if "target" in r and r["phase"] in ("ab", "frontier", "stream")}
+    seen = {r["target"] for r in recs if "target" in r and r["phase"] in ("ab", "frontier", "stream", "conc", "idle")}
     return [t for t in ORDER if t in seen] + sorted(seen - set(ORDER))
+
+
+def added_rows(rows, others, p, width=15):
+    """Rows of target figures with added = target - direct and x bare: [(label, {target: value})]."""
+    for label, by in rows:
+        d = by.get("direct")
+        cells = []
+        base_added = None
+        for t in others:
+            v = by.get(t)
+            a = None if d is None or v is None else v - d
+            if t == "bare":
+                base_added = a
+            cells.append(f"{fmt(v)} {fmt(a, 5)} {ratio(a, base_added) if t != 'bare' else '      '}")
+        p(f"{label:>{width}} | {fmt(d)} | " + " | ".join(cells))
+
+
+def concurrent(recs, meta, targets, others, p):
+    """The concurrent-streams phase: STREAM_CONCURRENCY paced streams open at once."""
+    cc = [r for r in recs if r["phase"] == "conc"]
+    if not cc:
+        return
+    clk = meta["clk_tck"]
+    limit_ms = 10 * meta["stream_interval_ms"]
+    p("")
+    p(
+        f"Concurrent streams, microseconds ({cc[0]['concurrency']} open at once: {cc[0]['rate']:.0f} new/s of "
+        f"{meta['stream_chunks']} chunks every {meta['stream_interval_ms']} ms, {cc[0]['connections']} connections; "
+        "medians of rounds; added = target - direct)"
+    )
+    p("                |  direct | " + " | ".join(f"{t:>7} added  x bare" for t in others))
+    rows = []
+    for label, key in [
+        ("ttft p50", "ttft_p50_us"),
+        ("ttft p99", "ttft_p99_us"),
+        ("max gap p50", "gap_p50_us"),
+        ("max gap p99", "gap_p99_us"),
+    ]:
+        rows.append((label, {t: med([r[key] for r in cc if r["target"] == t]) for t in targets}))
+    added_rows(rows, others, p)
+    for t in targets:
+        rs = [r for r in cc if r["target"] == t]
+        if not rs:
+            continue
+        secs = sum(r["duration_secs"] for r in rs) * clk
+        streams = sum(r["ok"] + r["non_2xx"] for r in rs)
+        cpu = sum(r["cpu_ticks"] for r in rs) * 1e6 / clk / streams if streams else None
+        load = f"mock {100 * sum(r['mock_cpu_ticks'] for r in rs) / secs:.0f}%"
+        load += f" + loadgen {100 * sum(r.get('self_cpu_ticks', 0) for r in rs) / secs:.0f}% of core 0"
+        p(
+            f"{t}: in flight mean {med([r['inflight_mean'] for r in rs]):.0f} (most {max(r['inflight_max'] for r in rs)}), "
+            f"{sum(r['ok'] for r in rs)} streams ok, {sum(r['errors'] + r['non_2xx'] for r in rs)} failed, "
+            f"{sum(r['gap_over_limit'] for r in rs)} with a gap over {limit_ms} ms, "
+            + (f"{fmt(cpu, 0).strip()} us CPU per stream, " if t != "direct" else "")
+            + f"load side {load}"
+        )
+
+
+def idle_streams(recs, others, p):
+    """The idle-stream phase: RSS per open stream that sends nothing, on a fresh process."""
+    idle = [r for r in recs if r["phase"] == "idle"]
+    if not idle:
+        return
+    p("")
+    p(
+        f"Idle streams ({idle[0]['streams']} open after their first chunk, held {idle[0]['hold_secs']:g} s, "
+        "each server fresh): RSS per stream = (RSS once all open - RSS before) / streams opened"
+    )
+    per = {}
+    for r in idle:
+        if r["opened"]:
+            per[r["target"]] = (max(r["rss_open_kb"], r["rss_held_kb"]) - r["rss_before_kb"]) / r["opened"]
+    for t in others:
+        for r in (x for x in idle if x["target"] == t):
+            kib = per.get(t)
+            x = f" ({kib / per['bare']:.2f}x bare)" if kib is not None and t != "bare" and per.get("bare") else ""
+            let_go = "yes" if r["released"] else "NO (stuck)"
+            extra = ""
+            if t.startswith("tg-"):
+                extra = (
+                    f", ledger rows {r['ledger_rows']}/{r['ledger_expected']}, "
+                    f"in progress after {r['in_progress_after']}, panics in log {r['panics']}"
+                )
+            p(
+                f"{t}: {'-' if kib is None else f'{kib:.1f}'} KiB per stream{x}; RSS {r['rss_before_kb'] / 1024:.1f} -> "
+                f"{r['rss_open_kb'] / 1024:.1f} MiB (held peak {r['rss_held_kb'] / 1024:.1f}); opened {r['opened']}/{r['streams']}, "
+                f"{r['errors']} failed, {r['ended_early']} ended early; TTFT p99 {r['ttft_p99_us']} us; "
+                f"let go after close: {let_go} (descriptors {r['fd_before']} -> {r['fd_open']} -> {r['fd_after']}){extra}"
+            )
 
 
 def main():
@@ -212,6 +301,9 @@ def main():
                     f"{10 * meta['stream_interval_ms']} ms (10x the pacing)"
                 )
 
+    concurrent(recs, meta, targets, others, p)
+    idle_streams(recs, others, p)
+
     # Memory.
     def mib(kb):
         return "-" if kb is None else f"{kb / 1024:.1f} MiB"
@@ -226,10 +318,12 @@ def main():
                 vals = [r["rss_peak_kb"] for r in recs if r["phase"] == phase and r["target"] == t]
                 return max(vals) if vals else None
 
+            idle, after = rss.get("idle"), rss.get("after")
+            back = f" ({after / idle:.2f}x idle)" if idle and after else ""
             p(
-                f"{t} RSS: idle {mib(rss.get('idle'))}, under load {mib(peak('ab'))} "
-                f"(frontier peak {mib(peak('frontier'))}, streaming peak {mib(peak('stream'))}), "
-                f"after load {mib(rss.get('after'))}"
+                f"{t} RSS: idle {mib(idle)}, under load {mib(peak('ab'))} "
+                f"(frontier peak {mib(peak('frontier'))}, streaming peak {mib(peak('stream'))}, "
+                f"concurrent streams peak {mib(peak('conc'))}), after load {mib(after)}{back}"
             )
     grpc_tables(recs, meta, clk, p)
     print("\n".join(out))

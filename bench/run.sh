@@ -5,7 +5,7 @@
 # talking to the mock upstream directly, every figure also as a ratio to the
 # bare proxy's from the same run. See bench/README.md.
 #
-#   bash bench/run.sh                 # full run, about 10 minutes
+#   bash bench/run.sh                 # full run, about 16 minutes (GRPC=0: 12)
 #   QUICK=1 bash bench/run.sh         # smoke run, about a minute
 #   DB=postgres bash bench/run.sh     # tollgate on PostgreSQL (BENCH_PG_URL)
 #
@@ -20,6 +20,7 @@ QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then
   : "${ROUNDS:=1}" "${ROUND_SECS:=2}" "${RATES:=500}"
   : "${FRONTIER_RATES:=500}" "${STREAM_RATE:=50}" "${MOCK_CHECK_SECS:=2}"
+  : "${STREAM_CONCURRENCY:=100}" "${IDLE_STREAMS:=100}" "${IDLE_HOLD_SECS:=1}"
 fi
 ROUNDS="${ROUNDS:-5}"                 # interleaved A/B rounds per rate
 ROUND_SECS="${ROUND_SECS:-5}"         # seconds of load per round
@@ -30,6 +31,9 @@ FRONTIER_P99_US="${FRONTIER_P99_US:-10000}"
 STREAM_RATE="${STREAM_RATE:-100}"     # new streams per second
 STREAM_CHUNKS="${STREAM_CHUNKS:-20}"
 STREAM_INTERVAL_MS="${STREAM_INTERVAL_MS:-20}"
+STREAM_CONCURRENCY="${STREAM_CONCURRENCY:-500}"  # streams open at once in the concurrency phase; 0: skip
+IDLE_STREAMS="${IDLE_STREAMS:-500}"   # idle streams held open for RSS per stream; 0: skip
+IDLE_HOLD_SECS="${IDLE_HOLD_SECS:-3}" # how long they are held (under tollgate's 30 s idle timeout)
 MOCK_CHECK_SECS="${MOCK_CHECK_SECS:-3}"
 CONNECTIONS="${CONNECTIONS:-64}"      # keep-alive connections of the load generator
 GRPC="${GRPC:-1}"                     # 1: the gRPC phase (grpc-bare and tollgate's gRPC API); 0: skip
@@ -60,74 +64,11 @@ for tool in python3 curl timeout; do
 done
 [[ "$DB" == sqlite || "$DB" == postgres ]] || { echo "run.sh: DB is sqlite or postgres" >&2; exit 2; }
 [[ "$DB" == sqlite ]] || command -v psql >/dev/null || { echo "run.sh: DB=postgres needs psql" >&2; exit 2; }
-if [[ "$PIN" == auto ]]; then
-  if (($(nproc) >= 2)) && command -v taskset >/dev/null; then PIN=1; else PIN=0; fi
-fi
-# Command prefixes; taskset execs the program, so $! stays the program's pid.
-ON_SUT=()
-ON_LOAD=()
-if [[ "$PIN" == 1 ]]; then
-  ON_SUT=(taskset -c 1)
-  ON_LOAD=(taskset -c 0)
-fi
-
-log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
-
-# ---- children and cleanup ------------------------------------------------
-TMP="$(mktemp -d /tmp/tollgate-bench.XXXXXX)"
-CHILDREN=()
-PG_DBS=()
-stop_pid() {
-  local pid="$1" i
-  kill "$pid" 2>/dev/null || return 0
-  # Give it 5 s to exit cleanly, then insist.
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$? pid
-  trap - EXIT INT TERM
-  for pid in "${CHILDREN[@]}"; do stop_pid "$pid"; done
-  for db in "${PG_DBS[@]}"; do
-    psql -q "$BENCH_PG_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-  done
-  mkdir -p "$RESULTS_DIR"
-  for f in "$TMP"/tollgate-*.log; do
-    [[ -f "$f" ]] && cp "$f" "$RESULTS_DIR/"
-  done
-  rm -rf "$TMP"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+LOG_TAG=bench
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # ---- helpers -------------------------------------------------------------
-# "allocations bytes" so far of the tollgate at URL (alloc-count builds).
-allocs_of() {
-  curl -s --max-time 5 "$1/metrics" |
-    awk '/^tollgate_allocations_total /{a=$2} /^tollgate_allocated_bytes_total /{b=$2} END{printf "%d %d\n", a, b}'
-}
-# Numeric field of a flat JSON line from loadgen.
-field() {
-  local re="\"$2\":(-?[0-9.]+)"
-  if [[ "$1" =~ $re ]]; then printf '%s\n' "${BASH_REMATCH[1]}"; else printf '0\n'; fi
-}
-# utime+stime of a process, in clock ticks.
-cpu_ticks() {
-  local stat
-  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo 0; return; }
-  # Fields after "pid (comm) ": state is 1st, utime 12th, stime 13th.
-  awk '{print $12 + $13}' <<<"${stat##*) }"
-}
-rss_kb() {
-  awk '/^VmRSS:/ {print $2; found=1} END {if (!found) print 0}' "/proc/$1/status" 2>/dev/null || echo 0
-}
-alive() { kill -0 "$1" 2>/dev/null; }
 # A load run passes: no errors or non-2xx answers and p99 under the limit.
 step_ok() {
   (($(field "$1" errors) + $(field "$1" non_2xx) == 0 && $(field "$1" p99_us) < FRONTIER_P99_US))
@@ -165,7 +106,7 @@ grpc_loadgen() {
     --gap-limit-ms "$((10 * STREAM_INTERVAL_MS))" "$@"
 }
 
-declare -A PID_OF=() URL_OF=() GRPC_URL_OF=()
+declare -A PID_OF=() URL_OF=()
 HDR_ARGS=(--header "Authorization: Bearer tg-bench-key")
 # run_target TARGET RATE SECS MODE: one loadgen run against a target (direct,
 # bare, tg-min, tg-full); see measure.
@@ -251,21 +192,20 @@ printf '{"phase":"meta","date":"%s","git":"%s","cores":%s,"rounds":%s,"round_sec
   "$PIN" "$DB" "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo | tr -d '"')" >>"$RAW"
 
 # ---- mock upstream -------------------------------------------------------
-: >"$TMP/mock.out"
-"${ON_LOAD[@]}" "$BIN_DIR/mock-upstream" --addr 127.0.0.1:0 --workers "$MOCK_WORKERS" \
-  --chunks "$STREAM_CHUNKS" --chunk-interval-ms "$STREAM_INTERVAL_MS" \
-  >"$TMP/mock.out" 2>"$TMP/mock.err" &
-MOCK_PID=$!
-CHILDREN+=("$MOCK_PID")
-MOCK_ADDR=""
-deadline=$((SECONDS + 10))
-while [[ -z "$MOCK_ADDR" ]]; do
-  alive "$MOCK_PID" || { cat "$TMP/mock.err" >&2; die "mock-upstream exited"; }
-  ((SECONDS < deadline)) || die "mock-upstream did not report its address in 10 s"
-  read -r word addr <"$TMP/mock.out" 2>/dev/null || true
-  if [[ "${word:-}" == listening ]]; then MOCK_ADDR="$addr"; else sleep 0.05; fi
-done
+start_listener mock "${ON_LOAD[@]}" "$BIN_DIR/mock-upstream" --addr 127.0.0.1:0 \
+  --workers "$MOCK_WORKERS" --chunks "$STREAM_CHUNKS" --chunk-interval-ms "$STREAM_INTERVAL_MS"
+MOCK_PID="$LISTEN_PID"
+MOCK_ADDR="$LISTEN_ADDR"
 log "mock upstream on $MOCK_ADDR (pid $MOCK_PID)"
+# The idle-stream phase's upstream: the first chunk at once, the next an hour later.
+IDLE_ADDR=""
+if [[ "$DIRECT_ONLY" != 1 ]] && ((IDLE_STREAMS > 0)); then
+  start_listener idle-mock "${ON_LOAD[@]}" "$BIN_DIR/mock-upstream" --addr 127.0.0.1:0 \
+    --workers "$MOCK_WORKERS" --chunks 2 --chunk-interval-ms 3600000
+  IDLE_MOCK_PID="$LISTEN_PID"
+  IDLE_ADDR="$LISTEN_ADDR"
+  log "idle mock upstream on $IDLE_ADDR (pid $IDLE_MOCK_PID)"
+fi
 
 MSG='"messages":[{"role":"user","content":"hello"}],"max_tokens":64'
 printf '{"model":"gpt-bench",%s}' "$MSG" >"$TMP/direct-plain.json"
@@ -290,165 +230,25 @@ else
 fi
 
 # ---- servers under test -------------------------------------------------
-# Free ports come from binding port 0 and letting go, so another process can
-# take one before the server binds it; a bind failure is retried on fresh ports.
-free_ports() {
-  python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])'
-}
-
-# wait_ready NAME PID URL: polls URL/readyz (or /, for the bare proxy) until 200.
-wait_ready() {
-  local name="$1" pid="$2" url="$3" deadline=$((SECONDS + READY_TIMEOUT_SECS))
-  while alive "$pid" && ((SECONDS < deadline)); do
-    if [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)" == 200 ]]; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  return 1
-}
-
-# start_baseline TARGET BIN: starts a baseline server on the SUT core in front of
-# the mock and waits for its "listening ADDR" line; sets PID_OF[TARGET] and ADDR.
-start_baseline() {
-  local target="$1" bin="$2" word addr deadline
-  : >"$TMP/$target.out"
-  "${ON_SUT[@]}" "$BIN_DIR/$bin" --addr 127.0.0.1:0 --upstream "$MOCK_ADDR" \
-    >"$TMP/$target.out" 2>"$TMP/$target.log" &
-  PID_OF[$target]=$!
-  CHILDREN+=("${PID_OF[$target]}")
-  ADDR=""
-  deadline=$((SECONDS + 10))
-  while [[ -z "$ADDR" ]]; do
-    alive "${PID_OF[$target]}" || { cat "$TMP/$target.log" >&2; die "$bin exited"; }
-    ((SECONDS < deadline)) || die "$bin did not report its address in 10 s"
-    read -r word addr <"$TMP/$target.out" 2>/dev/null || true
-    if [[ "${word:-}" == listening ]]; then ADDR="$addr"; else sleep 0.05; fi
-  done
-}
-
 # The bare proxy: forwards bytes to the mock, parses nothing. Its gRPC twin
 # (grpc-bare) parses the least a gRPC-to-OpenAI gateway must.
 if [[ "$DIRECT_ONLY" != 1 ]]; then
-  start_baseline bare bare-proxy
-  URL_OF[bare]="http://$ADDR"
+  start_baseline bare bare-proxy "$MOCK_ADDR"
+  URL_OF[bare]="http://$LISTEN_ADDR"
   TARGETS+=(bare)
-  log "bare proxy on $ADDR (pid ${PID_OF[bare]})"
+  log "bare proxy on $LISTEN_ADDR (pid ${PID_OF[bare]})"
   if [[ "$GRPC" == 1 ]]; then
-    start_baseline grpc-bare grpc-bare
-    GRPC_URL_OF[grpc-bare]="http://$ADDR"
-    log "bare gRPC gateway on $ADDR (pid ${PID_OF[grpc-bare]})"
+    start_baseline grpc-bare grpc-bare "$MOCK_ADDR"
+    GRPC_URL_OF[grpc-bare]="http://$LISTEN_ADDR"
+    log "bare gRPC gateway on $LISTEN_ADDR (pid ${PID_OF[grpc-bare]})"
   fi
 fi
 
-# database_url PROFILE: a fresh database for one tollgate.
-database_url() {
-  local name="$1"
-  if [[ "$DB" == sqlite ]]; then
-    mkdir -p "$TMP/db-$name"
-    echo "sqlite://$TMP/db-$name/bench.db"
-  else
-    local db="tg_bench_${name}_$$"
-    psql -q "$BENCH_PG_URL" -c "CREATE DATABASE $db" >/dev/null || die "cannot create database $db"
-    python3 -c 'import sys; u=sys.argv[1]; b,q=(u.split("?",1)+[None])[:2]; s=b.find("://")+3; i=b.find("/",s); p=b if i<0 else b[:i]; print(p+"/"+sys.argv[2]+("?"+q if q else ""))' "$BENCH_PG_URL" "$db"
-  fi
-}
-
-# profile_config PROFILE: the TOML that makes a profile. "min": key auth and the
-# ledger. "full": also pricing, a dollar budget every request reserves and
-# settles, and RPM/TPM limits every request is counted against (all far above
-# what the run uses, so none refuses). "redis": "full" with its RPM/TPM windows in
-# Redis (BENCH_REDIS_URL; fail_closed, so a failing Redis shows as errors, not as
-# requests admitted unchecked); run it beside "full" to read the Redis check's cost.
-profile_config() {
-  case "$1" in
-    min) ;;
-    redis)
-      profile_config full
-      cat <<EOF
-[rate_limits]
-backend = "redis"
-redis_url = "$BENCH_REDIS_URL"
-key_prefix = "tollgate-bench-$$"
-on_redis_error = "fail_closed"
-EOF
-      ;;
-    full)
-      cat <<EOF
-[pricing."up/gpt-bench"]
-input_usd_per_mtok = 0.15
-output_usd_per_mtok = 0.60
-[service_types.default.budget]
-limit_usd = 1000000.0
-period = "monthly"
-[service_types.default.rate_limits]
-rpm = 100000000
-tpm = 100000000000
-EOF
-      # LEASE_FRACTION=0: every budgeted request reserves in the database (default: leases, 0.1).
-      if [[ -n "${LEASE_FRACTION:-}" ]]; then
-        printf '[budgets]\nlease_fraction = %s\n' "$LEASE_FRACTION"
-      fi
-      ;;
-    *) die "unknown profile $1 (min, full or redis)" ;;
-  esac
-}
-
-# start_tollgate PROFILE
-start_tollgate() {
-  local profile="$1" name="tg-$1" url cfg http grpc pid attempt
-  url="$(database_url "$profile")"
-  [[ "$DB" == postgres ]] && PG_DBS+=("tg_bench_${profile}_$$")
-  cfg="$TMP/$name.toml"
-  for attempt in 1 2 3; do
-    read -r http grpc < <(free_ports)
-    cat >"$cfg" <<EOF
-[server]
-http_addr = "127.0.0.1:$http"
-grpc_addr = "127.0.0.1:$grpc"
-[log]
-level = "warn"
-[database]
-url = "$url"
-[[auth.static_keys]]
-user = "bench"
-key = "tg-bench-key"
-[providers.up]
-kind = "openai"
-base_url = "http://$MOCK_ADDR/v1"
-keys = ["sk-bench"]
-[service_types.default]
-models = ["*"]
-$(profile_config "$profile")
-EOF
-    if [[ -n "$EXTRA_CONFIG" ]]; then printf '%s\n' "$EXTRA_CONFIG" >>"$cfg"; fi
-    "${ON_SUT[@]}" "$TOLLGATE_BIN" serve --config "$cfg" >"$TMP/$name.log" 2>&1 &
-    pid=$!
-    CHILDREN+=("$pid")
-    if wait_ready "$name" "$pid" "http://127.0.0.1:$http/readyz"; then
-      PID_OF[$name]="$pid"
-      URL_OF[$name]="http://127.0.0.1:$http"
-      GRPC_URL_OF[$name]="http://127.0.0.1:$grpc"
-      TARGETS+=("$name")
-      log "tollgate ($profile, $DB) on http://127.0.0.1:$http (pid $pid)"
-      return 0
-    fi
-    if ! alive "$pid" && ((attempt < 3)) && grep -qiE 'in ?use' "$TMP/$name.log"; then
-      log "tollgate could not bind port $http or $grpc; retrying on others"
-      continue
-    fi
-    tail -n 30 "$TMP/$name.log" >&2
-    die "tollgate ($profile) not ready (exited, or no 200 from /readyz within $READY_TIMEOUT_SECS s)"
-  done
-}
-
 if [[ "$DIRECT_ONLY" != 1 ]]; then
-  for profile in $PROFILES; do start_tollgate "$profile"; done
+  for profile in $PROFILES; do
+    start_tollgate "$profile"
+    TARGETS+=("tg-$profile")
+  done
   # One request by hand first: a bench of 401s or 429s would measure nothing.
   for t in "${TARGETS[@]}"; do
     [[ "$t" == direct ]] && continue
@@ -551,11 +351,126 @@ for ((round = 1; round <= ROUNDS; round++)); do
   done
 done
 
+# ---- concurrent streams --------------------------------------------------
+# STREAM_CONCURRENCY 20 ms-paced streams open at once: a stream lasts about (chunks - 1) x
+# pacing, so new ones arrive at concurrency / that, and loadgen reports how many were in flight
+# (mean and most). The connections are 1.5x the concurrency because a slow target keeps each
+# stream open longer. The mock's and the load generator's own CPU are recorded beside, to show
+# whether they (on core 0, together) were the limit.
+if ((STREAM_CONCURRENCY > 0)); then
+  stream_ms=$(((STREAM_CHUNKS > 1 ? STREAM_CHUNKS - 1 : 1) * STREAM_INTERVAL_MS))
+  conc_rate="$(awk -v c="$STREAM_CONCURRENCY" -v ms="$stream_ms" 'BEGIN {printf "%.1f", c * 1000 / ms}')"
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for t in "${TARGETS[@]}"; do
+      log "concurrent streams round $round/$ROUNDS ($STREAM_CONCURRENCY open, $conc_rate new/s): $t"
+      m0="$(cpu_ticks "$MOCK_PID")"
+      line="$(CONNECTIONS=$((STREAM_CONCURRENCY * 3 / 2)) run_target "$t" "$conc_rate" "$ROUND_SECS" stream)"
+      m1="$(cpu_ticks "$MOCK_PID")"
+      record conc "$t" "$round" "${line%\}},\"concurrency\":$STREAM_CONCURRENCY,\"mock_cpu_ticks\":$((m1 - m0))}"
+      check_servers
+    done
+  done
+fi
+
 if [[ "$DIRECT_ONLY" != 1 ]]; then
   # Settling time before the after-load RSS reading; not a readiness wait.
   sleep 2
   for t in "${TARGETS[@]}"; do
     [[ "$t" == tg-* ]] && printf '{"phase":"rss","target":"%s","at":"after","kb":%s}\n' "$t" "$(rss_kb "${PID_OF[$t]}")" >>"$RAW"
+  done
+fi
+
+# ---- idle streams --------------------------------------------------------
+# What an open stream that sends nothing costs in memory. Each kind of server runs afresh for
+# this (a process that has served the phases above keeps freed heap to reuse, which would hide
+# the cost): it takes 10 streams to warm up, then IDLE_STREAMS streams from the idle mock are
+# opened (500/s), each waits for its first chunk, and the server's RSS is read once all are open
+# and during the IDLE_HOLD_SECS they are held; then all are closed at once, and the server must
+# let go of them: its open descriptors back to where they were, and for tollgate no request in
+# progress and a ledger row for every stream.
+
+# hold_run NAME URL N HOLD BODY [HEADER]: one loadgen --mode hold run against server NAME (pid
+# in PID_OF) while reading its RSS and descriptors. Prints the loadgen line with rss_open_kb,
+# rss_held_kb (the most while held) and fd_open added.
+hold_run() {
+  local name="$1" url="$2" n="$3" hold="$4" body="$5" pid="${PID_OF[$1]}" out="$TMP/hold.out"
+  local -a hdr=()
+  [[ -n "${6:-}" ]] && hdr=(--header "$6")
+  local lg deadline rss_open=0 fd_open=0 peak=0 r word
+  # Emptied here, not by the redirection: the child truncates it only once it runs, and a line
+  # left from the last run must not be taken for this one's.
+  : >"$out"
+  "${ON_LOAD[@]}" timeout --kill-after=5 "$((${hold%.*} + 60))" "$BIN_DIR/loadgen" --mode hold \
+    --url "$url/v1/chat/completions" --connections "$n" --rate 500 --hold-secs "$hold" \
+    --body-file "$body" "${hdr[@]}" >"$out" &
+  lg=$!
+  deadline=$((SECONDS + 30 + n / 100))
+  while alive "$lg" && ((SECONDS < deadline)); do
+    read -r word _ <"$out" 2>/dev/null || true
+    [[ "${word:-}" == open ]] && break
+    sleep 0.05
+  done
+  rss_open="$(rss_kb "$pid")"
+  fd_open="$(fd_count "$pid")"
+  while alive "$lg"; do
+    r="$(rss_kb "$pid")"
+    ((r > peak)) && peak="$r"
+    sleep 0.2
+  done
+  wait "$lg" || die "loadgen --mode hold against $name exited with an error"
+  local line
+  line="$(sed -n 2p "$out")"
+  [[ "$line" == \{* ]] || die "loadgen --mode hold printed no result against $name"
+  ((peak > rss_open)) || peak="$rss_open"
+  printf '%s,"rss_open_kb":%s,"rss_held_kb":%s,"fd_open":%s}\n' "${line%\}}" "$rss_open" "$peak" "$fd_open"
+}
+
+# in_progress URL: requests tollgate has in progress, over every endpoint but the scrape itself.
+in_progress() {
+  curl -s --max-time 5 "$1/metrics" |
+    awk '/^tollgate_in_progress_requests[{ ]/ && !/metrics"/ {n += $NF} END {printf "%d\n", n}'
+}
+
+# idle_target LABEL NAME BODY [HEADER]: the idle-stream measurement of the fresh server NAME,
+# recorded as target LABEL; stops the server after.
+idle_target() {
+  local label="$1" name="$2" body="$3" hdr="${4:-}" pid="${PID_OF[$2]}" url="${URL_OF[$2]}"
+  local warm line rss0 fd0 fd1 deadline released=false inprog=-1 rows=-1 expect panics
+  warm="$(hold_run "$name" "$url" 10 0 "$body" "$hdr")"
+  rss0="$(rss_kb "$pid")"
+  fd0="$(fd_count "$pid")"
+  log "idle streams: $IDLE_STREAMS held ${IDLE_HOLD_SECS}s via $label (fresh pid $pid, RSS $((rss0 / 1024)) MiB)"
+  line="$(hold_run "$name" "$url" "$IDLE_STREAMS" "$IDLE_HOLD_SECS" "$body" "$hdr")"
+  # Closed streams are let go of within 10 s, or they are stuck.
+  expect=$(($(field "$warm" opened) + $(field "$line" opened)))
+  deadline=$((SECONDS + 10))
+  while ((SECONDS < deadline)); do
+    fd1="$(fd_count "$pid")"
+    if [[ "$name" == tg-* ]]; then
+      inprog="$(in_progress "$url")"
+      rows="$(ledger_rows "$name" "requested_model = 'idle/gpt-bench' AND reason = 'client_disconnected'")"
+      ((fd1 <= fd0 + 2 && inprog == 0 && rows >= expect)) && { released=true; break; }
+    else
+      ((fd1 <= fd0 + 2)) && { released=true; break; }
+    fi
+    sleep 0.2
+  done
+  panics="$(grep -ci panic "$TMP/$name.log" 2>/dev/null || true)"
+  alive "$pid" || die "$label exited during the idle-stream phase"
+  [[ "$released" == true ]] || log "WARNING: $label did not let go of the closed idle streams in 10 s (descriptors $fd0 -> $fd1, in progress $inprog, ledger rows $rows of $expect)"
+  record idle "$label" 1 "${line%\}},\"rss_before_kb\":$rss0,\"fd_before\":$fd0,\"fd_after\":$fd1,\"released\":$released,\"in_progress_after\":$inprog,\"ledger_rows\":$rows,\"ledger_expected\":$expect,\"panics\":${panics:-0}}"
+  stop_pid "$pid"
+}
+
+if [[ "$DIRECT_ONLY" != 1 ]] && ((IDLE_STREAMS > 0)); then
+  printf '{"model":"gpt-bench",%s,"stream":true}' "$MSG" >"$TMP/idle-direct.json"
+  printf '{"model":"idle/gpt-bench",%s,"stream":true}' "$MSG" >"$TMP/idle-via.json"
+  start_baseline bare-idle bare-proxy "$IDLE_ADDR"
+  URL_OF[bare-idle]="http://$LISTEN_ADDR"
+  idle_target bare bare-idle "$TMP/idle-direct.json"
+  for profile in $PROFILES; do
+    start_tollgate "$profile" "tg-$profile-idle"
+    idle_target "tg-$profile" "tg-$profile-idle" "$TMP/idle-via.json" "Authorization: Bearer tg-bench-key"
   done
 fi
 
