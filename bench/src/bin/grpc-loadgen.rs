@@ -8,6 +8,10 @@
 //! after its due time (every task was busy) is charged from its due time, so a stalled server
 //! cannot hide its stall by slowing the generator down (coordinated omission).
 
+// Not in src/bin/ itself, so that cargo does not take it for a binary of its own.
+#[path = "shared/stats.rs"]
+mod stats;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +23,8 @@ use tollgate::proto;
 use tollgate::proto::gateway_client::GatewayClient;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
+
+use stats::{summary, us};
 
 /// Which RPC to call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,10 +115,6 @@ struct Schedule {
     /// Past this no new request starts, so a stalled server cannot stretch
     /// the run; unclaimed slots are reported as `dropped` (and errors).
     hard_stop: Instant,
-}
-
-fn us(d: Duration) -> u32 {
-    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// How one call ended; timings are taken from `t0`.
@@ -262,26 +264,6 @@ async fn worker(
         t.last_done = Some(done);
     }
     t
-}
-
-/// Nearest-rank percentile of a sorted slice, 0 when empty.
-fn pct(sorted: &[u32], q: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn summary(prefix: &str, v: &mut [u32], out: &mut serde_json::Map<String, serde_json::Value>) {
-    v.sort_unstable();
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
-        out.insert(format!("{prefix}{name}_us"), json!(pct(v, q)));
-    }
-    out.insert(
-        format!("{prefix}max_us"),
-        json!(v.last().copied().unwrap_or(0)),
-    );
 }
 
 fn build_target(args: &Args) -> Result<Target, String> {

@@ -8,9 +8,11 @@
 //! by slowing the generator down (coordinated omission). Prints one JSON line.
 //! `--mode hold` instead opens streams and holds them silent (see `hold.rs`).
 
-// Beside this file, not in src/bin/, so that cargo does not take it for a binary of its own.
+// Beside this file, not in src/bin/, so that cargo does not take them for binaries of their own.
 #[path = "loadgen/hold.rs"]
 mod hold;
+#[path = "shared/stats.rs"]
+mod stats;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +28,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use stats::{pct, summary, us};
 
 /// What to measure on each response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -129,10 +133,6 @@ struct Schedule {
     inflight_max: AtomicU64,
     /// Window length for per-window figures; zero: off.
     window: Duration,
-}
-
-fn us(d: Duration) -> u32 {
-    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 async fn connect(authority: &str) -> std::io::Result<SendRequest<Full<Bytes>>> {
@@ -313,26 +313,6 @@ async fn worker(
         t.last_done = Some(done);
     }
     t
-}
-
-/// Nearest-rank percentile of a sorted slice, 0 when empty.
-fn pct(sorted: &[u32], q: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn summary(prefix: &str, v: &mut [u32], out: &mut serde_json::Map<String, serde_json::Value>) {
-    v.sort_unstable();
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
-        out.insert(format!("{prefix}{name}_us"), json!(pct(v, q)));
-    }
-    out.insert(
-        format!("{prefix}max_us"),
-        json!(v.last().copied().unwrap_or(0)),
-    );
 }
 
 fn build_target(args: &Args) -> Result<Target, String> {
