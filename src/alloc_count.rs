@@ -1,9 +1,11 @@
-//! A counting global allocator, built only with `--features alloc-count` (the benchmark's
+//! A counting global allocator (around mimalloc, the one the binary installs otherwise), built only with `--features alloc-count` (the benchmark's
 //! allocations-per-request figure, bench/README.md): every allocation and reallocation is
 //! counted, with its size, in two relaxed atomics, and `/metrics` exports the totals as
 //! `tollgate_allocations_total` and `tollgate_allocated_bytes_total`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc as Inner;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use prometheus_client::collector::Collector;
@@ -24,29 +26,29 @@ fn count(size: usize) {
     BYTES.fetch_add(size as u64, Relaxed);
 }
 
-// SAFETY: every call is forwarded unchanged to `System`, which upholds the contract.
+// SAFETY: every call is forwarded unchanged to mimalloc (what the binary uses otherwise), which upholds the contract.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size());
         // SAFETY: the caller's layout is passed on as given.
-        unsafe { System.alloc(layout) }
+        unsafe { Inner.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size());
         // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { Inner.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
+        // SAFETY: `ptr` came from `Inner` with this layout.
+        unsafe { Inner.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size);
-        // SAFETY: `ptr` came from `System` with this layout.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        // SAFETY: `ptr` came from `Inner` with this layout.
+        unsafe { Inner.realloc(ptr, layout, new_size) }
     }
 }
 

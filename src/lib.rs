@@ -4,6 +4,7 @@
 
 #[cfg(feature = "alloc-count")]
 pub mod alloc_count;
+pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod clock;
