@@ -69,6 +69,11 @@ impl ProviderConfig {
 /// `max_response_bytes` when the config names none: 32 MiB, far above any real answer.
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
 
+/// Default of `max_idle_connections`: enough warm connections for a busy replica, few enough
+/// that the memory a burst of hundreds of concurrent streams took is given back when it ends
+/// (an idle pooled connection keeps its buffers until the pool's 90 s idle timeout).
+pub const DEFAULT_MAX_IDLE_CONNECTIONS: u64 = 128;
+
 /// Where and how an HTTP upstream is called, and how its key pool behaves.
 #[derive(Clone)]
 pub struct HttpUpstreamConfig {
@@ -86,6 +91,8 @@ pub struct HttpUpstreamConfig {
     pub rate_limit_cooldown_secs: u64,
     /// When set, 401/403 rest a key this long instead of disabling it until an operator acts.
     pub auth_failure_cooldown_secs: Option<u64>,
+    /// Idle pooled connections kept open to this upstream; one returned past it is closed.
+    pub max_idle_connections: usize,
 }
 
 /// `kind = "anthropic"`: the Messages API.
@@ -151,6 +158,7 @@ struct RawProviderConfig {
     max_response_bytes: Option<u64>,
     rate_limit_cooldown_secs: Option<u64>,
     auth_failure_cooldown_secs: Option<u64>,
+    max_idle_connections: Option<u64>,
     anthropic_version: Option<String>,
     anthropic_beta: Option<Vec<String>>,
     default_max_tokens: Option<u64>,
@@ -222,6 +230,11 @@ impl TryFrom<RawProviderConfig> for ProviderConfig {
                 max_response_bytes: r.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
                 rate_limit_cooldown_secs: r.rate_limit_cooldown_secs.unwrap_or(60),
                 auth_failure_cooldown_secs: r.auth_failure_cooldown_secs,
+                max_idle_connections: usize::try_from(
+                    r.max_idle_connections
+                        .unwrap_or(DEFAULT_MAX_IDLE_CONNECTIONS),
+                )
+                .unwrap_or(usize::MAX),
             })
         };
         let settings = match r.kind {
@@ -261,6 +274,7 @@ impl TryFrom<RawProviderConfig> for ProviderConfig {
                         "auth_failure_cooldown_secs",
                         r.auth_failure_cooldown_secs.is_some(),
                     ),
+                    ("max_idle_connections", r.max_idle_connections.is_some()),
                 ];
                 for (field, set) in fields {
                     only(field, set, "\"openai\" or \"anthropic\"")?;

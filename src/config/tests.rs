@@ -88,6 +88,25 @@ fn provider_kinds_validate_into_their_settings() {
 }
 
 #[test]
+fn max_idle_connections_defaults_and_is_refused_for_the_mock() {
+    let c = Config::from_toml_str(
+        "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\n\
+         [providers.p]\nkind = \"openai\"\nbase_url = \"http://y\"\nmax_idle_connections = 8\n",
+    )
+    .unwrap();
+    let idle = |name: &str| match &c.providers[name].settings {
+        ProviderSettings::Openai(h) => h.max_idle_connections,
+        _ => panic!("not openai"),
+    };
+    assert_eq!(idle("o"), 128);
+    assert_eq!(idle("p"), 8);
+    let err = Config::from_toml_str("[providers.m]\nkind = \"mock\"\nmax_idle_connections = 4\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`max_idle_connections` applies only"), "{err}");
+}
+
+#[test]
 fn fields_of_another_kind_are_refused_with_their_line() {
     let err = Config::from_toml_str(
         "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\ntokens = 4\n",

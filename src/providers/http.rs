@@ -49,6 +49,7 @@ impl HttpUpstream {
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(cfg.max_idle_connections)
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("providers.{name}: cannot build HTTP client: {e}"))?;
