@@ -986,7 +986,9 @@ async fn crashed_replica_reservation_expires(backend: Backend) {
 
     clock.advance(Duration::from_secs(120));
     let r = env.chat(0, ALICE_KEY, &b1).send().await.unwrap();
-    assert_eq!(r.status(), 200, "the expired reservation was released");
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "the expired reservation was released: {text}");
     let b = settled(&env, 0, "user", alice).await;
     assert_eq!(b["spent_micros"], max);
     let row = env
