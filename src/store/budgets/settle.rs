@@ -12,7 +12,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use super::{Settlement, LEASE_ID_PREFIX};
 use crate::store::ledger::pg_insert_rows;
 use crate::store::schema::{budget_reservations, budgets};
-use crate::store::{with_conn, NewLedgerRow, Store, StoreError};
+use crate::store::{NewLedgerRow, Store, StoreError};
 
 /// Reservations of a settlement batch deleted, returning what each gave back to which budget.
 type Release<'a> = dsl::Returning<
@@ -263,53 +263,110 @@ impl Store {
         limit: i64,
         charge_requests: bool,
     ) -> Result<usize, StoreError> {
-        with_conn!(self, conn => {
-            Ok(conn
-                .transaction::<_, diesel::result::Error, _>(async |conn| {
-                    let expired = budget_reservations::table
-                        .filter(budget_reservations::expires_at.le(now))
-                        .select((budget_reservations::id, budget_reservations::budget_id))
-                        .limit(limit)
-                        .into_boxed();
-                    let expired: Vec<(String, i64)> = match budget_id {
-                        Some(b) => expired.filter(budget_reservations::budget_id.eq(b)),
-                        None => expired.order(budget_reservations::expires_at.asc()),
-                    }
-                    .load(&mut *conn)
-                    .await?;
-                    // Per budget: (charged as spent, given back from reserved).
-                    let mut give_back = BTreeMap::<i64, (i64, i64)>::new();
-                    let mut released = 0;
-                    for (id, budget) in expired {
-                        // Deleted here or by a settlement racing us: whoever deletes the row
-                        // gives the amount back, once.
-                        let amount: Option<i64> = diesel::delete(
-                            budget_reservations::table
-                                .filter(budget_reservations::id.eq(&id))
-                                .filter(budget_reservations::budget_id.eq(budget))
-                                .filter(budget_reservations::expires_at.le(now)),
-                        )
-                        .returning(budget_reservations::amount_micros)
-                        .get_result(&mut *conn)
-                        .await
-                        .optional()?;
-                        if let Some(amount) = amount {
-                            let e = give_back.entry(budget).or_default();
-                            if charge_requests && !id.starts_with(LEASE_ID_PREFIX) {
-                                e.0 += amount;
-                            }
-                            e.1 += amount;
-                            released += 1;
+        match self {
+            // A deferred transaction that reads and then deletes fails at once with
+            // SQLITE_BUSY when another connection committed in between (WAL does not wait
+            // `busy_timeout` on that upgrade): take the write lock at the start instead.
+            Store::Sqlite { pool, .. } => {
+                let mut conn = pool.get().await?;
+                Ok(conn
+                    .spawn_blocking(move |c| {
+                        sqlite::expire(c, budget_id, now, limit, charge_requests)
+                    })
+                    .await?)
+            }
+            Store::Postgres { pool, .. } => {
+                let mut conn = pool.get().await?;
+                Ok(conn
+                    .transaction::<_, diesel::result::Error, _>(async |conn| {
+                        let expired = budget_reservations::table
+                            .filter(budget_reservations::expires_at.le(now))
+                            .select((budget_reservations::id, budget_reservations::budget_id))
+                            .limit(limit)
+                            .into_boxed();
+                        let expired: Vec<(String, i64)> = match budget_id {
+                            Some(b) => expired.filter(budget_reservations::budget_id.eq(b)),
+                            None => expired.order(budget_reservations::expires_at.asc()),
                         }
-                    }
-                    // Budget rows last and in id order: locks held briefly, in one order.
-                    for (budget, (spent, amount)) in give_back {
-                        charge(budget, spent, amount, now).execute(&mut *conn).await?;
-                    }
-                    Ok(released)
-                })
-                .await?)
-        })
+                        .load(&mut *conn)
+                        .await?;
+                        let mut expiry = Expiry::new(charge_requests);
+                        for (id, budget) in expired {
+                            let amount = expire_one(&id, budget, now)
+                                .get_result(&mut *conn)
+                                .await
+                                .optional()?;
+                            expiry.add(&id, budget, amount);
+                        }
+                        for charge in expiry.charges(now) {
+                            charge.execute(&mut *conn).await?;
+                        }
+                        Ok(expiry.released)
+                    })
+                    .await?)
+            }
+        }
+    }
+}
+
+/// One expired reservation deleted, returning what it held (nothing if a settlement racing
+/// the expiry deleted it first: whoever deletes the row gives the amount back, once).
+type ExpireOne<'a> = dsl::Returning<
+    dsl::delete<
+        dsl::Filter<
+            dsl::Filter<
+                dsl::Filter<budget_reservations::table, dsl::Eq<budget_reservations::id, &'a str>>,
+                dsl::Eq<budget_reservations::budget_id, i64>,
+            >,
+            dsl::LtEq<budget_reservations::expires_at, i64>,
+        >,
+    >,
+    budget_reservations::amount_micros,
+>;
+
+fn expire_one(id: &str, budget: i64, now: i64) -> ExpireOne<'_> {
+    diesel::delete(
+        budget_reservations::table
+            .filter(budget_reservations::id.eq(id))
+            .filter(budget_reservations::budget_id.eq(budget))
+            .filter(budget_reservations::expires_at.le(now)),
+    )
+    .returning(budget_reservations::amount_micros)
+}
+
+/// What an expiry pass released, per budget.
+struct Expiry {
+    charge_requests: bool,
+    /// Per budget: (charged as spent, given back from reserved).
+    give_back: BTreeMap<i64, (i64, i64)>,
+    released: usize,
+}
+
+impl Expiry {
+    fn new(charge_requests: bool) -> Expiry {
+        Expiry {
+            charge_requests,
+            give_back: BTreeMap::new(),
+            released: 0,
+        }
+    }
+
+    /// Counts reservation `id` of `budget`, which held `amount` if this pass deleted it.
+    fn add(&mut self, id: &str, budget: i64, amount: Option<i64>) {
+        let Some(amount) = amount else { return };
+        let e = self.give_back.entry(budget).or_default();
+        if self.charge_requests && !id.starts_with(LEASE_ID_PREFIX) {
+            e.0 += amount;
+        }
+        e.1 += amount;
+        self.released += 1;
+    }
+
+    /// The budget updates, last and in id order: locks held briefly, in one order.
+    fn charges(&self, now: i64) -> impl Iterator<Item = Charge> + '_ {
+        self.give_back
+            .iter()
+            .map(move |(&budget, &(spent, amount))| charge(budget, spent, amount, now))
     }
 }
 
@@ -321,9 +378,39 @@ mod sqlite {
     use diesel::prelude::*;
     use diesel::sqlite::SqliteConnection;
 
-    use super::{add_released, lease_held, lease_take, release, Plan};
+    use super::{add_released, expire_one, lease_held, lease_take, release, Expiry, Plan};
     use crate::store::budgets::Settlement;
-    use crate::store::schema::usage_ledger;
+    use crate::store::schema::{budget_reservations, usage_ledger};
+
+    pub(super) fn expire(
+        c: &mut SqliteConnection,
+        budget_id: Option<i64>,
+        now: i64,
+        limit: i64,
+        charge_requests: bool,
+    ) -> QueryResult<usize> {
+        c.immediate_transaction(|c| {
+            let expired = budget_reservations::table
+                .filter(budget_reservations::expires_at.le(now))
+                .select((budget_reservations::id, budget_reservations::budget_id))
+                .limit(limit)
+                .into_boxed();
+            let expired: Vec<(String, i64)> = match budget_id {
+                Some(b) => expired.filter(budget_reservations::budget_id.eq(b)),
+                None => expired.order(budget_reservations::expires_at.asc()),
+            }
+            .load(c)?;
+            let mut expiry = Expiry::new(charge_requests);
+            for (id, budget) in expired {
+                let amount = expire_one(&id, budget, now).get_result(c).optional()?;
+                expiry.add(&id, budget, amount);
+            }
+            for charge in expiry.charges(now) {
+                charge.execute(c)?;
+            }
+            Ok(expiry.released)
+        })
+    }
 
     pub(super) fn settle(
         c: &mut SqliteConnection,
