@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::http::{HttpUpstream, KeyHeader};
+use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse};
 use super::{
     unix_secs, Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall,
     NativeChunk, NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
@@ -19,8 +19,8 @@ use crate::config::{AnthropicConfig, ProviderKind};
 
 /// An Anthropic upstream.
 pub struct AnthropicProvider {
-    url: String,
-    count_url: String,
+    url: http::Uri,
+    count_url: http::Uri,
     http: HttpUpstream,
     config: AnthropicConfig,
     beta: Option<String>,
@@ -39,8 +39,8 @@ impl AnthropicProvider {
         let base = cfg.http.base_url.trim_end_matches("/v1");
         let beta = (!cfg.anthropic_beta.is_empty()).then(|| cfg.anthropic_beta.join(","));
         Ok(Self {
-            url: format!("{base}/v1/messages"),
-            count_url: format!("{base}/v1/messages/count_tokens"),
+            url: upstream_uri(name, format!("{base}/v1/messages"))?,
+            count_url: upstream_uri(name, format!("{base}/v1/messages/count_tokens"))?,
             http: HttpUpstream::new(name, &cfg.http, KeyHeader::XApiKey, clock.clone(), observer)?,
             config: cfg.clone(),
             beta,
@@ -53,7 +53,7 @@ impl AnthropicProvider {
         call: UpstreamCall<'_>,
         stream: bool,
         deadline: std::time::Instant,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let body = anthropic::encode_request(
             call.request,
             call.model,
@@ -86,10 +86,10 @@ impl AnthropicProvider {
     /// `anthropic-beta` values merged with the configured ones.
     async fn send_native(
         &self,
-        url: &str,
+        url: &http::Uri,
         call: NativeCall<'_>,
         deadline: std::time::Instant,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let body = replace_string(&call.native.body, &["model"], call.model).ok_or_else(|| {
             UpstreamError::Unsupported("the request body has no `model` string".into())
         })?;

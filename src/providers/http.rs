@@ -1,11 +1,21 @@
 //! What every HTTP upstream shares: a pooled client, the key-pool walk on 429/401/403, the
 //! three deadlines (first byte, idle between chunks, total), and reading SSE `data` payloads.
+//!
+//! The client is hyper's pooled client with a rustls connector, not reqwest: on the request
+//! path reqwest parsed the URL twice a request and ran redirect and retry layers that an
+//! upstream call never uses (bench/README.md, "Where the CPU goes").
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
 
 use super::key_pool::{KeyPoolSettings, KeyVerdict};
@@ -13,6 +23,11 @@ use super::sse::{EventSplitter, SseParser, SseTooLong};
 use super::{KeyPool, KeyPoolObserver, UpstreamError};
 use crate::clock::Clock;
 use crate::config::HttpUpstreamConfig;
+
+/// An upstream's answer, its body not read yet.
+pub type UpstreamResponse = http::Response<hyper::body::Incoming>;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// How a pool key is presented to the upstream.
 #[derive(Debug, Clone, Copy)]
@@ -23,11 +38,37 @@ pub enum KeyHeader {
     XApiKey,
 }
 
+impl KeyHeader {
+    fn name(self) -> HeaderName {
+        match self {
+            KeyHeader::Bearer => AUTHORIZATION,
+            KeyHeader::XApiKey => HeaderName::from_static("x-api-key"),
+        }
+    }
+
+    /// The header value of `secret`, marked sensitive (kept out of hyper's debug output).
+    fn value(self, secret: &str) -> Option<HeaderValue> {
+        let mut v = match self {
+            KeyHeader::Bearer => HeaderValue::try_from(format!("Bearer {secret}")).ok()?,
+            KeyHeader::XApiKey => HeaderValue::from_str(secret).ok()?,
+        };
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+/// Parses an upstream URL built from a validated `base_url`.
+pub fn upstream_uri(name: &str, url: String) -> Result<http::Uri, String> {
+    http::Uri::try_from(url).map_err(|e| format!("providers.{name}: bad upstream URL: {e}"))
+}
+
 /// A pooled HTTP client for one provider, with its key pool and deadlines.
 pub struct HttpUpstream {
-    client: reqwest::Client,
+    client: Client<Connector, Full<Bytes>>,
     keys: KeyPool,
     key_header: KeyHeader,
+    /// The header value of each pool key, by its index in the pool, made once.
+    key_values: Vec<HeaderValue>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     total_timeout: Duration,
@@ -35,6 +76,9 @@ pub struct HttpUpstream {
     max_response_bytes: usize,
     clock: Clock,
 }
+
+/// `User-Agent` of every upstream call.
+const AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"));
 
 impl HttpUpstream {
     /// Builds the client; the base URL was validated with the config.
@@ -45,14 +89,31 @@ impl HttpUpstream {
         clock: Clock,
         observer: Arc<dyn KeyPoolObserver>,
     ) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .tcp_nodelay(true)
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(cfg.max_idle_connections)
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("providers.{name}: cannot build HTTP client: {e}"))?;
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let key_values = cfg
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                key_header.value(k).ok_or_else(|| {
+                    format!("providers.{name}: keys[{i}] cannot be sent in an HTTP header")
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             client,
             keys: KeyPool::new(
@@ -67,6 +128,7 @@ impl HttpUpstream {
             ),
             clock,
             key_header,
+            key_values,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
             total_timeout: Duration::from_millis(cfg.total_timeout_ms),
@@ -84,18 +146,63 @@ impl HttpUpstream {
         Instant::now() + self.total_timeout
     }
 
+    /// The request of one attempt: `body` to `url` with `key` (index and secret) if any.
+    fn request(
+        &self,
+        url: &http::Uri,
+        request_id: &str,
+        trace: Option<&super::TraceHeaders>,
+        headers: &[(&'static str, &str)],
+        key: Option<(usize, &str)>,
+        body: Bytes,
+    ) -> Result<http::Request<Full<Bytes>>, UpstreamError> {
+        let header = |name: &str, value: &str| {
+            HeaderValue::from_str(value).map_err(|_| {
+                UpstreamError::Unsupported(format!("`{name}` cannot be sent as an HTTP header"))
+            })
+        };
+        let mut req = http::Request::new(Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = url.clone();
+        let h = req.headers_mut();
+        h.reserve(8);
+        h.insert(USER_AGENT, HeaderValue::from_static(AGENT));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert("x-request-id", header("x-request-id", request_id)?);
+        for (name, value) in headers {
+            h.insert(HeaderName::from_static(name), header(name, value)?);
+        }
+        if let Some(t) = trace {
+            h.insert("traceparent", header("traceparent", &t.traceparent)?);
+            if let Some(state) = &t.tracestate {
+                h.insert("tracestate", header("tracestate", state)?);
+            }
+        }
+        if let Some((index, secret)) = key {
+            let value = match self.key_values.get(index) {
+                Some(v) => v.clone(),
+                // The pool was built from the same keys; this is only a fallback.
+                None => self.key_header.value(secret).ok_or_else(|| {
+                    UpstreamError::Unsupported("a pool key cannot be sent in a header".into())
+                })?,
+            };
+            h.insert(self.key_header.name(), value);
+        }
+        Ok(req)
+    }
+
     /// POSTs `body` to `url`, walking the key pool: a 429, 401 or 403 marks the key and the
     /// same body goes to the next usable key. Nothing has reached the caller yet, so this is
     /// safe for streams too. `headers` and the trace context are sent with every attempt.
     pub async fn post(
         &self,
-        url: &str,
+        url: &http::Uri,
         request_id: &str,
         trace: Option<&super::TraceHeaders>,
         headers: &[(&'static str, &str)],
-        body: bytes::Bytes,
+        body: Bytes,
         deadline: Instant,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let mut walk = self.keys.walk();
         let result = loop {
             let key = walk.next_key();
@@ -106,33 +213,13 @@ impl HttpUpstream {
                     .exhausted(self.keys.provider(), outcome);
                 break Err(UpstreamError::KeysExhausted { retry_after });
             }
-            let mut builder = self
-                .client
-                .post(url)
-                .header("x-request-id", request_id)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            for (name, value) in headers {
-                builder = builder.header(*name, *value);
-            }
-            if let Some(t) = trace {
-                builder = builder.header("traceparent", &t.traceparent);
-                if let Some(state) = &t.tracestate {
-                    builder = builder.header("tracestate", state);
-                }
-            }
-            if let Some((_, secret)) = key {
-                builder = match self.key_header {
-                    KeyHeader::Bearer => builder.bearer_auth(secret),
-                    KeyHeader::XApiKey => builder.header("x-api-key", secret),
-                };
-            }
+            let req = self.request(url, request_id, trace, headers, key, body.clone())?;
             let wait = self
                 .first_byte_timeout
                 .min(deadline.saturating_duration_since(Instant::now()));
-            let resp = match tokio::time::timeout(wait, builder.send()).await {
+            let resp = match tokio::time::timeout(wait, self.client.request(req)).await {
                 Err(_) => break Err(UpstreamError::Timeout("first byte")),
-                Ok(Err(e)) => break Err(classify(e)),
+                Ok(Err(e)) => break Err(classify(&e)),
                 Ok(Ok(r)) => r,
             };
             let status = resp.status().as_u16();
@@ -153,7 +240,11 @@ impl HttpUpstream {
                         t.reject_key(index, status);
                     }
                     // Read the small error body so that the connection can be reused.
-                    let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        resp.into_body().collect(),
+                    )
+                    .await;
                 }
                 _ => {
                     // An error body is only read for its message: bounded like any answer.
@@ -186,7 +277,7 @@ impl HttpUpstream {
     /// cap the response is dropped unread (and its connection with it), so memory stays bounded.
     pub async fn body(
         &self,
-        resp: reqwest::Response,
+        resp: UpstreamResponse,
         deadline: Instant,
     ) -> Result<bytes::Bytes, UpstreamError> {
         tokio::time::timeout(
@@ -201,7 +292,7 @@ impl HttpUpstream {
     /// within the total one. Ends at the end of the body.
     pub fn sse_data(
         &self,
-        resp: reqwest::Response,
+        resp: UpstreamResponse,
         deadline: Instant,
     ) -> impl Stream<Item = Result<String, UpstreamError>> + Send + 'static {
         self.sse_items(
@@ -215,7 +306,7 @@ impl HttpUpstream {
     /// pass-through), with the same deadlines as [`HttpUpstream::sse_data`].
     pub fn sse_raw(
         &self,
-        resp: reqwest::Response,
+        resp: UpstreamResponse,
         deadline: Instant,
     ) -> impl Stream<Item = Result<RawEvent, UpstreamError>> + Send + 'static {
         self.sse_items(
@@ -229,13 +320,13 @@ impl HttpUpstream {
     /// within the total one. Ends at the end of the body.
     fn sse_items<D: SseDecoder>(
         &self,
-        resp: reqwest::Response,
+        resp: UpstreamResponse,
         deadline: Instant,
         decoder: D,
     ) -> impl Stream<Item = Result<D::Item, UpstreamError>> + Send + 'static {
         let idle = self.idle_timeout;
         let state = (
-            resp.bytes_stream(),
+            BodyDataStream::new(resp.into_body()),
             decoder,
             VecDeque::<D::Item>::new(),
             false,
@@ -317,26 +408,27 @@ impl SseDecoder for EventSplitter {
 }
 
 /// The whole body, refused as soon as it (or its announced length) passes `max` bytes.
-async fn read_capped(
-    mut resp: reqwest::Response,
-    max: usize,
-) -> Result<bytes::Bytes, UpstreamError> {
+async fn read_capped(resp: UpstreamResponse, max: usize) -> Result<Bytes, UpstreamError> {
     let too_large = || {
         UpstreamError::BadResponse(format!(
             "the upstream answer exceeds max_response_bytes ({max} bytes)"
         ))
     };
-    if resp.content_length().is_some_and(|n| n > max as u64) {
+    let mut body = resp.into_body();
+    if http_body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|n| n > max as u64)
+    {
         return Err(too_large());
     }
     // An answer that arrives as one chunk (the usual case) is kept as it came, without a copy.
-    let mut whole: Option<bytes::Bytes> = None;
+    let mut whole: Option<Bytes> = None;
     let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| UpstreamError::BadResponse(e.to_string()))?
-    {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::BadResponse(deepest_cause(&e)))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
         let held = whole.as_ref().map_or(0, |w| w.len()) + buf.len();
         if held + chunk.len() > max {
             return Err(too_large());
@@ -357,28 +449,43 @@ async fn read_capped(
 /// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).
 pub use super::sse::RawEventBytes as RawEvent;
 
-/// A connect that passed `connect_timeout_ms` is a timeout (reqwest reports it as a connect
-/// error too, so that is asked first); other connection failures are `Connect`; anything else
-/// while sending is a bad response.
-fn classify(e: reqwest::Error) -> UpstreamError {
-    if e.is_timeout() {
-        UpstreamError::Timeout("connect")
-    } else if e.is_connect() {
-        UpstreamError::Connect(without_url(&e))
+/// A connect that passed `connect_timeout_ms` is a timeout (hyper reports it as a connect
+/// error whose cause timed out, so that is asked first); other connection failures are
+/// `Connect`; anything else while sending is a bad response.
+fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    if e.is_connect() {
+        if caused_by_timeout(e) {
+            UpstreamError::Timeout("connect")
+        } else {
+            UpstreamError::Connect(deepest_cause(e))
+        }
     } else {
-        UpstreamError::BadResponse(without_url(&e))
+        UpstreamError::BadResponse(deepest_cause(e))
     }
 }
 
-/// reqwest errors name the URL; keep the message short and free of query strings.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut deepest = None;
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(s) = source {
-        deepest = Some(s.to_string());
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
         source = s.source();
     }
-    deepest.unwrap_or_else(|| "request failed".into())
+    false
+}
+
+/// The innermost cause of an error: short, and free of the URL.
+fn deepest_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut deepest = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        deepest = s.to_string();
+        source = s.source();
+    }
+    deepest
 }
 
 /// The `error.message` of an error body (OpenAI's and Anthropic's shapes both keep it there),
@@ -399,7 +506,7 @@ fn error_message(text: &str) -> String {
 
 /// `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date (measured from `now_ms`,
 /// the gateway clock's now, so that a test clock decides how long a date-given cooldown is).
-fn retry_after(h: &reqwest::header::HeaderMap, now_ms: i64) -> Option<Duration> {
+fn retry_after(h: &http::HeaderMap, now_ms: i64) -> Option<Duration> {
     if let Some(ms) = h
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
@@ -407,7 +514,7 @@ fn retry_after(h: &reqwest::header::HeaderMap, now_ms: i64) -> Option<Duration> 
     {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
-    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<f64>() {
         return Some(Duration::from_secs_f64(secs.max(0.0)));
     }
@@ -468,7 +575,7 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
         assert_eq!(retry_after(&h, 0), Some(Duration::from_secs(7)));
         h.insert("retry-after-ms", "1500".parse().unwrap());
@@ -477,7 +584,7 @@ mod tests {
 
     #[test]
     fn retry_after_as_a_date_counts_from_the_given_now() {
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert(
             "retry-after",
             "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),

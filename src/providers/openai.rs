@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::http::{HttpUpstream, KeyHeader};
+use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse};
 use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
     NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
@@ -19,9 +19,9 @@ use crate::config::{HttpUpstreamConfig, ProviderKind};
 
 /// An OpenAI-compatible upstream.
 pub struct OpenAiProvider {
-    chat_url: String,
-    embeddings_url: String,
-    responses_url: String,
+    chat_url: http::Uri,
+    embeddings_url: http::Uri,
+    responses_url: http::Uri,
     http: HttpUpstream,
 }
 
@@ -34,9 +34,9 @@ impl OpenAiProvider {
         observer: Arc<dyn KeyPoolObserver>,
     ) -> Result<Self, String> {
         Ok(Self {
-            chat_url: format!("{}/chat/completions", cfg.base_url),
-            embeddings_url: format!("{}/embeddings", cfg.base_url),
-            responses_url: format!("{}/responses", cfg.base_url),
+            chat_url: upstream_uri(name, format!("{}/chat/completions", cfg.base_url))?,
+            embeddings_url: upstream_uri(name, format!("{}/embeddings", cfg.base_url))?,
+            responses_url: upstream_uri(name, format!("{}/responses", cfg.base_url))?,
             http: HttpUpstream::new(name, cfg, KeyHeader::Bearer, clock, observer)?,
         })
     }
@@ -48,7 +48,7 @@ impl OpenAiProvider {
         &self,
         call: NativeCall<'_>,
         deadline: std::time::Instant,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let body = replace_string(&call.native.body, &["model"], call.model).ok_or_else(|| {
             UpstreamError::Unsupported("the request body has no `model` string".into())
         })?;

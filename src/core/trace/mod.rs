@@ -212,17 +212,26 @@ impl ServerTrace {
                 .clone()
                 .map(|(parent, state)| TraceHeaders::new(parent, state))
         };
+        // The span's name and attributes are only built for a span that will be exported.
+        let (name, attributes) = if self.recording {
+            (
+                format!("{} {}", target.operation, target.model),
+                vec![
+                    KeyValue::string("gen_ai.operation.name", target.operation),
+                    KeyValue::string("gen_ai.provider.name", target.provider),
+                    KeyValue::string("gen_ai.request.model", target.model),
+                    KeyValue::string("tollgate.provider", target.provider_name),
+                ],
+            )
+        } else {
+            (String::new(), Vec::new())
+        };
         Attempt {
             span_id,
             started: Instant::now(),
-            name: format!("{} {}", target.operation, target.model),
+            name,
             provider: target.provider,
-            attributes: vec![
-                KeyValue::string("gen_ai.operation.name", target.operation),
-                KeyValue::string("gen_ai.provider.name", target.provider),
-                KeyValue::string("gen_ai.request.model", target.model),
-                KeyValue::string("tollgate.provider", target.provider_name),
-            ],
+            attributes,
             headers,
         }
     }
