@@ -11,8 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
 
@@ -33,30 +32,104 @@ pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Wraps the request body (deadline, end watched); adds `Connection: close` to a response sent
-/// while the body was still unread.
-pub async fn guard(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
-    if http_body::Body::is_end_stream(&body) {
-        return next.run(Request::from_parts(parts, body)).await;
+/// Wraps each request body (deadline, end watched) and adds `Connection: close` to a response
+/// sent while the body was still unread. A tower layer, not `axum::middleware::from_fn`: that
+/// boxes the inner service and the future of every request.
+#[derive(Clone)]
+pub struct BodyGuardLayer {
+    timeout: Duration,
+}
+
+impl BodyGuardLayer {
+    /// Bodies must arrive whole within `timeout` of their headers.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
     }
-    let finished = Arc::new(AtomicBool::new(false));
-    let guarded = GuardedBody {
-        inner: body,
-        finished: finished.clone(),
-        timeout,
-        deadline: Box::pin(tokio::time::sleep(timeout)),
-    };
-    let mut resp = next
-        .run(Request::from_parts(parts, Body::new(guarded)))
-        .await;
-    if !finished.load(Ordering::Acquire) {
-        resp.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
+}
+
+impl<S> tower::Layer<S> for BodyGuardLayer {
+    type Service = BodyGuard<S>;
+    fn layer(&self, inner: S) -> BodyGuard<S> {
+        BodyGuard {
+            inner,
+            timeout: self.timeout,
+        }
     }
-    resp
+}
+
+/// The service of [`BodyGuardLayer`].
+#[derive(Clone)]
+pub struct BodyGuard<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> tower::Service<Request> for BodyGuard<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = GuardedResponse<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        if http_body::Body::is_end_stream(&body) {
+            return GuardedResponse {
+                inner: self.inner.call(Request::from_parts(parts, body)),
+                finished: None,
+            };
+        }
+        let finished = Arc::new(AtomicBool::new(false));
+        let guarded = GuardedBody {
+            inner: body,
+            finished: finished.clone(),
+            timeout: self.timeout,
+            deadline: Box::pin(tokio::time::sleep(self.timeout)),
+        };
+        GuardedResponse {
+            inner: self
+                .inner
+                .call(Request::from_parts(parts, Body::new(guarded))),
+            finished: Some(finished),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of a guarded request: `Connection: close` when its body was left unread.
+    pub struct GuardedResponse<F> {
+        #[pin]
+        inner: F,
+        finished: Option<Arc<AtomicBool>>,
+    }
+}
+
+impl<F, E> Future for GuardedResponse<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        if this
+            .finished
+            .as_ref()
+            .is_some_and(|f| !f.load(Ordering::Acquire))
+        {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        Poll::Ready(Ok(resp))
+    }
 }
 
 struct GuardedBody {

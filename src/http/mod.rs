@@ -48,13 +48,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     router
         .fallback(ops::not_found)
         .with_state(gateway)
-        .layer(axum::middleware::from_fn_with_state(
-            body_timeout,
-            body_guard::guard,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            metrics,
-            telemetry::observe,
-        ))
+        .layer(body_guard::BodyGuardLayer::new(body_timeout))
+        .layer(telemetry::ObserveLayer::new(metrics))
         .layer(RequestContextLayer::new(Protocol::Http))
 }
