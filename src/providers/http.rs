@@ -146,14 +146,14 @@ impl HttpUpstream {
         Instant::now() + self.total_timeout
     }
 
-    /// The request of one attempt: `body` to `url` with `key` (index and secret) if any.
+    /// The request of one attempt: `body` to `url` with the pool key at index `key`, if any.
     fn request(
         &self,
         url: &http::Uri,
         request_id: &str,
         trace: Option<&super::TraceHeaders>,
         headers: &[(&'static str, &str)],
-        key: Option<(usize, &str)>,
+        key: Option<usize>,
         body: Bytes,
     ) -> Result<http::Request<Full<Bytes>>, UpstreamError> {
         let header = |name: &str, value: &str| {
@@ -178,14 +178,11 @@ impl HttpUpstream {
                 h.insert("tracestate", header("tracestate", state)?);
             }
         }
-        if let Some((index, secret)) = key {
-            let value = match self.key_values.get(index) {
-                Some(v) => v.clone(),
-                // The pool was built from the same keys; this is only a fallback.
-                None => self.key_header.value(secret).ok_or_else(|| {
-                    UpstreamError::Unsupported("a pool key cannot be sent in a header".into())
-                })?,
-            };
+        if let Some(index) = key {
+            // The pool and `key_values` were built from the same keys, in the same order.
+            let value = self.key_values.get(index).cloned().ok_or_else(|| {
+                UpstreamError::Unsupported(format!("pool key {index} has no header value"))
+            })?;
             h.insert(self.key_header.name(), value);
         }
         Ok(req)
@@ -213,7 +210,8 @@ impl HttpUpstream {
                     .exhausted(self.keys.provider(), outcome);
                 break Err(UpstreamError::KeysExhausted { retry_after });
             }
-            let req = self.request(url, request_id, trace, headers, key, body.clone())?;
+            let index = key.map(|(index, _)| index);
+            let req = self.request(url, request_id, trace, headers, index, body.clone())?;
             let wait = self
                 .first_byte_timeout
                 .min(deadline.saturating_duration_since(Instant::now()));
