@@ -2,6 +2,7 @@
 //! validated into typed values at load (a key of another kind is refused with its line).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -71,8 +72,11 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
 
 /// Default of `max_idle_connections`: enough warm connections for a busy replica, few enough
 /// that the memory a burst of hundreds of concurrent streams took is given back when it ends
-/// (an idle pooled connection keeps its buffers until the pool's 90 s idle timeout).
+/// (an idle pooled connection keeps its buffers until `pool_idle_timeout_secs`).
 pub const DEFAULT_MAX_IDLE_CONNECTIONS: u64 = 128;
+
+/// Default of `pool_idle_timeout_secs`: what common HTTP clients keep an unused connection for.
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 90;
 
 /// Where and how an HTTP upstream is called, and how its key pool behaves.
 #[derive(Clone)]
@@ -93,6 +97,8 @@ pub struct HttpUpstreamConfig {
     pub auth_failure_cooldown_secs: Option<u64>,
     /// Idle pooled connections kept open to this upstream; one returned past it is closed.
     pub max_idle_connections: usize,
+    /// How long a pooled connection may sit unused before it is closed (and its buffers freed).
+    pub pool_idle_timeout: Duration,
 }
 
 /// `kind = "anthropic"`: the Messages API.
@@ -159,6 +165,7 @@ struct RawProviderConfig {
     rate_limit_cooldown_secs: Option<u64>,
     auth_failure_cooldown_secs: Option<u64>,
     max_idle_connections: Option<u64>,
+    pool_idle_timeout_secs: Option<u64>,
     anthropic_version: Option<String>,
     anthropic_beta: Option<Vec<String>>,
     default_max_tokens: Option<u64>,
@@ -235,6 +242,11 @@ impl TryFrom<RawProviderConfig> for ProviderConfig {
                         .unwrap_or(DEFAULT_MAX_IDLE_CONNECTIONS),
                 )
                 .unwrap_or(usize::MAX),
+                pool_idle_timeout: Duration::from_secs(
+                    r.pool_idle_timeout_secs
+                        .unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT_SECS)
+                        .max(1),
+                ),
             })
         };
         let settings = match r.kind {
@@ -275,6 +287,7 @@ impl TryFrom<RawProviderConfig> for ProviderConfig {
                         r.auth_failure_cooldown_secs.is_some(),
                     ),
                     ("max_idle_connections", r.max_idle_connections.is_some()),
+                    ("pool_idle_timeout_secs", r.pool_idle_timeout_secs.is_some()),
                 ];
                 for (field, set) in fields {
                     only(field, set, "\"openai\" or \"anthropic\"")?;

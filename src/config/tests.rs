@@ -107,6 +107,29 @@ fn max_idle_connections_defaults_and_is_refused_for_the_mock() {
 }
 
 #[test]
+fn pool_idle_timeout_defaults_to_90_s_and_is_refused_for_the_mock() {
+    let c = Config::from_toml_str(
+        "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\n\
+         [providers.p]\nkind = \"anthropic\"\npool_idle_timeout_secs = 5\n",
+    )
+    .unwrap();
+    let timeout = |name: &str| match &c.providers[name].settings {
+        ProviderSettings::Openai(h) => h.pool_idle_timeout,
+        ProviderSettings::Anthropic(a) => a.http.pool_idle_timeout,
+        _ => panic!("not an HTTP upstream"),
+    };
+    assert_eq!(timeout("o"), std::time::Duration::from_secs(90));
+    assert_eq!(timeout("p"), std::time::Duration::from_secs(5));
+    let err = Config::from_toml_str("[providers.m]\nkind = \"mock\"\npool_idle_timeout_secs = 4\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`pool_idle_timeout_secs` applies only"),
+        "{err}"
+    );
+}
+
+#[test]
 fn fields_of_another_kind_are_refused_with_their_line() {
     let err = Config::from_toml_str(
         "[providers.o]\nkind = \"openai\"\nbase_url = \"http://x\"\ntokens = 4\n",

@@ -99,7 +99,7 @@ impl HttpUpstream {
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.max_idle_connections)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
