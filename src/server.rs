@@ -58,6 +58,7 @@ pub struct RunningServer {
     http_task: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
     reload_task: JoinHandle<()>,
+    idle_db_task: Option<JoinHandle<()>>,
     grace: Duration,
     delay: Duration,
 }
@@ -109,6 +110,7 @@ impl RunningServer {
             Duration::from_millis(config.database.ledger_flush_ms),
         );
         let server_cfg = config.server.clone();
+        let config_idle_db = config.database.idle_connection_timeout_secs;
         let deps = ProviderDeps {
             health: Arc::new(HealthRegistry::new(clock.clone(), metrics.clone())),
             clock,
@@ -128,6 +130,12 @@ impl RunningServer {
             },
         ));
         let reload_task = tokio::spawn(reload_on_sighup(gateway.clone()));
+        let idle_db_task = (config_idle_db > 0).then(|| {
+            tokio::spawn(close_idle_db_connections(
+                store.clone(),
+                Duration::from_secs(config_idle_db),
+            ))
+        });
 
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -198,6 +206,7 @@ impl RunningServer {
             http_task,
             grpc_task,
             reload_task,
+            idle_db_task,
             grace: Duration::from_secs(server_cfg.shutdown_grace_secs),
             delay: Duration::from_millis(server_cfg.shutdown_delay_ms),
         })
@@ -233,6 +242,9 @@ impl RunningServer {
         }
         let _ = self.stop.send(true);
         self.reload_task.abort();
+        if let Some(t) = &self.idle_db_task {
+            t.abort();
+        }
         let mut both = Box::pin(async {
             let _ = self.http_task.await;
             let _ = self.grpc_task.await;
@@ -395,5 +407,17 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// Every `idle`, closes the database connections unused that long (all but one): a burst's
+/// connections and their caches are given back once it is over (docs/operations.md).
+async fn close_idle_db_connections(store: Store, idle: Duration) {
+    let mut tick = tokio::time::interval(idle);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        store.close_idle_connections(idle).await;
     }
 }

@@ -314,6 +314,8 @@ pub struct DatabaseConfig {
     pub run_migrations: bool,
     pub ledger_batch_size: usize,
     pub ledger_flush_ms: u64,
+    /// Pooled connections unused this long are closed (all but one); 0 keeps them open.
+    pub idle_connection_timeout_secs: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -324,6 +326,7 @@ impl Default for DatabaseConfig {
             run_migrations: true,
             ledger_batch_size: 500,
             ledger_flush_ms: 200,
+            idle_connection_timeout_secs: 60,
         }
     }
 }

@@ -10,6 +10,7 @@ mod users;
 
 use std::time::Duration;
 
+use deadpool::managed::Metrics;
 use diesel::sqlite::SqliteConnection;
 use diesel::Connection as _;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
@@ -155,6 +156,44 @@ impl Store {
             })
         } else {
             Err(StoreError::BadUrl)
+        }
+    }
+
+    /// Closes pooled connections unused for `idle` or longer, all but one, and returns how many
+    /// it closed: a SQLite connection keeps up to 2 MiB of page cache, a PostgreSQL one a server
+    /// process, long after the burst that opened it. The closing runs on the blocking pool (the
+    /// last SQLite connection to close would checkpoint the WAL, so one is always kept).
+    pub async fn close_idle_connections(&self, idle: Duration) -> usize {
+        fn stale<T>(mut keep_one: bool, idle: Duration) -> impl FnMut(&T, Metrics) -> bool {
+            move |_, m| std::mem::take(&mut keep_one) || m.last_used() < idle
+        }
+        let closed = match self {
+            Store::Sqlite { pool, .. } => {
+                let removed = pool.retain(stale(true, idle)).removed;
+                let n = removed.len();
+                if n > 0 {
+                    let _ = tokio::task::spawn_blocking(move || drop(removed)).await;
+                }
+                n
+            }
+            Store::Postgres { pool, .. } => {
+                let removed = pool.retain(stale(true, idle)).removed;
+                let n = removed.len();
+                drop(removed);
+                n
+            }
+        };
+        if closed > 0 {
+            tracing::debug!(closed, "closed idle database connections");
+        }
+        closed
+    }
+
+    /// Connections open in the pool now (in use or idle).
+    pub fn open_connections(&self) -> usize {
+        match self {
+            Store::Sqlite { pool, .. } => pool.status().size,
+            Store::Postgres { pool, .. } => pool.status().size,
         }
     }
 

@@ -14,6 +14,7 @@ mod chaos;
 mod chat;
 mod cli;
 mod contract;
+mod db_pool;
 mod docs;
 mod embeddings;
 mod faults;
