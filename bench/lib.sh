@@ -4,7 +4,7 @@
 # temporary directory ($TMP) and sets the exit trap that stops every child.
 #
 # Reads: ROOT, RESULTS_DIR, LOG_TAG, PIN, DB, BENCH_PG_URL, BENCH_REDIS_URL, BIN_DIR,
-# TOLLGATE_BIN, EXTRA_CONFIG, READY_TIMEOUT_SECS, LEASE_FRACTION; MOCK_ADDR (and IDLE_ADDR, when
+# TOLLGATE_BIN, EXTRA_CONFIG, READY_TIMEOUT_SECS, LEASE_FRACTION, POOL_IDLE_SECS; MOCK_ADDR (and IDLE_ADDR, when
 # an idle mock runs) by the time tollgate starts; the caller's PID_OF/URL_OF maps, which
 # start_tollgate and start_baseline fill in (with DB_URL_OF and GRPC_URL_OF, declared here).
 
@@ -225,6 +225,7 @@ grpc_addr = "127.0.0.1:$grpc"
 level = "warn"
 [database]
 url = "$url"
+idle_connection_timeout_secs = ${POOL_IDLE_SECS:-10}
 [[auth.static_keys]]
 user = "bench"
 key = "tg-bench-key"
@@ -232,6 +233,7 @@ key = "tg-bench-key"
 kind = "openai"
 base_url = "http://$MOCK_ADDR/v1"
 keys = ["sk-bench"]
+pool_idle_timeout_secs = ${POOL_IDLE_SECS:-10}
 [service_types.default]
 models = ["*"]
 $(profile_config "$profile")

@@ -318,8 +318,10 @@ def main():
                 vals = [r["rss_peak_kb"] for r in recs if r["phase"] == phase and r["target"] == t]
                 return max(vals) if vals else None
 
-            idle, after = rss.get("idle"), rss.get("after")
+            idle, after, let_go = rss.get("idle"), rss.get("after"), rss.get("pools_idle")
             back = f" ({after / idle:.2f}x idle)" if idle and after else ""
+            if idle and let_go:
+                back += f", once the pools closed idle connections {mib(let_go)} ({let_go / idle:.2f}x idle)"
             p(
                 f"{t} RSS: idle {mib(idle)}, under load {mib(peak('ab'))} "
                 f"(frontier peak {mib(peak('frontier'))}, streaming peak {mib(peak('stream'))}, "

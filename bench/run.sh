@@ -20,7 +20,7 @@ QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then
   : "${ROUNDS:=1}" "${ROUND_SECS:=2}" "${RATES:=500}"
   : "${FRONTIER_RATES:=500}" "${STREAM_RATE:=50}" "${MOCK_CHECK_SECS:=2}"
-  : "${STREAM_CONCURRENCY:=100}" "${IDLE_STREAMS:=100}" "${IDLE_HOLD_SECS:=1}"
+  : "${STREAM_CONCURRENCY:=100}" "${IDLE_STREAMS:=100}" "${IDLE_HOLD_SECS:=1}" "${POOL_IDLE_SECS:=2}"
 fi
 ROUNDS="${ROUNDS:-5}"                 # interleaved A/B rounds per rate
 ROUND_SECS="${ROUND_SECS:-5}"         # seconds of load per round
@@ -35,6 +35,9 @@ STREAM_CONCURRENCY="${STREAM_CONCURRENCY:-500}"  # streams open at once in the c
 IDLE_STREAMS="${IDLE_STREAMS:-500}"   # idle streams held open for RSS per stream; 0: skip
 IDLE_HOLD_SECS="${IDLE_HOLD_SECS:-3}" # how long they are held (under tollgate's 30 s idle timeout)
 MOCK_CHECK_SECS="${MOCK_CHECK_SECS:-3}"
+# Idle timeout of tollgate's upstream and database pools (pool_idle_timeout_secs,
+# idle_connection_timeout_secs; defaults 90 and 60 s), so the last RSS reading comes after they let go.
+POOL_IDLE_SECS="${POOL_IDLE_SECS:-10}"
 CONNECTIONS="${CONNECTIONS:-64}"      # keep-alive connections of the load generator
 GRPC="${GRPC:-1}"                     # 1: the gRPC phase (grpc-bare and tollgate's gRPC API); 0: skip
 GRPC_RATES="${GRPC_RATES:-$RATES}"    # gRPC A/B rates, requests/s
@@ -377,6 +380,13 @@ if [[ "$DIRECT_ONLY" != 1 ]]; then
   sleep 2
   for t in "${TARGETS[@]}"; do
     [[ "$t" == tg-* ]] && printf '{"phase":"rss","target":"%s","at":"after","kb":%s}\n' "$t" "$(rss_kb "${PID_OF[$t]}")" >>"$RAW"
+  done
+  # Once the upstream and database pools closed the connections the load left idle (they
+  # check once per POOL_IDLE_SECS, so within two of them); a settling time, not a readiness wait.
+  log "waiting $((2 * POOL_IDLE_SECS + 2)) s for the pools to close idle connections"
+  sleep "$((2 * POOL_IDLE_SECS + 2))"
+  for t in "${TARGETS[@]}"; do
+    [[ "$t" == tg-* ]] && printf '{"phase":"rss","target":"%s","at":"pools_idle","kb":%s}\n' "$t" "$(rss_kb "${PID_OF[$t]}")" >>"$RAW"
   done
 fi
 
