@@ -165,8 +165,12 @@ pub struct BudgetsConfig {
     /// (an admin change made on another replica is seen within this time; the limit amount
     /// itself is always read from the database by the reservation).
     pub policy_cache_ms: u64,
-    /// How long settlements are gathered into one transaction (0: write each at once).
+    /// How long settlements that give budget back (a reservation's, a lease's release) are
+    /// gathered into one transaction (0: write each at once).
     pub settle_batch_ms: u64,
+    /// How long settlements that give nothing back (the charge of a request admitted on a
+    /// lease, with its ledger row) are gathered, when no settlement of the first kind is queued.
+    pub charge_batch_ms: u64,
     /// PostgreSQL: commit reservations without waiting for their WAL flush. Faster under load
     /// on one budget; a database crash may then forget reservations of requests in flight
     /// (their settlements still charge the actual cost). Settlements are always durable.
@@ -203,6 +207,7 @@ impl Default for BudgetsConfig {
             sweep_interval_secs: 30,
             policy_cache_ms: 5000,
             settle_batch_ms: 10,
+            charge_batch_ms: 50,
             fast_reservations: false,
             lease_fraction: 0.1,
             lease_min_remaining_fraction: 0.2,

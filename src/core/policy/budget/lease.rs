@@ -556,9 +556,9 @@ impl Budgets {
             leases: parts.iter().map(|p| (p.lease_id.clone(), 0)).collect(),
             ledger,
         };
-        // The charge first: it is queued before the release, so a batch never loses it.
-        self.settler
-            .enqueue(charge, parts.iter().map(|p| p.key).collect());
+        // The charge first: it is queued before the release, so a batch never loses it. It
+        // frees no room (the lease held the cost), so no request waits for it to be written.
+        self.settler.enqueue(charge, Vec::new());
         for (s, keys) in out {
             self.settler.enqueue(s, keys);
         }

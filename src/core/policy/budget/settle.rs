@@ -204,7 +204,10 @@ impl Settler {
                 every: Duration::from_secs(config.sweep_interval_secs.max(1)),
                 charge_expired: config.expired_reservations == ExpiredReservations::Charge,
             },
-            Duration::from_millis(config.settle_batch_ms),
+            Linger {
+                giving_back: Duration::from_millis(config.settle_batch_ms),
+                charges: Duration::from_millis(config.charge_batch_ms.max(config.settle_batch_ms)),
+            },
         ));
         Settler { tx, shared }
     }
@@ -266,15 +269,29 @@ impl Settler {
     }
 }
 
+/// How long the writer gathers a batch: briefly when a settlement in it gives budget back (a
+/// request elsewhere may be waiting for that room), longer when all of them only move a cost
+/// from a lease to the spent total (one transaction for many; on SQLite each commit rewrites
+/// the touched index pages, so fewer commits are much less work).
+struct Linger {
+    giving_back: Duration,
+    charges: Duration,
+}
+
+/// Whether a settlement gives budget back: it settles a reservation or releases a lease.
+/// A leased request's charge does not (the lease held what it cost).
+fn gives_back(s: &Settlement) -> bool {
+    !s.reservation_id.is_empty()
+}
+
 /// How often expired reservations are swept, and whether they are charged.
 struct Sweep {
     every: Duration,
     charge_expired: bool,
 }
 
-/// The settlement writer: writes whatever is queued in one transaction, at once (settlements
-/// give budget back, so they are not held for a batch deadline), retrying until it succeeds;
-/// and every `sweep` releases expired reservations.
+/// The settlement writer: writes what is queued in one transaction once the batch's [`Linger`]
+/// is up, retrying until it succeeds; and every `sweep` releases expired reservations.
 async fn writer(
     store: Store,
     clock: Clock,
@@ -282,7 +299,7 @@ async fn writer(
     shared: Arc<Shared>,
     writes: WriteCounter,
     sweep: Sweep,
-    linger: Duration,
+    linger: Linger,
 ) {
     let Sweep {
         every: sweep,
@@ -315,13 +332,17 @@ async fn writer(
         let mut batch = Vec::new();
         let mut keys = Vec::new();
         let mut waiting = Vec::new();
-        // Gather for up to `linger` (one transaction for many settlements), less when a flush
-        // is asked for or the batch is full.
-        let deadline = tokio::time::Instant::now() + linger;
+        // Gather (one transaction for many settlements) until the linger is up, less when a
+        // flush is asked for or the batch is full.
+        let start = tokio::time::Instant::now();
+        let mut deadline = start + linger.charges;
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Settle(s, k) => {
+                    if gives_back(&s) {
+                        deadline = deadline.min(start + linger.giving_back);
+                    }
                     batch.push(*s);
                     keys.extend(k);
                 }
