@@ -278,12 +278,6 @@ struct Linger {
     charges: Duration,
 }
 
-/// Whether a settlement gives budget back: it settles a reservation or releases a lease.
-/// A leased request's charge does not (the lease held what it cost).
-fn gives_back(s: &Settlement) -> bool {
-    !s.reservation_id.is_empty()
-}
-
 /// How often expired reservations are swept, and whether they are charged.
 struct Sweep {
     every: Duration,
@@ -340,7 +334,9 @@ async fn writer(
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Settle(s, k) => {
-                    if gives_back(&s) {
+                    // The scopes it gives room back to: none for a leased request's charge
+                    // (the lease held what it cost), some for a reservation or lease release.
+                    if !k.is_empty() {
                         deadline = deadline.min(start + linger.giving_back);
                     }
                     batch.push(*s);
