@@ -392,3 +392,7 @@ async fn write_with_retry(
     })
     .await
 }
+
+#[cfg(test)]
+#[path = "settle_tests.rs"]
+mod tests;
