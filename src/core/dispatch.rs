@@ -11,7 +11,7 @@ use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
 use super::trace::{operation, Attempt, AttemptEnd, AttemptTarget};
 use super::{Reason, Rejection};
-use crate::api::{ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, NativeBody, Usage};
+use crate::api::{Api, ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, NativeBody, Usage};
 use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
 use crate::providers::{
     DeltaStream, EmbedCall, NativeCall, NativeChunk, NativeResponse, NativeStream, TraceHeaders,
@@ -246,6 +246,9 @@ impl Dispatch<'_> {
         req: ChatRequest,
         mut guard: OutcomeGuard,
     ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
+        // A span that records the answer's text gets it from the neutral answer: a chat
+        // completion is then translated rather than passed through.
+        let captures_output = guard.trace().is_some_and(|t| t.capture_content());
         let mut walk = ChainWalk::new(&route);
         while let Some(target) = walk.next_target(self.gateway) {
             if let Some(e) = self.untranslatable(target, &req) {
@@ -255,7 +258,10 @@ impl Dispatch<'_> {
             let attempt = self.open_attempt(&mut guard, target);
             let trace = attempt.as_ref().and_then(Attempt::headers);
             let started = Instant::now();
-            let result = match self.native_for(target, &req) {
+            let native = self
+                .native_for(target, &req)
+                .filter(|n| n.api != Api::ChatCompletions || !captures_output);
+            let result = match native {
                 Some(native) => target
                     .provider
                     .client
@@ -280,7 +286,7 @@ impl Dispatch<'_> {
             match result {
                 Ok(whole) => {
                     self.resolved(&route, target);
-                    let mut answered_model = None;
+                    let answered_model;
                     let (reply, usage) = match whole {
                         Whole::Neutral(mut response) => {
                             if let Some(trace) = guard.trace() {
@@ -304,6 +310,10 @@ impl Dispatch<'_> {
                             (ChatReply::Complete(Box::new(c)), usage)
                         }
                         Whole::Native(n) => {
+                            if let Some(trace) = guard.trace() {
+                                trace.finish_reasons = n.finish_reasons;
+                            }
+                            answered_model = n.response_model;
                             let usage = n.usage.unwrap_or_else(|| Usage {
                                 prompt_tokens: req.estimate_prompt_tokens(),
                                 completion_tokens: crate::api::estimate_tokens(n.generated_chars),

@@ -15,7 +15,9 @@ use http_body_util::BodyExt;
 use super::error::error_body;
 use super::headers;
 use crate::api::{openai_chat, ChatDelta};
-use crate::core::{CallContext, ChatReply, ChatStream, Gateway, Reason, Rejection};
+use crate::core::{
+    CallContext, ChatReply, ChatStream, Gateway, NativeCompletion, Reason, Rejection,
+};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn chat_completions(
@@ -30,30 +32,51 @@ pub async fn chat_completions(
     let limit = gw.runtime().config.server.max_body_bytes;
     let decoded = read_body(&headers, body, limit)
         .await
-        .and_then(|b| openai_chat::parse_request(&b));
+        .and_then(openai_chat::parse_request_keeping_body);
     match call.run(decoded).await {
-        Ok(ChatReply::Complete(c)) => {
-            let mut r = (
-                [(
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                openai_chat::encode_response(&c.response),
-            )
-                .into_response();
-            set_header(&mut r, headers::RESOLVED_MODEL, &c.resolved_model);
-            for (name, value) in &c.policy_headers {
-                set_header(&mut r, name, value);
-            }
-            r
+        Ok(ChatReply::Complete(c)) => json_response(
+            openai_chat::encode_response(&c.response).into(),
+            &c.resolved_model,
+            &c.policy_headers,
+        ),
+        // A whole answer from an OpenAI-wire upstream: its bytes, only `model` rewritten.
+        Ok(ChatReply::Passthrough(c)) => {
+            let NativeCompletion {
+                body,
+                resolved_model,
+                policy_headers,
+                ..
+            } = *c;
+            json_response(body, &resolved_model, &policy_headers)
         }
         Ok(ChatReply::Stream(s)) => sse_response(*s),
-        // Only a request with a native body is passed through, and this one has none.
-        Ok(ChatReply::Passthrough(_) | ChatReply::PassthroughStream(_)) => {
-            Rejection::internal("a chat completion was passed through").into_response()
+        // Only a whole answer is passed through: a stream is always asked for with usage.
+        Ok(ChatReply::PassthroughStream(_)) => {
+            Rejection::internal("a chat completion stream was passed through").into_response()
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// A JSON body with the resolved-model and policy headers.
+pub(super) fn json_response(
+    body: Bytes,
+    resolved: &str,
+    policy: &[(&'static str, String)],
+) -> Response {
+    let mut r = (
+        [(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    set_header(&mut r, headers::RESOLVED_MODEL, resolved);
+    for (name, value) in policy {
+        set_header(&mut r, name, value);
+    }
+    r
 }
 
 /// Sets a response header; a value that cannot be one is left out.

@@ -15,8 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
-use super::chat::{read_body, set_header};
-use super::headers;
+use super::chat::{json_response, read_body};
 use crate::api::anthropic::{self, Endpoint, InboundHeaders, StreamEncoder};
 use crate::api::Api;
 use crate::core::{
@@ -109,22 +108,6 @@ fn inbound_headers(headers: &HeaderMap) -> InboundHeaders {
             .map(str::to_string)
             .collect(),
     }
-}
-
-fn json_response(body: Bytes, resolved: &str, policy: &[(&'static str, String)]) -> Response {
-    let mut r = (
-        [(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response();
-    set_header(&mut r, headers::RESOLVED_MODEL, resolved);
-    for (name, value) in policy {
-        set_header(&mut r, name, value);
-    }
-    r
 }
 
 /// A rejection in Anthropic's shape, with the reason's status, Retry-After and policy headers.

@@ -13,11 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use serde_json::json;
 
-use super::chat::{read_body, set_header};
-use super::headers;
+use super::chat::{json_response, read_body};
 use crate::api::openai_responses::{self as responses, Echo, StreamEncoder};
 use crate::api::Api;
 use crate::core::{
@@ -59,22 +58,6 @@ pub async fn responses(
         Ok(ChatReply::PassthroughStream(s)) => passthrough_stream(*s),
         Err(e) => e.into_response(),
     }
-}
-
-fn json_response(body: Bytes, resolved: &str, policy: &[(&'static str, String)]) -> Response {
-    let mut r = (
-        [(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response();
-    set_header(&mut r, headers::RESOLVED_MODEL, resolved);
-    for (name, value) in policy {
-        set_header(&mut r, name, value);
-    }
-    r
 }
 
 /// Neutral deltas said as Responses events; a failure mid-way ends with `response.failed`.

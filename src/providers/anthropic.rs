@@ -172,6 +172,8 @@ impl Provider for AnthropicProvider {
         Ok(NativeResponse {
             usage: v.get("usage").and_then(anthropic::usage),
             generated_chars: generated_chars(&v),
+            response_model: v.get("model").and_then(|m| m.as_str()).map(str::to_string),
+            finish_reasons: Vec::new(),
             body,
         })
     }

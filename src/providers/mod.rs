@@ -117,6 +117,10 @@ pub struct NativeResponse {
     pub usage: Option<Usage>,
     /// Characters generated, for an estimate when no usage came.
     pub generated_chars: usize,
+    /// The model the upstream says answered, when it says.
+    pub response_model: Option<String>,
+    /// Each choice's finish reason, where the wire has choices (chat completions).
+    pub finish_reasons: Vec<String>,
 }
 
 /// One event of a pass-through stream: its bytes as the upstream sent them (only `model`

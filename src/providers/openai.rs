@@ -43,7 +43,8 @@ impl OpenAiProvider {
 }
 
 impl OpenAiProvider {
-    /// POSTs the caller's Responses body with only `model` changed to the upstream's name.
+    /// POSTs the caller's body (Responses or chat completions) with only `model` changed to the
+    /// upstream's name.
     async fn send_native(
         &self,
         call: NativeCall<'_>,
@@ -52,15 +53,12 @@ impl OpenAiProvider {
         let body = replace_string(&call.native.body, &["model"], call.model).ok_or_else(|| {
             UpstreamError::Unsupported("the request body has no `model` string".into())
         })?;
+        let url = match call.native.api {
+            Api::ChatCompletions => &self.chat_url,
+            _ => &self.responses_url,
+        };
         self.http
-            .post(
-                &self.responses_url,
-                call.request_id,
-                call.trace,
-                &[],
-                body.into(),
-                deadline,
-            )
+            .post(url, call.request_id, call.trace, &[], body.into(), deadline)
             .await
     }
 }
@@ -146,13 +144,26 @@ fn native_event(
 #[async_trait::async_trait]
 impl Provider for OpenAiProvider {
     fn native(&self, api: Api) -> bool {
-        api == Api::Responses
+        matches!(api, Api::Responses | Api::ChatCompletions)
     }
 
     async fn native_complete(&self, call: NativeCall<'_>) -> Result<NativeResponse, UpstreamError> {
         let deadline = self.http.deadline();
         let resp = self.send_native(call, deadline).await?;
         let bytes = self.http.body(resp, deadline).await?;
+        if call.native.api == Api::ChatCompletions {
+            let facts = openai_chat::read_answer(&bytes).map_err(UpstreamError::BadResponse)?;
+            let body = replace_string(&bytes, &["model"], call.answer_model)
+                .map(bytes::Bytes::from)
+                .unwrap_or(bytes);
+            return Ok(NativeResponse {
+                body,
+                usage: facts.usage,
+                generated_chars: facts.generated_chars,
+                response_model: facts.model,
+                finish_reasons: facts.finish_reasons,
+            });
+        }
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| UpstreamError::BadResponse(format!("the answer is not JSON: {e}")))?;
         if !v.is_object() {
@@ -166,11 +177,19 @@ impl Provider for OpenAiProvider {
         Ok(NativeResponse {
             usage: v.get("usage").and_then(openai_responses::usage),
             generated_chars: openai_responses::generated_chars(&v),
+            response_model: v.get("model").and_then(|m| m.as_str()).map(str::to_string),
+            finish_reasons: Vec::new(),
             body,
         })
     }
 
     async fn native_stream(&self, call: NativeCall<'_>) -> Result<NativeStream, UpstreamError> {
+        if call.native.api != Api::Responses {
+            // A chat stream is translated, so that tollgate can ask for its usage chunk.
+            return Err(UpstreamError::Unsupported(
+                "only Responses streams are passed through".into(),
+            ));
+        }
         let deadline = self.http.deadline();
         let resp = self.send_native(call, deadline).await?;
         let answer_model = call.answer_model.to_string();

@@ -2810,3 +2810,86 @@ fn postgres_url_database_is_replaced() {
         "postgres://h:5432/tg_x"
     );
 }
+
+/// A whole chat completion to an `openai` provider passes through: the upstream gets the
+/// caller's body byte for byte but for `model`, and the caller gets the upstream's answer byte
+/// for byte but for `model` (the resolved `provider/model`), fields no translation knows and
+/// `usage` details included. Usage and the ledger are read from it as from a translated answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_chat_completion_passes_through_byte_for_byte() {
+    use crate::common::upstream::{VERBATIM_ANSWER, VERBATIM_USAGE};
+    let s = TestServer::start(Backend::Sqlite, Opts::default())
+        .await
+        .expect("SQLite");
+    let rid = new_request_id();
+    let body = format!(
+        r#"{{"messages" : [ {{"role":"user","content":"hello {rid}"}} ],
+  "model":"up/verbatim", "max_tokens": 8, "temperature": 0.50, "x_vendor": {{"b":1,"a":2}} }}"#
+    );
+    let resp = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(ALICE_KEY)
+        .header("content-type", "application/json")
+        .header("x-request-id", &rid)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        header(&resp, "x-tollgate-resolved-model").as_deref(),
+        Some("up/verbatim")
+    );
+    assert_eq!(
+        header(&resp, "content-type").as_deref(),
+        Some("application/json")
+    );
+    let text = resp.text().await.unwrap();
+    let seen = s
+        .upstream
+        .find("verbatim", &rid)
+        .expect("the upstream got it");
+    assert_eq!(
+        String::from_utf8_lossy(&seen.raw),
+        body.replacen("\"up/verbatim\"", "\"verbatim\"", 1)
+    );
+    assert_eq!(
+        text,
+        VERBATIM_ANSWER.replace("\"{model}-2024-08-06\"", "\"up/verbatim\"")
+    );
+    let row = s.ledger_row(&rid).await;
+    assert_eq!(row.outcome, "success");
+    assert_eq!(row.api, "chat_completions");
+    assert_eq!((row.prompt_tokens, row.completion_tokens), VERBATIM_USAGE);
+
+    // Without usage in the answer, the estimate is the one a translated answer gets (gRPC
+    // `Complete` translates).
+    let rid_h = new_request_id();
+    let resp = s
+        .chat(&chat_body("up/verbatim-nousage", &rid_h), Some(&rid_h))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert!(
+        answer.get("usage").is_none(),
+        "the answer passed as it came"
+    );
+    assert_eq!(answer["x_weight"], json!(1.5));
+    let rid_g = new_request_id();
+    s.grpc()
+        .await
+        .complete(grpc_request(
+            complete_request("up/verbatim-nousage", &rid_h),
+            Some(ALICE_KEY),
+            Some(&rid_g),
+        ))
+        .await
+        .expect("gRPC Complete");
+    let (h, g) = (s.ledger_row(&rid_h).await, s.ledger_row(&rid_g).await);
+    assert!(h.completion_tokens > 0);
+    assert_eq!(
+        (h.prompt_tokens, h.completion_tokens),
+        (g.prompt_tokens, g.completion_tokens)
+    );
+}

@@ -24,9 +24,13 @@ use super::JsonObject;
 use crate::error::Rejection;
 
 pub use request::{
-    apply_top_level, encode_request, parse_request, request_from_object, request_to_object,
+    apply_top_level, encode_request, parse_request, parse_request_keeping_body,
+    request_from_object, request_to_object,
 };
-pub use response::{encode_response, parse_response, response_from_object, response_to_object};
+pub use response::{
+    encode_response, parse_response, read_answer, response_from_object, response_to_object,
+    AnswerFacts,
+};
 pub use stream::{chunk_to_object, encode_chunk, parse_chunk};
 
 /// Reads `messages[index]` of a request with OpenAI's meaning (the gRPC adapter's JSON fields).

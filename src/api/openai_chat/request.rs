@@ -1,14 +1,36 @@
 //! Chat requests: a caller's body validated into a [`ChatRequest`], and the body an
 //! OpenAI-compatible upstream receives.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
 
 use super::message::{message_from_object, MessageView};
 use super::{put_extra, take_f64, take_string, take_u64, take_where, to_object, At, BadField};
 use super::{Each, Float};
-use crate::api::{ChatRequest, FunctionTool, JsonObject, MaxTokensField, Role, Tool, ToolChoice};
+use crate::api::{
+    Api, ChatRequest, FunctionTool, JsonObject, MaxTokensField, NativeBody, Role, Tool, ToolChoice,
+};
 use crate::error::{Reason, Rejection};
+
+/// [`parse_request`], keeping the body as sent for an upstream that speaks this wire (an
+/// `openai` provider), which then gets it byte for byte with only `model` changed. A stream is
+/// always translated: tollgate must ask for its usage chunk (`stream_options`).
+pub fn parse_request_keeping_body(bytes: Bytes) -> Result<ChatRequest, Rejection> {
+    let mut req = parse_request(&bytes)?;
+    if !req.stream {
+        req.native = Some(Arc::new(NativeBody {
+            api: Api::ChatCompletions,
+            body: bytes,
+            anthropic_version: None,
+            anthropic_beta: Vec::new(),
+            untranslatable: None,
+        }));
+    }
+    Ok(req)
+}
 
 /// Parses and validates an OpenAI chat-completions request body.
 pub fn parse_request(bytes: &[u8]) -> Result<ChatRequest, Rejection> {

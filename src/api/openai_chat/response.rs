@@ -14,6 +14,64 @@ pub fn parse_response(bytes: &[u8]) -> Result<ChatResponse, String> {
     response_from_object(body)
 }
 
+/// What a passed-through chat.completion is read for (its bytes go to the caller as they are).
+#[derive(Debug, Default, PartialEq)]
+pub struct AnswerFacts {
+    /// As the upstream reported it.
+    pub usage: Option<Usage>,
+    /// The model the upstream says answered.
+    pub model: Option<String>,
+    /// Each choice's `finish_reason`, in OpenAI's words.
+    pub finish_reasons: Vec<String>,
+    /// Characters generated, for an estimate; counted only when no usage came.
+    pub generated_chars: usize,
+}
+
+/// Reads an upstream's chat.completion for accounting without building it: only `model`,
+/// `usage` and each choice's `finish_reason` are kept, the rest is skipped. Err as
+/// [`parse_response`] says it.
+pub fn read_answer(bytes: &[u8]) -> Result<AnswerFacts, String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        model: Option<Value>,
+        choices: Vec<ChoiceHead>,
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ChoiceHead {
+        #[serde(default)]
+        finish_reason: Option<Value>,
+    }
+    let head: Head = match serde_json::from_slice(bytes) {
+        Ok(h) => h,
+        // The full parse words what is wrong the way a translated answer's error does.
+        Err(e) => return Err(parse_response(bytes).err().unwrap_or_else(|| e.to_string())),
+    };
+    let usage = head.usage.as_ref().and_then(Usage::from_openai);
+    let generated_chars = match usage {
+        Some(_) => 0,
+        None => parse_response(bytes)?.estimate_completion_chars(),
+    };
+    Ok(AnswerFacts {
+        usage,
+        model: match head.model {
+            Some(Value::String(m)) => Some(m),
+            _ => None,
+        },
+        finish_reasons: head
+            .choices
+            .into_iter()
+            .filter_map(|c| match c.finish_reason {
+                Some(Value::String(r)) => Some(StopReason::from_openai(&r).as_openai().to_string()),
+                _ => None,
+            })
+            .collect(),
+        generated_chars,
+    })
+}
+
 /// An upstream's chat.completion already parsed into an object.
 pub fn response_from_object(mut body: JsonObject) -> Result<ChatResponse, String> {
     let choices = match body.remove("choices") {

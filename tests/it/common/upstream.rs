@@ -46,6 +46,16 @@ pub const OK_CONTENT: &str = "Hello from upstream";
 /// Message of the `fail400` error body; the gateway passes it on to the caller.
 pub const FAIL400_MESSAGE: &str = "max_tokens is too large for this model (upstream says)";
 pub const OK_USAGE: (i64, i64) = (11, 7);
+/// The answer to model `verbatim`, as sent (`{model}` is the model asked for): spacing, key
+/// order, a number's spelling and fields no translation knows, for a caller to get unchanged.
+pub const VERBATIM_ANSWER: &str = r#"{ "object":"chat.completion", "id" : "chatcmpl-v",
+  "model":"{model}-2024-08-06","created":1700000000, "service_tier": "default",
+  "choices":[ {"index":0,"message":{"role":"assistant","content":"caf\u00e9 verbatim","refusal":null,
+    "annotations":[]},"logprobs":null,"finish_reason":"length"} ],
+  "usage":{"prompt_tokens":13,"completion_tokens":3,"total_tokens":16,
+    "prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0}}, "x_weight": 1.50e0 }"#;
+/// `verbatim-nousage` answers like `verbatim`, without `usage`.
+pub const VERBATIM_USAGE: (i64, i64) = (13, 3);
 pub const STREAM_USAGE: (i64, i64) = (11, 5);
 pub const STREAM_CHUNKS: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
 /// Values in each vector of an embeddings answer.
@@ -60,6 +70,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// The body as JSON (`Value::Null` if it was not JSON).
     pub body: Value,
+    /// The body as received.
+    pub raw: Bytes,
 }
 
 impl Recorded {
@@ -267,6 +279,7 @@ async fn handle(
         path: uri.path().to_owned(),
         headers: headers.clone(),
         body: json_body.clone(),
+        raw: body.clone(),
     });
 
     if uri.path() != "/v1/chat/completions" && uri.path() != "/v1/embeddings" {
@@ -341,6 +354,15 @@ async fn handle(
 
     match kind {
         "ok" | "stream" if !stream => json_response(StatusCode::OK, completion(&model)),
+        "verbatim" | "verbatim-nousage" => {
+            let mut text = VERBATIM_ANSWER.replace("{model}", &model);
+            if kind == "verbatim-nousage" {
+                let start = text.find(r#""usage""#).unwrap();
+                let end = text.find(r#", "x_weight""#).unwrap();
+                text.replace_range(start..end + 2, "");
+            }
+            ([("content-type", "application/json")], text).into_response()
+        }
         "ok" | "stream" => {
             let mut parts: Vec<Bytes> = STREAM_CHUNKS
                 .iter()

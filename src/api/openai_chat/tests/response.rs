@@ -1,7 +1,8 @@
 use serde_json::{json, Value};
 
 use crate::api::openai_chat::{
-    encode_response, parse_response, response_from_object, response_to_object,
+    encode_response, parse_response, read_answer, response_from_object, response_to_object,
+    AnswerFacts,
 };
 use crate::api::{ChatResponse, Choice, Content, Message, Role, StopReason, Usage};
 
@@ -174,4 +175,52 @@ fn encodes_a_response_built_in_code() {
         r.choices[0].message.content,
         Some(Content::Text(_))
     ));
+}
+
+#[test]
+fn read_answer_keeps_what_accounting_needs() {
+    let v = json!({
+        "id": "c", "model": "gpt-x", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hey"}, "finish_reason": "stop"},
+            {"index": 1, "message": {"role": "assistant", "content": null}, "finish_reason": null}
+        ],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}}
+    });
+    let facts = read_answer(v.to_string().as_bytes()).unwrap();
+    assert_eq!(
+        facts,
+        AnswerFacts {
+            usage: Some(parse(&v).usage.unwrap()),
+            model: Some("gpt-x".into()),
+            finish_reasons: vec!["stop".into()],
+            generated_chars: 0,
+        }
+    );
+    assert_eq!(facts.usage.unwrap().cached_prompt_tokens, 1);
+}
+
+#[test]
+fn read_answer_counts_characters_when_no_usage_came() {
+    let v = json!({"choices": [{"message": {"role": "assistant", "content": "héllo"}}]});
+    let facts = read_answer(v.to_string().as_bytes()).unwrap();
+    assert_eq!(facts.usage, None);
+    assert_eq!(facts.generated_chars, parse(&v).estimate_completion_chars());
+    assert!(facts.generated_chars > 0);
+}
+
+#[test]
+fn read_answer_refuses_what_parse_response_refuses_in_its_words() {
+    for bad in [
+        "not json",
+        "[1]",
+        r#"{"id": "c"}"#,
+        r#"{"choices": 3}"#,
+        r#"{"choices": [3]}"#,
+    ] {
+        assert_eq!(
+            read_answer(bad.as_bytes()).unwrap_err(),
+            parse_response(bad.as_bytes()).unwrap_err(),
+            "{bad}"
+        );
+    }
 }
