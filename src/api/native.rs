@@ -91,24 +91,36 @@ impl Scanner<'_> {
         self.b.get(self.i).copied()
     }
 
-    /// Skips a string starting at the current `"`; returns its decoded text.
-    fn string(&mut self) -> Option<String> {
-        let start = self.i;
+    /// Skips a string starting at the current `"`; returns the range of its raw contents
+    /// (between the quotes, escapes as written).
+    fn string(&mut self) -> Option<Range<usize>> {
         if self.peek()? != b'"' {
             return None;
         }
         self.i += 1;
+        let start = self.i;
         while self.i < self.b.len() {
             match self.b[self.i] {
                 b'\\' => self.i += 2,
                 b'"' => {
                     self.i += 1;
-                    return serde_json::from_slice(&self.b[start..self.i]).ok();
+                    return Some(start..self.i - 1);
                 }
                 _ => self.i += 1,
             }
         }
         None
+    }
+
+    /// Whether the raw string contents at `raw` say `key`: compared as bytes, decoded only
+    /// when written with escapes (the scan itself allocates nothing).
+    fn says(&self, raw: Range<usize>, key: &str) -> bool {
+        let text = &self.b[raw.clone()];
+        if !text.contains(&b'\\') {
+            return text == key.as_bytes();
+        }
+        serde_json::from_slice::<String>(&self.b[raw.start - 1..raw.end + 1])
+            .is_ok_and(|k| k == key)
     }
 
     /// Skips one value; returns its range.
@@ -178,7 +190,7 @@ impl Scanner<'_> {
             }
             self.i += 1;
             let r = self.value_range()?;
-            if k == key {
+            if self.says(k, key) {
                 found = Some(r);
             }
         }
@@ -197,6 +209,18 @@ mod tests {
             String::from_utf8(out).unwrap(),
             r#"{ "max_tokens" : 5,"model":"claude-y",  "messages":[{"model":"no"}], "z": 1.50e0 }"#
         );
+    }
+
+    #[test]
+    fn a_key_written_with_escapes_is_the_same_key() {
+        let body = br#"{"mod\u0065l":"a","x":"\"model\""}"#;
+        let out = replace_string(body, &["model"], "b").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"mod\u0065l":"b","x":"\"model\""}"#
+        );
+        assert!(replace_string(br#"{"mode":"a","models":"b"}"#, &["model"], "x").is_none());
+        assert!(replace_string(br#"{"model":"unterminated}"#, &["model"], "x").is_none());
     }
 
     #[test]
