@@ -1,6 +1,7 @@
 //! Writes usage-ledger rows off the request path, in batches. A failed write is retried with
 //! the rows kept in memory; shutdown flushes whatever is queued.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -86,8 +87,7 @@ async fn writer(
             || !waiting.is_empty()
             || deadline.is_some_and(|d| d <= tokio::time::Instant::now());
         if due {
-            write_with_retry(&store, &batch).await;
-            batch.clear();
+            write_with_retry(&store, std::mem::take(&mut batch).into()).await;
             deadline = None;
             for w in waiting.drain(..) {
                 let _ = w.send(());
@@ -96,12 +96,12 @@ async fn writer(
     }
 }
 
-async fn write_with_retry(store: &Store, rows: &[NewLedgerRow]) {
+async fn write_with_retry(store: &Store, rows: Arc<[NewLedgerRow]>) {
     let Some(first) = rows.first() else {
         return;
     };
     write_exactly_once("ledger write", rows.len(), Some(first), store, || {
-        store.insert_ledger_rows(rows)
+        store.insert_ledger_rows(&rows)
     })
     .await
 }

@@ -2,6 +2,7 @@
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use std::sync::Arc;
 
 use super::schema::usage_ledger;
 use super::{with_conn, Store, StoreError};
@@ -61,7 +62,7 @@ pub struct LedgerRow {
 
 impl Store {
     /// Writes a batch of rows in one transaction.
-    pub async fn insert_ledger_rows(&self, rows: &[NewLedgerRow]) -> Result<(), StoreError> {
+    pub async fn insert_ledger_rows(&self, rows: &Arc<[NewLedgerRow]>) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -105,12 +106,12 @@ impl Store {
 /// A batch of ledger rows written in one transaction: many rows a statement where the backend
 /// can, one thread hop where the backend is synchronous.
 pub(super) trait LedgerRows {
-    /// Inserts `rows` in one transaction.
-    async fn insert_batch(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()>;
+    /// Inserts `rows` in one transaction (shared, so that a retry does not copy them).
+    async fn insert_batch(&mut self, rows: &Arc<[NewLedgerRow]>) -> diesel::QueryResult<()>;
 }
 
 impl LedgerRows for diesel_async::AsyncPgConnection {
-    async fn insert_batch(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+    async fn insert_batch(&mut self, rows: &Arc<[NewLedgerRow]>) -> diesel::QueryResult<()> {
         self.transaction::<_, diesel::result::Error, _>(async |conn| {
             pg_insert_rows(conn, rows).await
         })
@@ -138,15 +139,15 @@ impl LedgerRows
         diesel::sqlite::SqliteConnection,
     >
 {
-    async fn insert_batch(&mut self, rows: &[NewLedgerRow]) -> diesel::QueryResult<()> {
+    async fn insert_batch(&mut self, rows: &Arc<[NewLedgerRow]>) -> diesel::QueryResult<()> {
         // The wrapper moves every statement to the blocking pool and back (BEGIN, each INSERT,
         // COMMIT: a thread hop each); the whole transaction is one hop instead, and a fsync.
-        let rows = rows.to_vec();
+        let rows = rows.clone();
         self.spawn_blocking(move |conn| {
             use diesel::connection::Connection;
             conn.transaction(|conn| {
                 // One prepared (cached) statement, executed a row at a time.
-                for row in &rows {
+                for row in rows.iter() {
                     diesel::RunQueryDsl::execute(
                         diesel::insert_into(usage_ledger::table).values(row),
                         conn,

@@ -3,6 +3,7 @@
 //! on the async PostgreSQL connection or, for SQLite, in one blocking call.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use diesel::dsl;
 use diesel::prelude::*;
@@ -191,14 +192,18 @@ impl Store {
     /// deleted and their amounts given back (unless they already expired and were released),
     /// a period that ended while a request ran is rolled over, and the actual costs are added.
     /// Each budget row is updated once per batch, last, in id order.
-    pub async fn budget_settle(&self, batch: &[Settlement], now: i64) -> Result<(), StoreError> {
+    pub async fn budget_settle(
+        &self,
+        batch: &Arc<[Settlement]>,
+        now: i64,
+    ) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
         match self {
             Store::Sqlite { pool, .. } => {
                 let mut conn = pool.get().await?;
-                let batch = batch.to_vec();
+                let batch = batch.clone();
                 conn.spawn_blocking(move |c| sqlite::settle(c, &batch, now))
                     .await?;
             }

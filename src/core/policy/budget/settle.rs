@@ -357,7 +357,7 @@ async fn writer(
         }
         {
             let _turn = shared.write_turn(&store).await;
-            write_with_retry(&store, &clock, &batch, &writes).await;
+            write_with_retry(&store, &clock, batch.into(), &writes).await;
         }
         if let Ok(mut p) = shared.pending.lock() {
             for k in keys {
@@ -379,7 +379,7 @@ async fn writer(
 async fn write_with_retry(
     store: &Store,
     clock: &Clock,
-    batch: &[Settlement],
+    batch: Arc<[Settlement]>,
     writes: &WriteCounter,
 ) {
     if batch.is_empty() {
@@ -388,7 +388,7 @@ async fn write_with_retry(
     let probe = batch.iter().find_map(|s| s.ledger.as_ref());
     write_exactly_once("budget settlement", batch.len(), probe, store, || {
         writes.count("settle");
-        store.budget_settle(batch, clock.now_ms())
+        store.budget_settle(&batch, clock.now_ms())
     })
     .await
 }
