@@ -40,15 +40,7 @@ pub async fn chat_completions(
             &c.policy_headers,
         ),
         // A whole answer from an OpenAI-wire upstream: its bytes, only `model` rewritten.
-        Ok(ChatReply::Passthrough(c)) => {
-            let NativeCompletion {
-                body,
-                resolved_model,
-                policy_headers,
-                ..
-            } = *c;
-            json_response(body, &resolved_model, &policy_headers)
-        }
+        Ok(ChatReply::Passthrough(c)) => passthrough_response(*c),
         Ok(ChatReply::Stream(s)) => sse_response(*s),
         // Only a whole answer is passed through: a stream is always asked for with usage.
         Ok(ChatReply::PassthroughStream(_)) => {
@@ -77,6 +69,17 @@ pub(super) fn json_response(
         set_header(&mut r, name, value);
     }
     r
+}
+
+/// A whole pass-through answer: the upstream's bytes, only `model` rewritten.
+pub(super) fn passthrough_response(c: NativeCompletion) -> Response {
+    let NativeCompletion {
+        body,
+        resolved_model,
+        policy_headers,
+        ..
+    } = c;
+    json_response(body, &resolved_model, &policy_headers)
 }
 
 /// Sets a response header; a value that cannot be one is left out.

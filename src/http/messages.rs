@@ -15,12 +15,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
-use super::chat::{json_response, read_body};
+use super::chat::{json_response, passthrough_response, read_body};
 use crate::api::anthropic::{self, Endpoint, InboundHeaders, StreamEncoder};
 use crate::api::Api;
-use crate::core::{
-    CallContext, ChatReply, ChatStream, Gateway, NativeCompletion, PassthroughStream, Rejection,
-};
+use crate::core::{CallContext, ChatReply, ChatStream, Gateway, PassthroughStream, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn messages(
@@ -40,15 +38,7 @@ pub async fn messages(
             let body = anthropic::encode_message(&c.response, &c.usage);
             json_response(body.into(), &c.resolved_model, &c.policy_headers)
         }
-        Ok(ChatReply::Passthrough(c)) => {
-            let NativeCompletion {
-                body,
-                resolved_model,
-                policy_headers,
-                ..
-            } = *c;
-            json_response(body, &resolved_model, &policy_headers)
-        }
+        Ok(ChatReply::Passthrough(c)) => passthrough_response(*c),
         Ok(ChatReply::Stream(s)) => translated_stream(*s),
         Ok(ChatReply::PassthroughStream(s)) => passthrough_stream(*s),
         Err(e) => error_response(&e),

@@ -16,12 +16,10 @@ use futures_util::StreamExt;
 use http::HeaderMap;
 use serde_json::json;
 
-use super::chat::{json_response, read_body};
+use super::chat::{json_response, passthrough_response, read_body};
 use crate::api::openai_responses::{self as responses, Echo, StreamEncoder};
 use crate::api::Api;
-use crate::core::{
-    CallContext, ChatReply, ChatStream, Gateway, NativeCompletion, PassthroughStream, Rejection,
-};
+use crate::core::{CallContext, ChatReply, ChatStream, Gateway, PassthroughStream, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn responses(
@@ -45,15 +43,7 @@ pub async fn responses(
             let body = responses::encode_response(&c.response, &c.usage, &echo);
             json_response(body.into(), &c.resolved_model, &c.policy_headers)
         }
-        Ok(ChatReply::Passthrough(c)) => {
-            let NativeCompletion {
-                body,
-                resolved_model,
-                policy_headers,
-                ..
-            } = *c;
-            json_response(body, &resolved_model, &policy_headers)
-        }
+        Ok(ChatReply::Passthrough(c)) => passthrough_response(*c),
         Ok(ChatReply::Stream(s)) => translated_stream(*s, echo),
         Ok(ChatReply::PassthroughStream(s)) => passthrough_stream(*s),
         Err(e) => e.into_response(),
