@@ -60,6 +60,14 @@ pub fn replace_string(json: &[u8], path: &[&str], value: &str) -> Option<Vec<u8>
     Some(out)
 }
 
+/// An answer's bytes with its top-level `model` string set to `model`; as they were when there
+/// is none.
+pub fn with_model(answer: Bytes, model: &str) -> Bytes {
+    replace_string(&answer, &["model"], model)
+        .map(Bytes::from)
+        .unwrap_or(answer)
+}
+
 /// The byte range (quotes included) of the string value at `path`.
 fn string_span(json: &[u8], path: &[&str]) -> Option<Range<usize>> {
     let mut s = Scanner { b: json, i: 0 };

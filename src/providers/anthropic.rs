@@ -12,7 +12,7 @@ use super::{
     NativeChunk, NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
 };
 use crate::api::anthropic::{self, StreamDecoder, StreamError};
-use crate::api::native::replace_string;
+use crate::api::native::{replace_string, with_model};
 use crate::api::{Api, ChatResponse, EmbeddingsResponse};
 use crate::clock::Clock;
 use crate::config::{AnthropicConfig, ProviderKind};
@@ -166,9 +166,7 @@ impl Provider for AnthropicProvider {
                 "the answer is not a message".into(),
             ));
         }
-        let body = replace_string(&bytes, &["model"], call.answer_model)
-            .map(bytes::Bytes::from)
-            .unwrap_or(bytes);
+        let body = with_model(bytes, call.answer_model);
         Ok(NativeResponse {
             usage: v.get("usage").and_then(anthropic::usage),
             generated_chars: generated_chars(&v),

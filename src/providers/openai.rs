@@ -10,7 +10,7 @@ use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
     NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
 };
-use crate::api::native::replace_string;
+use crate::api::native::{replace_string, with_model};
 use crate::api::{
     openai_chat, openai_embeddings, openai_responses, Api, ChatResponse, EmbeddingsResponse,
 };
@@ -153,9 +153,7 @@ impl Provider for OpenAiProvider {
         let bytes = self.http.body(resp, deadline).await?;
         if call.native.api == Api::ChatCompletions {
             let facts = openai_chat::read_answer(&bytes).map_err(UpstreamError::BadResponse)?;
-            let body = replace_string(&bytes, &["model"], call.answer_model)
-                .map(bytes::Bytes::from)
-                .unwrap_or(bytes);
+            let body = with_model(bytes, call.answer_model);
             return Ok(NativeResponse {
                 body,
                 usage: facts.usage,
@@ -171,9 +169,7 @@ impl Provider for OpenAiProvider {
                 "the answer is not a response object".into(),
             ));
         }
-        let body = replace_string(&bytes, &["model"], call.answer_model)
-            .map(bytes::Bytes::from)
-            .unwrap_or(bytes);
+        let body = with_model(bytes, call.answer_model);
         Ok(NativeResponse {
             usage: v.get("usage").and_then(openai_responses::usage),
             generated_chars: openai_responses::generated_chars(&v),
