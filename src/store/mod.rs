@@ -105,6 +105,13 @@ macro_rules! with_conn {
 pub(crate) use with_conn;
 
 impl Store {
+    /// Whether a write that failed with `e` may still have committed: a PostgreSQL connection
+    /// lost after the commit went out fails the query without saying whether it took. SQLite
+    /// commits in-process, and with no connection had nothing was sent.
+    pub fn commit_unknown(&self, e: &StoreError) -> bool {
+        matches!(self, Store::Postgres { .. }) && matches!(e, StoreError::Query(_))
+    }
+
     /// Opens a pool for `sqlite://PATH` or `postgres://...`; rows are stamped with `clock`.
     pub async fn connect(
         url: &str,

@@ -15,7 +15,7 @@ use tollgate::core::pricing::micros_to_usd;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::gateway_client::GatewayClient;
 use tollgate::proto::{AuthorizeRequest, GetBudgetRequest, QueryUsageRequest, SetBudgetRequest};
-use tollgate::store::{ReserveOutcome, ReserveScope};
+use tollgate::store::{ReserveOutcome, ReserveScope, Settlement};
 use tonic::Code;
 
 macro_rules! on_both_backends {
@@ -45,6 +45,7 @@ on_both_backends!(
     admin_budgets_and_usage_http_and_grpc,
     user_and_key_budgets_both_hold,
     crashed_replica_reservation_expires,
+    an_unconfirmed_reservation_is_released_by_its_id,
     leases_far_from_limit_write_nothing_per_request,
     leases_near_limit_reserve_per_request_exactly,
     stopped_replica_lease_returns_after_ttl,
@@ -1006,6 +1007,61 @@ async fn crashed_replica_reservation_expires(backend: Backend) {
             .unwrap(),
         0
     );
+    env.shutdown().await;
+}
+
+/// A reservation whose commit went unconfirmed (the connection was lost after COMMIT went
+/// out, so the request was refused) is released by its id alone: the settlement names no
+/// budget, yet the hold goes back to the budget it was made in, and releasing an id that was
+/// never written changes nothing.
+async fn an_unconfirmed_reservation_is_released_by_its_id(backend: Backend) {
+    let Some(mut env) = BudgetEnv::start(backend, 1, "").await else {
+        return;
+    };
+    let alice = env.alice().await;
+    env.put_budget(
+        0,
+        json!({"scope": "user", "id": alice, "limit_usd": 1, "period": "total"}),
+    )
+    .await;
+    let store = env.store().await;
+    let now = env.gws[0].clock.now_ms();
+    let out = store
+        .budget_reserve(
+            &[ReserveScope {
+                scope: "user",
+                subject_id: alice,
+                explicit: true,
+                default_limit: None,
+                period: "total".into(),
+                period_start: 0,
+            }],
+            12_000,
+            "unconfirmed-reservation",
+            "refused-request",
+            now,
+            now + 60_000,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out, ReserveOutcome::Reserved(_)), "{out:?}");
+    let row = store.budget_get("user", alice).await.unwrap().unwrap();
+    assert_eq!(row.reserved_micros, 12_000);
+
+    let batch: std::sync::Arc<[Settlement]> = vec![
+        Settlement::release_only("unconfirmed-reservation".into()),
+        Settlement::release_only("never-written".into()),
+    ]
+    .into();
+    store.budget_settle(&batch, now).await.unwrap();
+    let after = store.budget_get("user", alice).await.unwrap().unwrap();
+    assert_eq!(after.reserved_micros, 0, "the hold went back: {after:?}");
+    assert_eq!(after.spent_micros, 0, "nothing charged: {after:?}");
+    assert_eq!(store.budget_reservation_count(row.id).await.unwrap(), 0);
+    // Settling the same release again (a retried batch) gives nothing back twice.
+    store.budget_settle(&batch, now).await.unwrap();
+    let again = store.budget_get("user", alice).await.unwrap().unwrap();
+    assert_eq!(again.reserved_micros, 0, "{again:?}");
     env.shutdown().await;
 }
 

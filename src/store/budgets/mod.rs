@@ -165,6 +165,20 @@ pub struct Settlement {
     pub ledger: Option<NewLedgerRow>,
 }
 
+impl Settlement {
+    /// A settlement that only deletes reservation `id` and gives back whatever it held, to
+    /// whichever budgets it held it in (nothing if it was never written).
+    pub fn release_only(id: String) -> Settlement {
+        Settlement {
+            reservation_id: id,
+            parts: Vec::new(),
+            cost_micros: 0,
+            leases: Vec::new(),
+            ledger: None,
+        }
+    }
+}
+
 /// One scope of a settlement.
 #[derive(Debug, Clone)]
 pub struct SettlePart {

@@ -125,21 +125,27 @@ impl<'a> Plan<'a> {
         }
     }
 
-    /// The statements that bring each budget up to date, given what its reservations held.
+    /// The statements that bring each budget up to date, given what its reservations held, in
+    /// budget id order. A budget only released from (a reservation whose settlement names no
+    /// parts: one whose commit went unconfirmed) is given back without a rollover.
     fn updates<'p>(
         &'p self,
         held: &'p BTreeMap<i64, i64>,
         now: i64,
-    ) -> impl Iterator<Item = (Rollover<'a>, Charge)> + 'p {
-        self.budgets
-            .iter()
-            .map(move |(&budget, &(cost, period, period_start))| {
-                let give_back = held.get(&budget).copied().unwrap_or(0);
-                (
-                    rollover(budget, period, period_start, now),
+    ) -> impl Iterator<Item = (Option<Rollover<'a>>, Charge)> + 'p {
+        let mut ids: Vec<i64> = self.budgets.keys().chain(held.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().map(move |budget| {
+            let give_back = held.get(&budget).copied().unwrap_or(0);
+            match self.budgets.get(&budget) {
+                Some(&(cost, period, period_start)) => (
+                    Some(rollover(budget, period, period_start, now)),
                     charge(budget, cost, give_back, now),
-                )
-            })
+                ),
+                None => (None, charge(budget, 0, give_back, now)),
+            }
+        })
     }
 }
 
@@ -236,7 +242,9 @@ impl Store {
                         }
                     }
                     for (roll, charge) in plan.updates(&held, now) {
-                        roll.execute(conn).await?;
+                        if let Some(roll) = roll {
+                            roll.execute(conn).await?;
+                        }
                         charge.execute(conn).await?;
                     }
                     Ok(())
@@ -446,7 +454,9 @@ mod sqlite {
                 }
             }
             for (roll, charge) in plan.updates(&held, now) {
-                roll.execute(c)?;
+                if let Some(roll) = roll {
+                    roll.execute(c)?;
+                }
                 charge.execute(c)?;
             }
             Ok(())

@@ -15,7 +15,9 @@ use crate::core::policy::{lookup_failed, store_failed, AdmitArgs, Budgets};
 use crate::core::pricing::micros_to_usd;
 use crate::core::{Reason, Rejection};
 use crate::error::PolicyHeaders;
-use crate::store::{BudgetRow, ReserveOutcome, ReserveRequest, ReserveScope, StoreError};
+use crate::store::{
+    BudgetRow, ReserveOutcome, ReserveRequest, ReserveScope, Settlement, StoreError,
+};
 
 /// How many times a reservation is tried before the request gets an internal error: each miss
 /// fixes what it found, so a few attempts settle any race.
@@ -108,6 +110,7 @@ impl Budgets {
             engine.writes.count("reserve");
             let result = engine.store.budget_reserve_with(attempt).await;
             drop(turn);
+            let unknown = matches!(&result, Err(e) if engine.store.commit_unknown(e));
             if let Err(Ok(ReserveOutcome::Reserved(rows))) = tx.send(result) {
                 let reservation = Reservation {
                     id: reservation_id,
@@ -115,6 +118,13 @@ impl Budgets {
                 };
                 let (settlement, keys) = reservation.settlement(0, None, engine.clock.now_ms());
                 engine.settler.enqueue(settlement, keys);
+            } else if unknown {
+                // The request is refused, but the hold may have been written: release it by id
+                // (a no-op if it was not), rather than leave it until it expires.
+                let keys = applied.iter().map(|ap| ap.key).collect();
+                engine
+                    .settler
+                    .enqueue(Settlement::release_only(reservation_id), keys);
             }
         });
         match rx.await {
