@@ -2,12 +2,30 @@
 //! and injected. Label values are bounded by the callers: models, service types and purposes
 //! are collapsed to `unknown` unless configured.
 
+use std::sync::{Arc, LazyLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// A label value computed once (at load, from the configuration) and shared: setting it on a
+/// request's labels is a reference count, not an allocation.
+pub type Label = Arc<str>;
+
+/// The `unknown` label value (a model, service type or purpose not configured).
+pub fn unknown_label() -> Label {
+    static UNKNOWN: LazyLock<Label> = LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
+}
+
+/// The `none` label value (no purpose given).
+pub fn none_label() -> Label {
+    static NONE: LazyLock<Label> = LazyLock::new(|| Arc::from("none"));
+    NONE.clone()
+}
 
 /// Labels of `tollgate_chat_availability_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -17,9 +35,9 @@ pub struct ChatLabels {
     pub api: &'static str,
     pub outcome: &'static str,
     pub reason: &'static str,
-    pub model: String,
-    pub service_type: String,
-    pub purpose: String,
+    pub model: Label,
+    pub service_type: Label,
+    pub purpose: Label,
 }
 
 /// Labels of per-endpoint request metrics.
@@ -45,7 +63,7 @@ pub struct ProtocolLabels {
 /// Labels of `tollgate_chat_completion_latency_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CompletionLabels {
-    pub model: String,
+    pub model: Label,
     pub result: &'static str,
     pub stream: &'static str,
 }
@@ -53,20 +71,20 @@ pub struct CompletionLabels {
 /// A model label alone.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
-    pub model: String,
+    pub model: Label,
 }
 
 /// Labels of `tollgate_chat_tokens_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub model: String,
+    pub model: Label,
     pub r#type: &'static str,
 }
 
 /// Labels of `tollgate_upstream_request_latency_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    pub provider: String,
+    pub provider: Label,
     pub status_class: &'static str,
 }
 

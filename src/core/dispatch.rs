@@ -195,7 +195,7 @@ impl Dispatch<'_> {
             .metrics()
             .upstream_latency
             .get_or_create(&UpstreamLabels {
-                provider: target.provider.name.clone(),
+                provider: target.provider.label.clone(),
                 status_class,
             })
             .observe(started.elapsed().as_secs_f64());

@@ -14,7 +14,8 @@ use crate::api::Api;
 use crate::clock::Clock;
 use crate::core::ledger::Ledger;
 use crate::metrics::{
-    ChatLabels, CompletionLabels, Metrics, ModelLabels, ProtocolLabels, TokenLabels,
+    none_label, unknown_label, ChatLabels, CompletionLabels, Label, Metrics, ModelLabels,
+    ProtocolLabels, TokenLabels,
 };
 use crate::providers::Usage;
 use crate::store::NewLedgerRow;
@@ -46,16 +47,16 @@ pub struct ChatRecord {
     pub stream: bool,
     pub requested_model: String,
     /// Bounded label values.
-    pub model_label: String,
-    pub service_type_label: String,
-    pub purpose_label: String,
+    pub model_label: Label,
+    pub service_type_label: Label,
+    pub purpose_label: Label,
     pub service_type: Option<String>,
     pub purpose: Option<String>,
     pub user_id: Option<i64>,
     pub key_id: Option<i64>,
     pub resolved_model: Option<String>,
     /// The bounded label of `resolved_model` for metrics.
-    pub resolved_label: Option<String>,
+    pub resolved_label: Option<Label>,
     pub usage: Usage,
     /// Computed from `pricing` and the usage when the outcome is recorded.
     pub cost_micros: i64,
@@ -93,9 +94,9 @@ impl OutcomeGuard {
                 request_id,
                 stream: false,
                 requested_model: String::new(),
-                model_label: "unknown".into(),
-                service_type_label: "unknown".into(),
-                purpose_label: "none".into(),
+                model_label: unknown_label(),
+                service_type_label: unknown_label(),
+                purpose_label: none_label(),
                 service_type: None,
                 purpose: None,
                 user_id: None,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::{Reason, Rejection};
+use crate::metrics::{unknown_label, Label};
 use crate::providers::Provider;
 
 use health::{HealthRegistry, HealthSettings, ProviderHealth};
@@ -15,6 +16,10 @@ use health::{HealthRegistry, HealthSettings, ProviderHealth};
 /// A configured provider and the models it admits.
 pub struct ProviderEntry {
     pub name: String,
+    /// `name` as a metrics label.
+    pub label: Label,
+    /// The label of a model this provider serves that is not configured: `name/unknown`.
+    pub unknown_model: Label,
     pub client: Arc<dyn Provider>,
     /// `None`: any model name is passed to the upstream.
     pub models: Option<HashSet<String>>,
@@ -31,7 +36,7 @@ pub struct Target {
     pub resolved: String,
     /// The success-side metrics label: `resolved` when configured, else `provider/unknown`,
     /// because a provider without a model list passes any name through.
-    pub label: String,
+    pub label: Label,
 }
 
 /// The targets for one request, in the order to try them.
@@ -77,7 +82,7 @@ pub struct Router {
     providers: HashMap<String, Arc<ProviderEntry>>,
     aliases: BTreeMap<String, Alias>,
     /// Names that may appear as a `model` label: aliases, chain entries, priced and listed models.
-    known: HashSet<String>,
+    known: HashSet<Label>,
 }
 
 impl Router {
@@ -100,12 +105,14 @@ impl Router {
                 .as_ref()
                 .map(|m| m.iter().cloned().collect::<HashSet<_>>());
             for m in p.models.iter().flatten() {
-                known.insert(format!("{name}/{m}"));
+                known.insert(Label::from(format!("{name}/{m}")));
             }
             providers.insert(
                 name.clone(),
                 Arc::new(ProviderEntry {
                     name: name.clone(),
+                    label: Label::from(name.as_str()),
+                    unknown_model: Label::from(format!("{name}/unknown")),
                     client,
                     models,
                     health: deps.health.provider(name, &settings),
@@ -114,8 +121,8 @@ impl Router {
         }
         let mut aliases = BTreeMap::new();
         for (name, a) in &config.aliases {
-            known.insert(name.clone());
-            known.extend(a.chain.iter().cloned());
+            known.insert(Label::from(name.as_str()));
+            known.extend(a.chain.iter().map(|c| Label::from(c.as_str())));
             aliases.insert(
                 name.clone(),
                 Alias {
@@ -124,7 +131,7 @@ impl Router {
                 },
             );
         }
-        known.extend(config.pricing.keys().cloned());
+        known.extend(config.pricing.keys().map(|k| Label::from(k.as_str())));
         Ok(Router {
             providers,
             aliases,
@@ -167,11 +174,11 @@ impl Router {
         if model.is_empty() || entry.models.as_ref().is_some_and(|m| !m.contains(model)) {
             return None;
         }
-        let label = if self.known.contains(name) {
-            name.to_string()
-        } else {
-            format!("{provider}/unknown")
-        };
+        let label = self
+            .known
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| entry.unknown_model.clone());
         Some(Target {
             provider: entry.clone(),
             model: model.to_string(),
@@ -181,12 +188,11 @@ impl Router {
     }
 
     /// The `model` label for a requested name: itself if configured, else `unknown`.
-    pub fn label(&self, requested: &str) -> String {
-        if self.known.contains(requested) {
-            requested.to_string()
-        } else {
-            "unknown".to_string()
-        }
+    pub fn label(&self, requested: &str) -> Label {
+        self.known
+            .get(requested)
+            .cloned()
+            .unwrap_or_else(unknown_label)
     }
 
     /// Providers by name.
@@ -217,7 +223,7 @@ impl Router {
             .known
             .iter()
             .filter(|m| m.contains('/') && self.target(m).is_some())
-            .cloned()
+            .map(|m| m.to_string())
             .collect();
         models.sort();
         models
@@ -275,7 +281,7 @@ mod tests {
             r.resolve("nope/x"),
             Err(e) if e.reason == Reason::ModelNotFound
         ));
-        assert_eq!(r.label("m/zzz"), "unknown");
-        assert_eq!(r.label("m/a"), "m/a");
+        assert_eq!(&*r.label("m/zzz"), "unknown");
+        assert_eq!(&*r.label("m/a"), "m/a");
     }
 }

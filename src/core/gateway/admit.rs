@@ -6,6 +6,7 @@ use super::{Gateway, Principal, Runtime};
 use crate::config::ServiceTypeConfig;
 use crate::core::outcome::OutcomeGuard;
 use crate::core::{CallContext, Reason, Rejection};
+use crate::metrics::{none_label, unknown_label, Label};
 use crate::routing::model_allowed;
 
 /// The policy stage's first check; apart from authentication so that a blocked request is
@@ -133,19 +134,21 @@ pub(in crate::core) async fn admit(
     Ok((route, admission.headers))
 }
 
-fn service_type_label(rt: &Runtime, st: Option<&str>) -> String {
+fn service_type_label(rt: &Runtime, st: Option<&str>) -> Label {
     let name = st.unwrap_or(&rt.config.server.default_service_type);
-    if rt.config.service_type(name).is_some() {
-        name.to_string()
-    } else {
-        "unknown".into()
-    }
+    rt.service_types
+        .get(name)
+        .cloned()
+        .unwrap_or_else(unknown_label)
 }
 
-fn purpose_label(rt: &Runtime, purpose: Option<&str>) -> String {
+fn purpose_label(rt: &Runtime, purpose: Option<&str>) -> Label {
     match purpose {
-        None => "none".into(),
-        Some(p) if rt.known_purposes.contains(p) => p.to_string(),
-        Some(_) => "unknown".into(),
+        None => none_label(),
+        Some(p) => rt
+            .known_purposes
+            .get(p)
+            .cloned()
+            .unwrap_or_else(unknown_label),
     }
 }

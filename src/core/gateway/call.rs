@@ -112,8 +112,12 @@ impl OpenCall {
             protocol = self.ctx.protocol.as_str(),
             api = self.guard.api().as_str()
         );
+        // Boxed where it is made: the request's whole state machine (admission, the upstream
+        // call) is kilobytes, and every future that holds it by value (this one, the adapter's,
+        // the router's box) would otherwise copy all of it when it is moved.
+        let inner = Box::pin(self.run_inner(decoded, upstream));
         async move {
-            self.run_inner(decoded, upstream)
+            inner
                 .await
                 .map_err(|(guard, rejection)| {
                     tracing::debug!(reason = rejection.reason.as_str(), message = %rejection.message, "model request rejected");

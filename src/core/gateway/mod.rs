@@ -24,7 +24,7 @@ use super::provision::Provisioner;
 use super::{CallContext, Reason, Rejection};
 use crate::api::{Api, ChatRequest};
 use crate::config::{Config, Overrides};
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::providers::key_pool::KeySnapshot;
 use crate::routing::{model_allowed, ProviderDeps, Router};
 use crate::store::Store;
@@ -38,7 +38,9 @@ pub struct Runtime {
     pub verifiers: Verifiers,
     /// `[pricing]` in integer pico-dollars per token.
     pub pricing: Arc<super::pricing::Pricing>,
-    known_purposes: HashSet<String>,
+    /// Purposes and service types configured, as the labels they are counted under.
+    known_purposes: HashSet<Label>,
+    service_types: HashSet<Label>,
 }
 
 impl Runtime {
@@ -48,8 +50,17 @@ impl Runtime {
         let known_purposes = config
             .service_types
             .values()
-            .flat_map(|s| s.purposes.iter().cloned())
+            .flat_map(|s| s.purposes.iter().map(|p| Label::from(p.as_str())))
             .collect();
+        let mut service_types: HashSet<Label> = config
+            .service_types
+            .keys()
+            .map(|s| Label::from(s.as_str()))
+            .collect();
+        // With none configured, the default is served by an implicit one.
+        if config.service_types.is_empty() {
+            service_types.insert(Label::from(config.server.default_service_type.as_str()));
+        }
         let verifiers = Verifiers::from_config(&config.auth, deps.clock.clone());
         let pricing = Arc::new(super::pricing::Pricing::from_config(&config));
         Ok(Runtime {
@@ -58,6 +69,7 @@ impl Runtime {
             verifiers,
             pricing,
             known_purposes,
+            service_types,
         })
     }
 }
