@@ -44,14 +44,35 @@ pub struct ChatLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub protocol: &'static str,
-    pub endpoint: String,
+    /// The route template (HTTP) or method path (gRPC); `unmatched` / `unknown` otherwise.
+    pub endpoint: Label,
 }
 
 /// Labels of `tollgate_response_status_codes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub protocol: &'static str,
-    pub status_code: String,
+    pub status_code: StatusCode,
+}
+
+/// The `status_code` label: an HTTP status as its number, or a gRPC code by name
+/// (`OK`, `CANCELLED`); set without formatting a string for every request.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum StatusCode {
+    Http(u16),
+    Grpc(&'static str),
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for StatusCode {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match self {
+            StatusCode::Http(code) => code.encode(encoder),
+            StatusCode::Grpc(name) => name.encode(encoder),
+        }
+    }
 }
 
 /// A protocol label alone.

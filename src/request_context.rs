@@ -11,6 +11,9 @@ use tower::{Layer, Service};
 
 use crate::core::{headers, CallContext, Protocol};
 
+/// `x-request-id`, made once (a `&str` name is copied into every response it is set on).
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static(headers::REQUEST_ID);
+
 /// Builds each request's `CallContext` and echoes its request id.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContextLayer {
@@ -85,7 +88,7 @@ where
         let this = self.project();
         let mut resp = std::task::ready!(this.inner.poll(cx))?;
         if let Some(id) = this.request_id.take() {
-            resp.headers_mut().insert(headers::REQUEST_ID, id);
+            resp.headers_mut().insert(REQUEST_ID, id);
         }
         Poll::Ready(Ok(resp))
     }

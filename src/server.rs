@@ -286,7 +286,7 @@ const CUT_WAIT: Duration = Duration::from_secs(2);
 /// `max_header_bytes` is refused.
 async fn serve_http(
     listener: TcpListener,
-    app: axum::Router,
+    app: crate::http::App,
     header_timeout: Duration,
     max_header_bytes: usize,
     stopped: watch::Receiver<bool>,

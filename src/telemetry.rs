@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::metrics::{EndpointLabels, Metrics, StatusLabels};
+use crate::metrics::{EndpointLabels, Label, Metrics, StatusCode, StatusLabels};
 
 /// One request being observed; records latency, status and in-progress when dropped.
 pub struct RequestObservation {
@@ -17,14 +17,12 @@ pub struct RequestObservation {
     labels: EndpointLabels,
     started: Instant,
     /// Known from the response head (HTTP, gRPC trailers-only) or the trailers (gRPC).
-    status: Option<String>,
-    /// Used when the body ends without a status (a gRPC call the client cancelled).
-    status_if_unfinished: &'static str,
+    status: Option<StatusCode>,
 }
 
 impl RequestObservation {
     /// Counts the request and marks it in progress.
-    pub fn start(metrics: Arc<Metrics>, protocol: &'static str, endpoint: String) -> Self {
+    pub fn start(metrics: Arc<Metrics>, protocol: &'static str, endpoint: Label) -> Self {
         let labels = EndpointLabels { protocol, endpoint };
         metrics.requests.get_or_create(&labels).inc();
         metrics.in_progress.get_or_create(&labels).inc();
@@ -33,12 +31,11 @@ impl RequestObservation {
             labels,
             started: Instant::now(),
             status: None,
-            status_if_unfinished: "CANCELLED",
         }
     }
 
     /// Sets the status to record.
-    pub fn set_status(&mut self, status: String) {
+    pub fn set_status(&mut self, status: StatusCode) {
         self.status = Some(status);
     }
 }
@@ -50,10 +47,8 @@ impl Drop for RequestObservation {
         m.request_latency
             .get_or_create(&self.labels)
             .observe(self.started.elapsed().as_secs_f64());
-        let status_code = self
-            .status
-            .take()
-            .unwrap_or_else(|| self.status_if_unfinished.to_string());
+        // A body that ends without a status is a gRPC call the client cancelled.
+        let status_code = self.status.unwrap_or(StatusCode::Grpc("CANCELLED"));
         m.response_status
             .get_or_create(&StatusLabels {
                 protocol: self.labels.protocol,
@@ -101,7 +96,7 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                 {
                     if let Some(o) = self.observation.as_mut() {
-                        o.set_status(grpc_code_name(code).to_string());
+                        o.set_status(StatusCode::Grpc(grpc_code_name(code)));
                     }
                 }
             }

@@ -7,6 +7,7 @@
 pub mod anthropic;
 pub mod chat;
 pub mod embeddings;
+pub mod lenient;
 pub mod native;
 pub mod openai_chat;
 pub mod openai_embeddings;

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use tower::{Layer, Service};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::telemetry::{grpc_code_name, ObservedBody, RequestObservation};
 
 /// Wraps gRPC services with request telemetry.
@@ -42,26 +42,28 @@ pub struct GrpcTelemetry<S> {
 
 /// Method paths served, from the compiled descriptors: tollgate's own services, health and
 /// reflection. Constant data, computed once.
-fn served_methods() -> &'static std::collections::HashSet<String> {
-    static SERVED: std::sync::OnceLock<std::collections::HashSet<String>> =
+fn served_methods() -> &'static std::collections::HashSet<Label> {
+    static SERVED: std::sync::OnceLock<std::collections::HashSet<Label>> =
         std::sync::OnceLock::new();
     SERVED.get_or_init(|| {
         use prost::Message;
-        let mut out: std::collections::HashSet<String> = [
+        let mut out: std::collections::HashSet<Label> = [
             "/grpc.health.v1.Health/Check",
             "/grpc.health.v1.Health/Watch",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ]
         .into_iter()
-        .map(String::from)
+        .map(Label::from)
         .collect();
         if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET) {
             for file in &set.file {
                 let package = file.package();
                 for service in &file.service {
                     for method in &service.method {
-                        out.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                        out.insert(
+                            format!("/{package}.{}/{}", service.name(), method.name()).into(),
+                        );
                     }
                 }
             }
@@ -72,12 +74,11 @@ fn served_methods() -> &'static std::collections::HashSet<String> {
 
 /// Served method paths are labels as they are; anything else is `unknown`, so that a caller
 /// cannot create series at will.
-fn endpoint_label(path: &str) -> String {
-    if served_methods().contains(path) {
-        path.to_string()
-    } else {
-        "unknown".to_string()
-    }
+fn endpoint_label(path: &str) -> Label {
+    served_methods()
+        .get(path)
+        .cloned()
+        .unwrap_or_else(crate::metrics::unknown_label)
 }
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for GrpcTelemetry<S>
@@ -114,7 +115,7 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<i32>().ok())
             {
-                observation.set_status(grpc_code_name(code).to_string());
+                observation.set_status(crate::metrics::StatusCode::Grpc(grpc_code_name(code)));
             }
             let (parts, body) = resp.into_parts();
             Ok(http::Response::from_parts(

@@ -3,22 +3,19 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
-use http::HeaderMap;
+use axum::Json;
 use serde_json::{json, Value};
 
 use super::chat::read_body;
-use crate::core::{CallContext, Gateway, Principal, Reason, Rejection};
+use super::extract::ModelCall;
+use crate::core::{Gateway, Principal, Reason, Rejection};
 
 /// Decodes the optional `{"model": ...}` body, makes one core call, encodes the principal.
 pub async fn authorize(
     State(gw): State<Arc<Gateway>>,
-    Extension(ctx): Extension<CallContext>,
-    headers: HeaderMap,
-    body: Body,
+    ModelCall { ctx, headers, body }: ModelCall,
 ) -> Response {
     let limit = gw.runtime().config.server.max_body_bytes;
     let model = match read_body(&headers, body, limit)

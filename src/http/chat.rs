@@ -6,25 +6,21 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
 use super::error::error_body;
+use super::extract::ModelCall;
 use super::headers;
 use crate::api::{openai_chat, ChatDelta};
-use crate::core::{
-    CallContext, ChatReply, ChatStream, Gateway, NativeCompletion, Reason, Rejection,
-};
+use crate::core::{ChatReply, ChatStream, Gateway, NativeCompletion, Reason, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
-    Extension(ctx): Extension<CallContext>,
-    headers: HeaderMap,
-    body: Body,
+    ModelCall { ctx, headers, body }: ModelCall,
 ) -> Response {
     // The call is opened before the body is read, so that a body too large or a client that
     // leaves while sending it is still counted.
@@ -82,10 +78,13 @@ pub(super) fn passthrough_response(c: NativeCompletion) -> Response {
     json_response(body, &resolved_model, &policy_headers)
 }
 
-/// Sets a response header; a value that cannot be one is left out.
+/// Sets a response header; a value that cannot be one is left out. `name` is one of
+/// tollgate's lowercase constants: made a `HeaderName` from the static string, it is not
+/// copied (a `&str` name would be, for every response).
 pub(super) fn set_header(resp: &mut Response, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
-        resp.headers_mut().insert(name, v);
+        resp.headers_mut()
+            .insert(http::HeaderName::from_static(name), v);
     }
 }
 
@@ -165,7 +164,10 @@ pub(super) fn sse_head(
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache"),
     );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(
+        http::HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
     set_header(&mut resp, headers::RESOLVED_MODEL, resolved);
     for (name, value) in policy {
         set_header(&mut resp, name, value);
@@ -196,4 +198,32 @@ fn event(json: &str) -> Bytes {
     s.push_str(json);
     s.push_str("\n\n");
     Bytes::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::policy::{budget, rate_limit};
+
+    /// `set_header` makes its names with `HeaderName::from_static`, which panics on a name that
+    /// is not a valid lowercase header name: every name it is given is one of these.
+    #[test]
+    fn every_header_name_tollgate_sets_is_a_valid_static_name() {
+        let names = [
+            super::headers::RESOLVED_MODEL,
+            super::headers::REQUEST_ID,
+            budget::headers::LIMIT,
+            budget::headers::REMAINING,
+            budget::headers::RESET,
+            budget::headers::SCOPE,
+            rate_limit::headers::LIMIT_REQUESTS,
+            rate_limit::headers::REMAINING_REQUESTS,
+            rate_limit::headers::RESET_REQUESTS,
+            rate_limit::headers::LIMIT_TOKENS,
+            rate_limit::headers::REMAINING_TOKENS,
+            rate_limit::headers::RESET_TOKENS,
+        ];
+        for name in names {
+            assert!(std::panic::catch_unwind(|| http::HeaderName::from_static(name)).is_ok());
+        }
+    }
 }

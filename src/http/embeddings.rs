@@ -2,23 +2,20 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 
 use super::chat::{read_body, set_header};
+use super::extract::ModelCall;
 use super::headers;
 use crate::api::openai_embeddings;
-use crate::core::{CallContext, Gateway};
+use crate::core::Gateway;
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn embeddings(
     State(gw): State<Arc<Gateway>>,
-    Extension(ctx): Extension<CallContext>,
-    headers: HeaderMap,
-    body: Body,
+    ModelCall { ctx, headers, body }: ModelCall,
 ) -> Response {
     // Opened before the body is read, so that a body too large or a client that leaves while
     // sending it is still counted.

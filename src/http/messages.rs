@@ -10,12 +10,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::chat::{json_response, passthrough_response, read_body};
+use super::extract::ModelCall;
 use crate::api::anthropic::{self, Endpoint, InboundHeaders, StreamEncoder};
 use crate::api::Api;
 use crate::core::{CallContext, ChatReply, ChatStream, Gateway, PassthroughStream, Rejection};
@@ -23,9 +23,7 @@ use crate::core::{CallContext, ChatReply, ChatStream, Gateway, PassthroughStream
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn messages(
     State(gw): State<Arc<Gateway>>,
-    Extension(ctx): Extension<CallContext>,
-    headers: HeaderMap,
-    body: Body,
+    ModelCall { ctx, headers, body }: ModelCall,
 ) -> Response {
     // Opened before the body is read, so that a body too large is still counted.
     let call = gw.model_call(with_api_key(ctx, &headers), Api::Messages);
@@ -48,9 +46,7 @@ pub async fn messages(
 /// `{"input_tokens": N}` for a Messages body.
 pub async fn count_tokens(
     State(gw): State<Arc<Gateway>>,
-    Extension(ctx): Extension<CallContext>,
-    headers: HeaderMap,
-    body: Body,
+    ModelCall { ctx, headers, body }: ModelCall,
 ) -> Response {
     let ctx = with_api_key(ctx, &headers);
     let limit = gw.runtime().config.server.max_body_bytes;

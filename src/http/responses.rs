@@ -10,23 +10,20 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::HeaderMap;
 use serde_json::json;
 
 use super::chat::{json_response, passthrough_response, read_body};
+use super::extract::ModelCall;
 use crate::api::openai_responses::{self as responses, Echo, StreamEncoder};
 use crate::api::Api;
-use crate::core::{CallContext, ChatReply, ChatStream, Gateway, PassthroughStream, Rejection};
+use crate::core::{ChatReply, ChatStream, Gateway, PassthroughStream, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn responses(
     State(gw): State<Arc<Gateway>>,
-    Extension(ctx): Extension<CallContext>,
-    headers: HeaderMap,
-    body: Body,
+    ModelCall { ctx, headers, body }: ModelCall,
 ) -> Response {
     // Opened before the body is read, so that a body too large is still counted.
     let call = gw.model_call(ctx, Api::Responses);

@@ -6,11 +6,43 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::response::Response;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics, StatusCode};
 use crate::telemetry::{ObservedBody, RequestObservation};
+
+/// The route templates of the table (`/admin/users/{id}`), matched the way the router matches
+/// them, each with its label made once. The layer wraps the router whole rather than each of
+/// its routes (axum boxes and clones a route's service once for every layer on it, for every
+/// request), so it matches the path itself instead of reading the router's `MatchedPath`.
+pub struct RouteTemplates {
+    templates: matchit::Router<Label>,
+    unmatched: Label,
+}
+
+impl RouteTemplates {
+    /// The templates of `paths`, in axum's (and matchit's) path syntax.
+    pub fn new<'a>(paths: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut templates = matchit::Router::new();
+        for path in paths {
+            // A path of the table twice (one route a method) is one template.
+            let _ = templates.insert(path, Label::from(path));
+        }
+        Self {
+            templates,
+            unmatched: Label::from("unmatched"),
+        }
+    }
+
+    /// The endpoint label of a request path.
+    pub fn label(&self, path: &str) -> Label {
+        match self.templates.at(path) {
+            Ok(m) => m.value.clone(),
+            Err(_) => self.unmatched.clone(),
+        }
+    }
+}
 
 /// Counts, times and classifies every HTTP request; unmatched paths share one label. A tower
 /// layer, not `axum::middleware::from_fn`: that boxes the inner service and the future of
@@ -18,12 +50,16 @@ use crate::telemetry::{ObservedBody, RequestObservation};
 #[derive(Clone)]
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
+    routes: Arc<RouteTemplates>,
 }
 
 impl ObserveLayer {
-    /// Records into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// Records into `metrics`, by the templates of `routes`.
+    pub fn new(metrics: Arc<Metrics>, routes: RouteTemplates) -> Self {
+        Self {
+            metrics,
+            routes: Arc::new(routes),
+        }
     }
 }
 
@@ -33,6 +69,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            routes: self.routes.clone(),
         }
     }
 }
@@ -42,6 +79,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    routes: Arc<RouteTemplates>,
 }
 
 impl<S> tower::Service<Request> for Observe<S>
@@ -57,11 +95,7 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let endpoint = req
-            .extensions()
-            .get::<MatchedPath>()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "unmatched".to_string());
+        let endpoint = self.routes.label(req.uri().path());
         // Dropped unfinished (the client left), it records the request as such.
         let observation = RequestObservation::start(self.metrics.clone(), "http", endpoint);
         ObservedResponse {
@@ -92,11 +126,39 @@ where
         let Some(mut observation) = this.observation.take() else {
             return Poll::Ready(Ok(resp));
         };
-        observation.set_status(resp.status().as_u16().to_string());
+        observation.set_status(StatusCode::Http(resp.status().as_u16()));
         let (parts, body) = resp.into_parts();
         Poll::Ready(Ok(Response::from_parts(
             parts,
             Body::new(ObservedBody::new(body, observation)),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RouteTemplates;
+
+    #[test]
+    fn a_path_is_labelled_by_its_route_template_as_the_router_matches_it() {
+        let table = super::super::routes::table();
+        let routes = RouteTemplates::new(table.iter().map(|r| r.path));
+        assert_eq!(
+            &*routes.label("/v1/chat/completions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(&*routes.label("/admin/users/42"), "/admin/users/{id}");
+        assert_eq!(
+            &*routes.label("/admin/users/42/block"),
+            "/admin/users/{id}/block"
+        );
+        assert_eq!(
+            &*routes.label("/admin/providers/up/keys/sk-...abcd/enable"),
+            "/admin/providers/{provider}/keys/{hint}/enable"
+        );
+        // Paths the router does not serve share one label, so callers cannot make series.
+        assert_eq!(&*routes.label("/v1/chat/completions/"), "unmatched");
+        assert_eq!(&*routes.label("/no/such/path"), "unmatched");
+        assert_eq!(&*routes.label("/admin/users/42/nope"), "unmatched");
     }
 }

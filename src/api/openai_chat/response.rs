@@ -5,6 +5,8 @@ use serde_json::Value;
 
 use super::message::{message_from_object, MessageView};
 use super::{put_extra, take_index, take_string, take_u64, to_object, At, Each};
+use crate::api::lenient::AsString;
+use crate::api::usage::OpenAiUsage;
 use crate::api::{ChatResponse, Choice, JsonObject, Message, Role, StopReason, Usage};
 
 /// An upstream's chat.completion; Err is a short reason ("not a JSON object: ...", "no `choices` in the answer").
@@ -31,41 +33,40 @@ pub struct AnswerFacts {
 /// `usage` and each choice's `finish_reason` are kept, the rest is skipped. Err as
 /// [`parse_response`] says it.
 pub fn read_answer(bytes: &[u8]) -> Result<AnswerFacts, String> {
+    // Read as the full parse would read them from a `Value`, without building one.
     #[derive(serde::Deserialize)]
     struct Head {
         #[serde(default)]
-        model: Option<Value>,
+        model: AsString,
         choices: Vec<ChoiceHead>,
         #[serde(default)]
-        usage: Option<Value>,
+        usage: OpenAiUsage,
     }
     #[derive(serde::Deserialize)]
     struct ChoiceHead {
         #[serde(default)]
-        finish_reason: Option<Value>,
+        finish_reason: AsString,
     }
     let head: Head = match serde_json::from_slice(bytes) {
         Ok(h) => h,
         // The full parse words what is wrong the way a translated answer's error does.
         Err(e) => return Err(parse_response(bytes).err().unwrap_or_else(|| e.to_string())),
     };
-    let usage = head.usage.as_ref().and_then(Usage::from_openai);
+    let usage = head.usage.0;
     let generated_chars = match usage {
         Some(_) => 0,
         None => parse_response(bytes)?.estimate_completion_chars(),
     };
     Ok(AnswerFacts {
         usage,
-        model: match head.model {
-            Some(Value::String(m)) => Some(m),
-            _ => None,
-        },
+        model: head.model.0,
         finish_reasons: head
             .choices
             .into_iter()
-            .filter_map(|c| match c.finish_reason {
-                Some(Value::String(r)) => Some(StopReason::from_openai(&r).as_openai().to_string()),
-                _ => None,
+            .filter_map(|c| {
+                c.finish_reason
+                    .0
+                    .map(|r| StopReason::from_openai(&r).as_openai().to_string())
             })
             .collect(),
         generated_chars,
