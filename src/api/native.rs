@@ -71,14 +71,21 @@ pub fn with_model(answer: Bytes, model: &str) -> Bytes {
 /// The byte range (quotes included) of the string value at `path`.
 fn string_span(json: &[u8], path: &[&str]) -> Option<Range<usize>> {
     let mut s = Scanner { b: json, i: 0 };
-    let mut range = s.value_range()?;
-    for key in path {
-        let mut inner = Scanner {
-            b: json,
-            i: range.start,
-        };
-        range = inner.member(key)?;
-    }
+    let range = if path.is_empty() {
+        s.value_range()?
+    } else {
+        // Each object on the path is scanned once, by `member` (which reads it to its end).
+        s.ws();
+        let mut range = s.i..s.i;
+        for key in path {
+            let mut inner = Scanner {
+                b: json,
+                i: range.start,
+            };
+            range = inner.member(key)?;
+        }
+        range
+    };
     (json.get(range.start) == Some(&b'"')).then_some(range)
 }
 
@@ -107,14 +114,15 @@ impl Scanner<'_> {
         }
         self.i += 1;
         let start = self.i;
-        while self.i < self.b.len() {
-            match self.b[self.i] {
-                b'\\' => self.i += 2,
-                b'"' => {
-                    self.i += 1;
-                    return Some(start..self.i - 1);
-                }
-                _ => self.i += 1,
+        // Most of an answer's bytes are in its strings: jump from one quote or backslash to
+        // the next instead of stepping over every byte.
+        while let Some(at) = memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?) {
+            self.i += at;
+            if self.b[self.i] == b'\\' {
+                self.i += 2;
+            } else {
+                self.i += 1;
+                return Some(start..self.i - 1);
             }
         }
         None
@@ -229,6 +237,12 @@ mod tests {
         );
         assert!(replace_string(br#"{"mode":"a","models":"b"}"#, &["model"], "x").is_none());
         assert!(replace_string(br#"{"model":"unterminated}"#, &["model"], "x").is_none());
+        // A body cut short after its model is not rewritten; of two models the last is the one.
+        assert!(replace_string(br#"{"model":"a","x":["b\"#, &["model"], "x").is_none());
+        assert_eq!(
+            replace_string(br#"{"model":"a","model":"b"}"#, &["model"], "c").unwrap(),
+            br#"{"model":"a","model":"c"}"#
+        );
     }
 
     #[test]

@@ -89,7 +89,8 @@ where
             inner: body,
             finished: finished.clone(),
             timeout: self.timeout,
-            deadline: Box::pin(tokio::time::sleep(self.timeout)),
+            due: tokio::time::Instant::now() + self.timeout,
+            deadline: None,
         };
         GuardedResponse {
             inner: self
@@ -137,7 +138,19 @@ struct GuardedBody {
     finished: Arc<AtomicBool>,
     timeout: Duration,
     /// When the whole body must have arrived (from when its headers did).
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    due: tokio::time::Instant,
+    /// The timer of `due`, set the first time the body is not there yet: most bodies came
+    /// with their headers and are read whole at once, without a timer ever being made.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl GuardedBody {
+    /// Whether the deadline has passed; a pending timer is registered to wake `cx`.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
 }
 
 impl http_body::Body for GuardedBody {
@@ -151,10 +164,17 @@ impl http_body::Body for GuardedBody {
         if self.finished.load(Ordering::Relaxed) {
             return Poll::Ready(None);
         }
-        if self.deadline.as_mut().poll(cx).is_ready() {
+        if self.timed_out(cx) {
             return Poll::Ready(Some(Err(Box::new(BodyReadTimeout(self.timeout)))));
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() && self.deadline.is_none() {
+            // The body is late: from now on the timer wakes this task at `due`.
+            self.deadline = Some(Box::pin(tokio::time::sleep_until(self.due)));
+            if self.timed_out(cx) {
+                return Poll::Ready(Some(Err(Box::new(BodyReadTimeout(self.timeout)))));
+            }
+        }
         match polled {
             Poll::Ready(None) => {
                 self.finished.store(true, Ordering::Release);
