@@ -2,19 +2,64 @@
 //! response body (so streams are timed whole), status recorded when known.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics::{EndpointLabels, Label, Metrics, StatusCode, StatusLabels};
+
+/// The series of one endpoint (a route template, a gRPC method): handles into their families,
+/// found once, so that counting a request is an atomic add and not a lookup of its labels.
+#[derive(Clone)]
+pub struct EndpointSeries {
+    requests: Counter,
+    in_progress: Gauge,
+    latency: Histogram,
+}
+
+/// An endpoint whose series are found the first time it is called (so that an endpoint never
+/// called has none, as before it was cached).
+pub struct Endpoint {
+    labels: EndpointLabels,
+    series: OnceLock<EndpointSeries>,
+}
+
+impl Endpoint {
+    /// The endpoint `endpoint` of `protocol`.
+    pub fn new(protocol: &'static str, endpoint: Label) -> Self {
+        Self {
+            labels: EndpointLabels { protocol, endpoint },
+            series: OnceLock::new(),
+        }
+    }
+
+    /// Its `endpoint` label.
+    pub fn label(&self) -> &str {
+        &self.labels.endpoint
+    }
+
+    fn series(&self, m: &Metrics) -> EndpointSeries {
+        self.series
+            .get_or_init(|| EndpointSeries {
+                requests: m.requests.get_or_create(&self.labels).clone(),
+                in_progress: m.in_progress.get_or_create(&self.labels).clone(),
+                latency: m.request_latency.get_or_create(&self.labels).clone(),
+            })
+            .clone()
+    }
+}
 
 /// One request being observed; records latency, status and in-progress when dropped.
 pub struct RequestObservation {
     metrics: Arc<Metrics>,
-    labels: EndpointLabels,
+    protocol: &'static str,
+    series: EndpointSeries,
     started: Instant,
     /// Known from the response head (HTTP, gRPC trailers-only) or the trailers (gRPC).
     status: Option<StatusCode>,
@@ -22,13 +67,14 @@ pub struct RequestObservation {
 
 impl RequestObservation {
     /// Counts the request and marks it in progress.
-    pub fn start(metrics: Arc<Metrics>, protocol: &'static str, endpoint: Label) -> Self {
-        let labels = EndpointLabels { protocol, endpoint };
-        metrics.requests.get_or_create(&labels).inc();
-        metrics.in_progress.get_or_create(&labels).inc();
+    pub fn start(metrics: Arc<Metrics>, endpoint: &Endpoint) -> Self {
+        let series = endpoint.series(&metrics);
+        series.requests.inc();
+        series.in_progress.inc();
         Self {
             metrics,
-            labels,
+            protocol: endpoint.labels.protocol,
+            series,
             started: Instant::now(),
             status: None,
         }
@@ -42,16 +88,16 @@ impl RequestObservation {
 
 impl Drop for RequestObservation {
     fn drop(&mut self) {
-        let m = &self.metrics;
-        m.in_progress.get_or_create(&self.labels).dec();
-        m.request_latency
-            .get_or_create(&self.labels)
+        self.series.in_progress.dec();
+        self.series
+            .latency
             .observe(self.started.elapsed().as_secs_f64());
         // A body that ends without a status is a gRPC call the client cancelled.
         let status_code = self.status.unwrap_or(StatusCode::Grpc("CANCELLED"));
-        m.response_status
+        self.metrics
+            .response_status
             .get_or_create(&StatusLabels {
-                protocol: self.labels.protocol,
+                protocol: self.protocol,
                 status_code,
             })
             .inc();

@@ -14,8 +14,7 @@ use crate::api::Api;
 use crate::clock::Clock;
 use crate::core::ledger::Ledger;
 use crate::metrics::{
-    none_label, unknown_label, ChatLabels, CompletionLabels, Label, Metrics, ModelLabels,
-    ProtocolLabels, TokenLabels,
+    none_label, unknown_label, ChatLabels, Label, Metrics, ProtocolLabels, TokenKind,
 };
 use crate::providers::Usage;
 use crate::store::NewLedgerRow;
@@ -180,39 +179,25 @@ impl OutcomeGuard {
             })
             .observe(elapsed.saturating_sub(r.upstream_wait).as_secs_f64());
         if let Some(resolved) = &r.resolved_label {
-            m.chat_latency
-                .get_or_create(&CompletionLabels {
-                    model: resolved.clone(),
-                    result: outcome.as_str(),
-                    stream: if r.stream { "true" } else { "false" },
-                })
+            let series = m.models.get(resolved);
+            series
+                .latency(m, outcome, r.stream)
                 .observe(elapsed.as_secs_f64());
             if let Some(t) = r.first_token_at {
-                m.ttft
-                    .get_or_create(&ModelLabels {
-                        model: resolved.clone(),
-                    })
+                series
+                    .ttft(m)
                     .observe(t.duration_since(self.started).as_secs_f64());
             }
             for (kind, n) in [
-                ("prompt", r.usage.prompt_tokens),
-                ("completion", r.usage.completion_tokens),
+                (TokenKind::Prompt, r.usage.prompt_tokens),
+                (TokenKind::Completion, r.usage.completion_tokens),
             ] {
                 if n > 0 {
-                    m.chat_tokens
-                        .get_or_create(&TokenLabels {
-                            model: resolved.clone(),
-                            r#type: kind,
-                        })
-                        .inc_by(n);
+                    series.tokens(m, kind).inc_by(n);
                 }
             }
             if r.cost_micros > 0 {
-                m.spend_usd
-                    .get_or_create(&ModelLabels {
-                        model: resolved.clone(),
-                    })
-                    .inc_by(r.cost_micros as f64 / 1e6);
+                series.spend(m).inc_by(r.cost_micros as f64 / 1e6);
             }
         }
         if outcome == super::Outcome::Failure {

@@ -7,18 +7,35 @@ use futures_util::future::BoxFuture;
 use tower::{Layer, Service};
 
 use crate::metrics::{Label, Metrics};
-use crate::telemetry::{grpc_code_name, ObservedBody, RequestObservation};
+use crate::telemetry::{grpc_code_name, Endpoint, ObservedBody, RequestObservation};
 
 /// Wraps gRPC services with request telemetry.
 #[derive(Clone)]
 pub struct GrpcTelemetryLayer {
     metrics: Arc<Metrics>,
+    methods: Arc<Methods>,
+}
+
+/// The served methods' endpoints, and the one every other path shares.
+struct Methods {
+    served: std::collections::HashMap<Label, Endpoint>,
+    unknown: Endpoint,
 }
 
 impl GrpcTelemetryLayer {
     /// A layer recording into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        let served = served_methods()
+            .iter()
+            .map(|m| (m.clone(), Endpoint::new("grpc", m.clone())))
+            .collect();
+        Self {
+            metrics,
+            methods: Arc::new(Methods {
+                served,
+                unknown: Endpoint::new("grpc", crate::metrics::unknown_label()),
+            }),
+        }
     }
 }
 
@@ -29,6 +46,7 @@ impl<S> Layer<S> for GrpcTelemetryLayer {
         GrpcTelemetry {
             inner,
             metrics: self.metrics.clone(),
+            methods: self.methods.clone(),
         }
     }
 }
@@ -38,6 +56,7 @@ impl<S> Layer<S> for GrpcTelemetryLayer {
 pub struct GrpcTelemetry<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    methods: Arc<Methods>,
 }
 
 /// Method paths served, from the compiled descriptors: tollgate's own services, health and
@@ -72,15 +91,6 @@ fn served_methods() -> &'static std::collections::HashSet<Label> {
     })
 }
 
-/// Served method paths are labels as they are; anything else is `unknown`, so that a caller
-/// cannot create series at will.
-fn endpoint_label(path: &str) -> Label {
-    served_methods()
-        .get(path)
-        .cloned()
-        .unwrap_or_else(crate::metrics::unknown_label)
-}
-
 impl<S, ReqBody> Service<http::Request<ReqBody>> for GrpcTelemetry<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
@@ -99,11 +109,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let mut observation = RequestObservation::start(
-            self.metrics.clone(),
-            "grpc",
-            endpoint_label(req.uri().path()),
-        );
+        // Served method paths are labels as they are; anything else is `unknown`, so that a
+        // caller cannot create series at will.
+        let m = &self.methods;
+        let endpoint = m.served.get(req.uri().path()).unwrap_or(&m.unknown);
+        let mut observation = RequestObservation::start(self.metrics.clone(), endpoint);
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

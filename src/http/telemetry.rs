@@ -10,15 +10,15 @@ use axum::extract::Request;
 use axum::response::Response;
 
 use crate::metrics::{Label, Metrics, StatusCode};
-use crate::telemetry::{ObservedBody, RequestObservation};
+use crate::telemetry::{Endpoint, ObservedBody, RequestObservation};
 
 /// The route templates of the table (`/admin/users/{id}`), matched the way the router matches
 /// them, each with its label made once. The layer wraps the router whole rather than each of
 /// its routes (axum boxes and clones a route's service once for every layer on it, for every
 /// request), so it matches the path itself instead of reading the router's `MatchedPath`.
 pub struct RouteTemplates {
-    templates: matchit::Router<Label>,
-    unmatched: Label,
+    templates: matchit::Router<Endpoint>,
+    unmatched: Endpoint,
 }
 
 impl RouteTemplates {
@@ -27,19 +27,19 @@ impl RouteTemplates {
         let mut templates = matchit::Router::new();
         for path in paths {
             // A path of the table twice (one route a method) is one template.
-            let _ = templates.insert(path, Label::from(path));
+            let _ = templates.insert(path, Endpoint::new("http", Label::from(path)));
         }
         Self {
             templates,
-            unmatched: Label::from("unmatched"),
+            unmatched: Endpoint::new("http", Label::from("unmatched")),
         }
     }
 
-    /// The endpoint label of a request path.
-    pub fn label(&self, path: &str) -> Label {
+    /// The endpoint of a request path.
+    pub fn endpoint(&self, path: &str) -> &Endpoint {
         match self.templates.at(path) {
-            Ok(m) => m.value.clone(),
-            Err(_) => self.unmatched.clone(),
+            Ok(m) => m.value,
+            Err(_) => &self.unmatched,
         }
     }
 }
@@ -95,9 +95,9 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let endpoint = self.routes.label(req.uri().path());
+        let endpoint = self.routes.endpoint(req.uri().path());
         // Dropped unfinished (the client left), it records the request as such.
-        let observation = RequestObservation::start(self.metrics.clone(), "http", endpoint);
+        let observation = RequestObservation::start(self.metrics.clone(), endpoint);
         ObservedResponse {
             inner: self.inner.call(req),
             observation: Some(observation),
@@ -143,22 +143,17 @@ mod tests {
     fn a_path_is_labelled_by_its_route_template_as_the_router_matches_it() {
         let table = super::super::routes::table();
         let routes = RouteTemplates::new(table.iter().map(|r| r.path));
+        let label = |path| routes.endpoint(path).label().to_string();
+        assert_eq!(label("/v1/chat/completions"), "/v1/chat/completions");
+        assert_eq!(label("/admin/users/42"), "/admin/users/{id}");
+        assert_eq!(label("/admin/users/42/block"), "/admin/users/{id}/block");
         assert_eq!(
-            &*routes.label("/v1/chat/completions"),
-            "/v1/chat/completions"
-        );
-        assert_eq!(&*routes.label("/admin/users/42"), "/admin/users/{id}");
-        assert_eq!(
-            &*routes.label("/admin/users/42/block"),
-            "/admin/users/{id}/block"
-        );
-        assert_eq!(
-            &*routes.label("/admin/providers/up/keys/sk-...abcd/enable"),
+            label("/admin/providers/up/keys/sk-...abcd/enable"),
             "/admin/providers/{provider}/keys/{hint}/enable"
         );
         // Paths the router does not serve share one label, so callers cannot make series.
-        assert_eq!(&*routes.label("/v1/chat/completions/"), "unmatched");
-        assert_eq!(&*routes.label("/no/such/path"), "unmatched");
-        assert_eq!(&*routes.label("/admin/users/42/nope"), "unmatched");
+        assert_eq!(label("/v1/chat/completions/"), "unmatched");
+        assert_eq!(label("/no/such/path"), "unmatched");
+        assert_eq!(label("/admin/users/42/nope"), "unmatched");
     }
 }

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeSet;
 
-/// Family names as registered in src/metrics.rs (`registry.register("requests", ...)` under the
+/// Family names as registered in src/metrics/mod.rs (`registry.register("requests", ...)` under the
 /// `tollgate` prefix). Read from the source because a family with no series yet is absent from
 /// a scrape.
 fn registered_families() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs"))
-        .expect("src/metrics.rs");
+    let source =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics/mod.rs"))
+            .expect("src/metrics/mod.rs");
     source
         .split("register(")
         .skip(1)

@@ -11,6 +11,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod series;
+pub use series::{ModelSeries, ModelSeriesCache, TokenKind};
+
 /// A label value computed once (at load, from the configuration) and shared: setting it on a
 /// request's labels is a reference count, not an allocation.
 pub type Label = Arc<str>;
@@ -228,6 +231,8 @@ pub struct Metrics {
     /// Requests admitted without a rate-limit check because the rate-limit Redis failed
     /// (`on_redis_error = "fail_open"`).
     pub rate_limit_fail_open: Counter,
+    /// The per-model series of the `chat_*` families, by resolved model label.
+    pub models: ModelSeriesCache,
 }
 
 /// Labels of `tollgate_budget_store_writes_total`.
@@ -305,6 +310,7 @@ impl Metrics {
             authorize: Family::default(),
             budget_store_writes: Family::default(),
             rate_limit_fail_open: Counter::default(),
+            models: ModelSeriesCache::default(),
             registry: Registry::default(),
         };
         registry.register(
