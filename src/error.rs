@@ -262,7 +262,10 @@ impl Rejection {
 }
 
 /// Response headers a policy stage adds (budget and rate-limit state), name and value.
-pub type PolicyHeaders = Vec<(&'static str, String)>;
+pub type PolicyHeaders = Vec<PolicyHeader>;
+
+/// One policy header: its name and value (a number, a duration, a time: short, kept inline).
+pub type PolicyHeader = (&'static str, crate::short_text::ShortText);
 
 #[cfg(test)]
 mod tests {

@@ -19,5 +19,6 @@ pub mod providers;
 pub mod request_context;
 pub mod routing;
 pub mod server;
+pub mod short_text;
 pub mod store;
 pub mod telemetry;

@@ -21,7 +21,7 @@ pub struct Embeddings {
     /// How the caller asked for the vectors to be encoded.
     pub encoding_format: EncodingFormat,
     /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`).
-    pub policy_headers: Vec<(&'static str, String)>,
+    pub policy_headers: crate::error::PolicyHeaders,
 }
 
 /// One embeddings request in flight. Dropping it before it finishes records

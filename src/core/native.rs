@@ -26,7 +26,7 @@ pub struct NativeCompletion {
     pub resolved_model: String,
     pub usage: Usage,
     /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`).
-    pub policy_headers: Vec<(&'static str, String)>,
+    pub policy_headers: crate::error::PolicyHeaders,
 }
 
 /// The caller's side of a streamed pass-through answer: event bytes as the upstream sent them.
@@ -41,7 +41,7 @@ pub struct PassthroughStream {
     saw_finish: bool,
     waiting_since: Option<Instant>,
     upstream_wait: Duration,
-    policy_headers: Vec<(&'static str, String)>,
+    policy_headers: crate::error::PolicyHeaders,
     /// Shutdown's end of the grace period.
     cut: StreamCut,
 }
@@ -72,11 +72,11 @@ impl PassthroughStream {
     }
 
     /// Rate-limit and budget headers for the response head.
-    pub fn policy_headers(&self) -> &[(&'static str, String)] {
+    pub fn policy_headers(&self) -> &[crate::error::PolicyHeader] {
         &self.policy_headers
     }
 
-    pub(crate) fn set_policy_headers(&mut self, headers: Vec<(&'static str, String)>) {
+    pub(crate) fn set_policy_headers(&mut self, headers: crate::error::PolicyHeaders) {
         self.policy_headers = headers;
     }
 

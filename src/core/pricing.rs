@@ -57,9 +57,19 @@ pub fn usd_to_micros(usd: f64) -> i64 {
 
 /// Micro-dollars as a decimal USD string with six decimals (`"0.100000"`), never through floats.
 pub fn micros_to_usd(micros: i64) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
-    let m = micros.unsigned_abs();
-    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+    Usd(micros).to_string()
+}
+
+/// Micro-dollars written as [`micros_to_usd`] writes them, in place.
+#[derive(Debug, Clone, Copy)]
+pub struct Usd(pub i64);
+
+impl std::fmt::Display for Usd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let m = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+    }
 }
 
 /// How many output tokens a request may produce, for its maximum cost.

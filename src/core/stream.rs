@@ -29,7 +29,7 @@ pub struct ChatStream {
     saw_finish: bool,
     waiting_since: Option<Instant>,
     upstream_wait: Duration,
-    policy_headers: Vec<(&'static str, String)>,
+    policy_headers: crate::error::PolicyHeaders,
     /// Shutdown's end of the grace period.
     cut: StreamCut,
 }
@@ -62,11 +62,11 @@ impl ChatStream {
     }
 
     /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`) for the response head.
-    pub fn policy_headers(&self) -> &[(&'static str, String)] {
+    pub fn policy_headers(&self) -> &[crate::error::PolicyHeader] {
         &self.policy_headers
     }
 
-    pub(crate) fn set_policy_headers(&mut self, headers: Vec<(&'static str, String)>) {
+    pub(crate) fn set_policy_headers(&mut self, headers: crate::error::PolicyHeaders) {
         self.policy_headers = headers;
     }
 

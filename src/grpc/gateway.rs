@@ -36,7 +36,7 @@ pub(super) fn context<T>(request: &Request<T>) -> CallContext {
 
 /// A reply with the resolved model and the rate-limit and budget headers as metadata (the
 /// request-context layer sets the request id).
-fn reply<T>(message: T, resolved: &str, policy: &[(&'static str, String)]) -> Response<T> {
+fn reply<T>(message: T, resolved: &str, policy: &[crate::error::PolicyHeader]) -> Response<T> {
     let mut resp = Response::new(message);
     let pairs = std::iter::once((headers::RESOLVED_MODEL, resolved))
         .chain(policy.iter().map(|(k, v)| (*k, v.as_str())));

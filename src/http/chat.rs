@@ -50,7 +50,7 @@ pub async fn chat_completions(
 pub(super) fn json_response(
     body: Bytes,
     resolved: &str,
-    policy: &[(&'static str, String)],
+    policy: &[crate::error::PolicyHeader],
 ) -> Response {
     let mut r = (
         [(
@@ -153,7 +153,7 @@ fn sse_response(stream: ChatStream) -> Response {
 pub(super) fn sse_head(
     mut resp: Response,
     resolved: &str,
-    policy: &[(&'static str, String)],
+    policy: &[crate::error::PolicyHeader],
 ) -> Response {
     let h = resp.headers_mut();
     h.insert(

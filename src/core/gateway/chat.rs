@@ -21,7 +21,7 @@ pub enum ChatReply {
 }
 
 impl ChatReply {
-    fn set_policy_headers(&mut self, headers: Vec<(&'static str, String)>) {
+    fn set_policy_headers(&mut self, headers: crate::error::PolicyHeaders) {
         match self {
             ChatReply::Complete(c) => c.policy_headers = headers,
             ChatReply::Stream(s) => s.set_policy_headers(headers),
@@ -39,7 +39,7 @@ pub struct ChatCompletion {
     pub resolved_model: String,
     pub usage: Usage,
     /// Rate-limit and budget headers (`x-ratelimit-*`, `x-budget-*`).
-    pub policy_headers: Vec<(&'static str, String)>,
+    pub policy_headers: crate::error::PolicyHeaders,
 }
 
 /// One chat request in flight. Dropping it before it finishes records `client_disconnected`.

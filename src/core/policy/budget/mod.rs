@@ -28,7 +28,7 @@ mod settle;
 
 pub use admin::{limit_from_usd, set, view, BudgetAdminError, BudgetUpdate, BudgetView};
 pub(super) use lease::{Knobs, LeasedPart, Leases};
-pub use period::{parse_time, rfc3339, Period, PeriodError};
+pub use period::{parse_time, rfc3339, Period, PeriodError, Rfc3339};
 pub use settle::{Hold, HoldSlot};
 pub(super) use settle::{Reservation, Settler};
 

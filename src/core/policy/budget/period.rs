@@ -69,15 +69,26 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 /// Unix ms as RFC 3339 UTC (`2026-11-28T00:00:00Z`).
 pub fn rfc3339(ms: i64) -> String {
-    let days = ms.div_euclid(DAY_MS);
-    let rest = ms.rem_euclid(DAY_MS) / 1000;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    Rfc3339(ms).to_string()
+}
+
+/// Unix ms written as [`rfc3339`] writes them, in place.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339(pub i64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let days = self.0.div_euclid(DAY_MS);
+        let rest = self.0.rem_euclid(DAY_MS) / 1000;
+        let (y, m, d) = civil_from_days(days);
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            rest / 3600,
+            rest % 3600 / 60,
+            rest % 60
+        )
+    }
 }
 
 /// Parses a time given as unix milliseconds, an RFC 3339 UTC time (`...Z`) or a date

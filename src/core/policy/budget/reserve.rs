@@ -10,11 +10,12 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::settle::Reservation;
-use super::{headers, remaining_of, rfc3339, Applied, Period, ScopeKey, ScopeKind};
+use super::{headers, remaining_of, Applied, Period, Rfc3339, ScopeKey, ScopeKind};
 use crate::core::policy::{lookup_failed, store_failed, AdmitArgs, Budgets};
-use crate::core::pricing::micros_to_usd;
+use crate::core::pricing::{micros_to_usd, Usd};
 use crate::core::{Reason, Rejection};
 use crate::error::PolicyHeaders;
+use crate::short_text::ShortText;
 use crate::store::{
     BudgetRow, ReserveOutcome, ReserveRequest, ReserveScope, Settlement, StoreError,
 };
@@ -288,7 +289,7 @@ fn reserved(
     (Some(reservation), headers)
 }
 
-fn budget_headers(row: &BudgetRow, ap: &Applied, now: i64) -> Vec<(&'static str, String)> {
+fn budget_headers(row: &BudgetRow, ap: &Applied, now: i64) -> PolicyHeaders {
     budget_headers_of(
         ap,
         row.limit_micros,
@@ -306,15 +307,17 @@ pub(super) fn budget_headers_of(
     remaining: i64,
     period_start: i64,
     now: i64,
-) -> Vec<(&'static str, String)> {
-    let mut h = vec![
-        (headers::SCOPE, ap.key.0.as_str().to_string()),
-        (headers::LIMIT, micros_to_usd(limit)),
-        (headers::REMAINING, micros_to_usd(remaining.max(0))),
-    ];
+) -> PolicyHeaders {
+    let mut h = Vec::with_capacity(4);
+    h.push((headers::SCOPE, ShortText::from(ap.key.0.as_str())));
+    h.push((headers::LIMIT, ShortText::display(Usd(limit))));
+    h.push((
+        headers::REMAINING,
+        ShortText::display(Usd(remaining.max(0))),
+    ));
     let start = period_start.max(ap.period.start(now));
     if let Some(end) = ap.period.end(start) {
-        h.push((headers::RESET, rfc3339(end)));
+        h.push((headers::RESET, ShortText::display(Rfc3339(end))));
     }
     h
 }

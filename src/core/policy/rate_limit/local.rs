@@ -103,8 +103,11 @@ impl Default for RateLimiter {
 
 /// The locked shards of one request's scopes.
 struct Locked<'a> {
-    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+    guards: Scopes<(usize, MutexGuard<'a, Shard>)>,
 }
+
+/// One item a scope of a request: a request has a few (user, key, service type), held inline.
+type Scopes<T> = smallvec::SmallVec<[T; 4]>;
 
 impl Locked<'_> {
     fn entry(&mut self, shard: usize, key: ScopeKey) -> &mut ScopeBuckets {
@@ -124,8 +127,8 @@ impl RateLimiter {
     }
 
     /// Locks the shards of `scopes` in index order (never two requests in opposite orders).
-    fn lock(&self, scopes: &[(ScopeKey, Limits)], now: i64) -> (Locked<'_>, Vec<usize>) {
-        let of: Vec<usize> = scopes.iter().map(|(k, _)| self.shard_of(k)).collect();
+    fn lock(&self, scopes: &[(ScopeKey, Limits)], now: i64) -> (Locked<'_>, Scopes<usize>) {
+        let of: Scopes<usize> = scopes.iter().map(|(k, _)| self.shard_of(k)).collect();
         let mut order = of.clone();
         order.sort_unstable();
         order.dedup();
@@ -155,7 +158,7 @@ impl RateLimiter {
         let (mut locked, shard_of) = self.lock(scopes, now);
         // First look, then take: all or nothing.
         let mut denial: Option<RateDenial> = None;
-        let mut views = Vec::with_capacity(scopes.len());
+        let mut views: Scopes<ScopeView> = Scopes::new();
         for ((key, limits), shard) in scopes.iter().zip(&shard_of) {
             let entry = locked.entry(*shard, *key);
             sync(&mut entry.requests, limits.rpm, now);
@@ -246,7 +249,7 @@ mod tests {
     use super::*;
     use crate::core::policy::budget::ScopeKind;
 
-    fn header<'a>(h: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+    fn header<'a>(h: &'a [crate::error::PolicyHeader], name: &str) -> Option<&'a str> {
         h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
@@ -317,6 +320,10 @@ mod tests {
         assert_eq!(reset_string(1500), "1.5s");
         assert_eq!(reset_string(360_000), "6m0s");
         assert_eq!(reset_string(3_723_000), "1h2m3s");
+        assert_eq!(reset_string(1250), "1.25s");
+        assert_eq!(reset_string(1001), "1.001s");
+        assert_eq!(reset_string(61_010), "1m1.01s");
+        assert_eq!(reset_string(-5), "0ms");
     }
 }
 

@@ -21,6 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::budget::ScopeKey;
 use crate::config::{RateLimitBackendConfig, RateLimitsConfig};
 use crate::error::PolicyHeaders;
+use crate::short_text::ShortText;
 
 pub use self::local::RateLimiter;
 pub use self::redis::RedisLimiter;
@@ -53,7 +54,7 @@ pub struct RateDenial {
     pub what: &'static str,
     pub limit: u64,
     pub retry_after: Duration,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: PolicyHeaders,
 }
 
 /// Why a request was not admitted: over a limit, or the shared windows could not be asked
@@ -80,23 +81,37 @@ pub mod headers {
 
 /// A duration the way OpenAI's reset headers write it: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
 pub fn reset_string(ms: i64) -> String {
-    let ms = ms.max(0);
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
-    let (m, rest) = (rest / 60_000, rest % 60_000);
-    let (s, milli) = (rest / 1000, rest % 1000);
-    let secs = if milli == 0 {
-        format!("{s}s")
-    } else {
-        let frac = format!("{milli:03}");
-        format!("{s}.{}s", frac.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
+    ResetIn(ms).to_string()
+}
+
+/// Milliseconds as OpenAI's reset headers write them ([`reset_string`]), written in place.
+#[derive(Debug, Clone, Copy)]
+pub struct ResetIn(pub i64);
+
+impl std::fmt::Display for ResetIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.max(0);
+        if ms < 1000 {
+            return write!(f, "{ms}ms");
+        }
+        let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+        let (m, rest) = (rest / 60_000, rest % 60_000);
+        let (s, milli) = (rest / 1000, rest % 1000);
+        match (h, m) {
+            (0, 0) => {}
+            (0, m) => write!(f, "{m}m")?,
+            (h, m) => write!(f, "{h}h{m}m")?,
+        }
+        if milli == 0 {
+            return write!(f, "{s}s");
+        }
+        // Thousandths without their trailing zeros: 1.5s, 1.25s, 1.125s.
+        let (mut frac, mut digits) = (milli, 3);
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        write!(f, "{s}.{frac:0digits$}s")
     }
 }
 
@@ -145,9 +160,12 @@ pub(super) fn report(views: &[ScopeView]) -> PolicyHeaders {
             .filter_map(pick)
             .min_by(|a, b| a.level.total_cmp(&b.level));
         if let Some(b) = tightest {
-            out.push((names[0], b.limit.to_string()));
-            out.push((names[1], (b.level.max(0.0).floor() as u64).to_string()));
-            out.push((names[2], reset_string(b.reset_ms)));
+            out.push((names[0], ShortText::display(b.limit)));
+            out.push((
+                names[1],
+                ShortText::display(b.level.max(0.0).floor() as u64),
+            ));
+            out.push((names[2], ShortText::display(ResetIn(b.reset_ms))));
         }
     }
     out

@@ -1,0 +1,117 @@
+//! A short text kept inline, for values made on the request path (the policy headers'
+//! numbers, durations and times) that would otherwise be a heap string each.
+
+use std::fmt;
+
+/// Up to [`ShortText::CAPACITY`] bytes of text, inline; what does not fit is cut at a char
+/// boundary (the values it holds are far shorter).
+#[derive(Clone, Copy)]
+pub struct ShortText {
+    len: u8,
+    buf: [u8; ShortText::CAPACITY],
+}
+
+impl ShortText {
+    /// The most bytes it holds.
+    pub const CAPACITY: usize = 46;
+
+    /// `value` as `Display` writes it.
+    pub fn display(value: impl fmt::Display) -> Self {
+        let mut t = Self::default();
+        let _ = fmt::write(&mut t, format_args!("{value}"));
+        t
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only whole chars are ever written.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl Default for ShortText {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            buf: [0; Self::CAPACITY],
+        }
+    }
+}
+
+impl fmt::Write for ShortText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let len = usize::from(self.len);
+        let mut take = s.len().min(Self::CAPACITY - len);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.buf[len..len + take].copy_from_slice(&s.as_bytes()[..take]);
+        // take <= CAPACITY - len, so this stays within a u8.
+        self.len += take as u8;
+        if take < s.len() {
+            Err(fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl From<&str> for ShortText {
+    fn from(s: &str) -> Self {
+        let mut t = Self::default();
+        let _ = fmt::Write::write_str(&mut t, s);
+        t
+    }
+}
+
+impl std::ops::Deref for ShortText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for ShortText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ShortText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq for ShortText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for ShortText {}
+
+impl PartialEq<&str> for ShortText {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShortText;
+
+    #[test]
+    fn it_holds_what_display_writes_and_cuts_what_does_not_fit_at_a_char() {
+        assert_eq!(
+            ShortText::display(18446744073709551615u64),
+            "18446744073709551615"
+        );
+        assert_eq!(ShortText::from("user"), "user");
+        let long = "é".repeat(40);
+        let cut = ShortText::from(long.as_str());
+        assert_eq!(cut.len(), ShortText::CAPACITY);
+        assert!(long.starts_with(cut.as_str()));
+        assert_eq!(ShortText::default(), "");
+    }
+}
