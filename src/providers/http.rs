@@ -27,7 +27,7 @@ use crate::config::HttpUpstreamConfig;
 /// An upstream's answer, its body not read yet.
 pub type UpstreamResponse = http::Response<hyper::body::Incoming>;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+use super::connector::Connector;
 
 /// How a pool key is presented to the upstream.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +98,7 @@ impl HttpUpstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let connector = Connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.max_idle_connections)

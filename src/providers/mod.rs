@@ -3,6 +3,7 @@
 //! `dyn Provider` and never looks at their wire formats (docs/architecture.md).
 
 mod anthropic;
+mod connector;
 mod http;
 pub mod key_pool;
 mod mock;
