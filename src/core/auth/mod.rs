@@ -113,7 +113,13 @@ impl Verifiers {
 
 /// SHA-256 of a key, hex-encoded: the only form in which keys are stored.
 pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    hex::encode(key_digest(key))
+}
+
+/// The SHA-256 of a key, as bytes: what the cache of verified keys is keyed by (the hex form,
+/// for the store, is made only when the cache does not have the key).
+fn key_digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// The masked form of a key shown in listings: prefix and last four characters.
@@ -134,7 +140,7 @@ pub struct Authenticator {
     store: Store,
     ttl_ms: u64,
     /// Verified keys by hash, with the key's expiry so that a cached key still expires on time.
-    cache: TtlCache<String, (Identity, Option<i64>)>,
+    cache: TtlCache<[u8; 32], (Identity, Option<i64>)>,
 }
 
 impl Authenticator {
@@ -239,19 +245,23 @@ fn bearer_token(authorization: Option<&str>) -> Result<&str, Rejection> {
 
 impl Authenticator {
     async fn verify_key(&self, key: &str) -> Result<Identity, Rejection> {
-        let hash = hash_key(key);
-        if let Some((identity, expires_at)) = self.cache.get(&hash, self.ttl_ms) {
+        let digest = key_digest(key);
+        if let Some((identity, expires_at)) = self.cache.get(&digest, self.ttl_ms) {
             if expires_at.is_none_or(|t| t > self.store.clock().now_ms()) {
                 return Ok(identity);
             }
         }
-        let found = self.store.find_key_by_hash(&hash).await.map_err(|e| {
-            tracing::warn!(error = %e, "key lookup failed");
-            Rejection::new(
-                Reason::AuthSystemFailure,
-                "the credential store is unavailable",
-            )
-        })?;
+        let found = self
+            .store
+            .find_key_by_hash(&hex::encode(digest))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "key lookup failed");
+                Rejection::new(
+                    Reason::AuthSystemFailure,
+                    "the credential store is unavailable",
+                )
+            })?;
         let Some(KeyOwner { key, user }) = found else {
             return Err(Rejection::new(Reason::AuthRejected, "unknown API key"));
         };
@@ -283,7 +293,7 @@ impl Authenticator {
             user_service_type: user.service_type,
         };
         self.cache
-            .insert(hash, (identity.clone(), key.expires_at), self.ttl_ms);
+            .insert(digest, (identity.clone(), key.expires_at), self.ttl_ms);
         Ok(identity)
     }
 
