@@ -3,6 +3,9 @@
 //! on every request); JWTs are checked against a JWKS; anything else goes to token
 //! introspection. Verifiers never put a credential in a message or a log line.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -141,7 +144,16 @@ pub struct Authenticator {
     ttl_ms: u64,
     /// Verified keys by hash, with the key's expiry so that a cached key still expires on time.
     cache: TtlCache<[u8; 32], (Identity, Option<i64>)>,
+    /// Store lookups in flight, by key hash: the requests that find a key not cached (all of a
+    /// busy key's requests in flight, each time its entry expires) wait for one lookup instead
+    /// of each asking the store (and each opening a database connection for it).
+    lookups: std::sync::Mutex<HashMap<[u8; 32], Arc<Lookup>>>,
+    /// Store lookups made.
+    lookups_made: AtomicU64,
 }
+
+/// One store lookup of a key, shared by every request that waits for it.
+type Lookup = tokio::sync::OnceCell<Result<Identity, Rejection>>;
 
 impl Authenticator {
     /// An authenticator over `store` caching verified keys for `ttl` (zero disables the cache).
@@ -150,6 +162,8 @@ impl Authenticator {
             cache: TtlCache::new(store.clock().clone()),
             store,
             ttl_ms: ttl.as_millis().min(u64::MAX as u128) as u64,
+            lookups: Default::default(),
+            lookups_made: AtomicU64::new(0),
         }
     }
 
@@ -251,6 +265,34 @@ impl Authenticator {
                 return Ok(identity);
             }
         }
+        let lookup = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone();
+        // If the request making the lookup goes away, a waiting one makes it instead.
+        let result = lookup.get_or_init(|| self.look_up(digest)).await.clone();
+        let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        if lookups
+            .get(&digest)
+            .is_some_and(|l| Arc::ptr_eq(l, &lookup))
+        {
+            lookups.remove(&digest);
+        }
+        result
+    }
+
+    /// Store lookups of keys made so far (not answered from the cache or another request's
+    /// lookup).
+    pub fn lookups_made(&self) -> u64 {
+        self.lookups_made.load(Ordering::Relaxed)
+    }
+
+    /// Looks a key up in the store and caches it if it is valid.
+    async fn look_up(&self, digest: [u8; 32]) -> Result<Identity, Rejection> {
+        self.lookups_made.fetch_add(1, Ordering::Relaxed);
         let found = self
             .store
             .find_key_by_hash(&hex::encode(digest))
@@ -311,6 +353,45 @@ mod tests {
     fn hint_and_hash() {
         assert_eq!(key_hint("tg-abcdef123456"), "tg-...3456");
         assert_eq!(hash_key("x").len(), 64);
+    }
+
+    /// Every request of a busy key finds it uncached at once when its entry expires: they wait
+    /// for one store lookup, and a later request after the cache is cleared makes a new one.
+    #[tokio::test]
+    async fn concurrent_requests_with_an_uncached_key_make_one_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("auth.db").display());
+        let store = Store::connect(&url, 4, crate::clock::Clock::system())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let user = store.create_user("alice", None, "api_key").await.unwrap();
+        store
+            .insert_api_key(user.id, None, &hash_key("tg-k1"), "tg-...k1", "api", None)
+            .await
+            .unwrap();
+        let auth = Arc::new(Authenticator::new(store, Duration::from_secs(60)));
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (auth, barrier) = (auth.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    auth.verify_key("tg-k1").await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().user_id, user.id);
+        }
+        assert_eq!(auth.lookups_made(), 1);
+        assert!(auth.lookups.lock().unwrap().is_empty());
+        // A key that is not there is refused, and its lookup is not kept either.
+        let unknown = auth.verify_key("tg-nope").await.unwrap_err();
+        assert_eq!(unknown.reason, Reason::AuthRejected);
+        auth.forget_all();
+        auth.verify_key("tg-k1").await.unwrap();
+        assert_eq!(auth.lookups_made(), 3);
     }
 }
 pub mod introspection;
