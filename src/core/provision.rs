@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::auth::{ExternalIdentity, Identity};
-use super::ttl_cache::TtlCache;
+use super::ttl_cache::{Cached, Load, TtlCache};
 use super::{Reason, Rejection};
 use crate::store::{Provisioned, SignupCap, Store, User};
 
@@ -40,12 +40,22 @@ impl Provisioner {
         cap: SignupCap,
         now_ms: i64,
     ) -> Result<ProvisionedIdentity, Rejection> {
-        if let Some(identity) = self.cache.get(ext.external_id.as_str(), self.ttl_ms) {
-            return Ok(ProvisionedIdentity {
-                identity,
-                created: false,
-            });
-        }
+        let load = match self.cache.lookup(ext.external_id.as_str(), self.ttl_ms) {
+            Cached::Fresh(identity) => {
+                return Ok(ProvisionedIdentity {
+                    identity,
+                    created: false,
+                })
+            }
+            Cached::Refresh(identity, load) => {
+                self.refresh(ext.clone(), load);
+                return Ok(ProvisionedIdentity {
+                    identity,
+                    created: false,
+                });
+            }
+            Cached::Missing(load) => load,
+        };
         let provisioned = self
             .store
             .provision_user(
@@ -77,8 +87,27 @@ impl Provisioner {
         };
         let identity = identity_of(user, ext);
         self.cache
-            .insert(ext.external_id.clone(), identity.clone(), self.ttl_ms);
+            .insert(ext.external_id.clone(), identity.clone(), load, self.ttl_ms);
         Ok(ProvisionedIdentity { identity, created })
+    }
+
+    /// Reads a known identity's user again in the background, while requests are served the
+    /// cached one (a user gone from the store leaves the cache, and is provisioned anew).
+    fn refresh(&self, ext: ExternalIdentity, load: Load) {
+        let (store, cache, ttl_ms) = (self.store.clone(), self.cache.clone(), self.ttl_ms);
+        tokio::spawn(async move {
+            match store.find_user(&ext.external_id).await {
+                Ok(Some(user)) => {
+                    let identity = identity_of(user, &ext);
+                    cache.insert(ext.external_id, identity, load, ttl_ms);
+                }
+                Ok(None) => cache.evict(ext.external_id.as_str()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "refreshing a provisioned identity failed");
+                    cache.refresh_failed(ext.external_id.as_str());
+                }
+            }
+        });
     }
 
     /// Forgets cached identities (after a block or unblock in this process).

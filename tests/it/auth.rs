@@ -350,6 +350,23 @@ async fn expect_both_with(
     }
 }
 
+/// Sends HTTP requests until one is answered `status` (the first may be served from a cache
+/// whose renewal it starts), within a deadline.
+async fn until_http_status(s: &TestServer, c: &Creds, status: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = http_chat(s, c, "fast", &new_request_id()).await.status();
+        if got.as_u16() == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {got}, want {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn expect_both(s: &TestServer, c: &Creds, want: Want, what: &str) -> Both {
     expect_both_with(s, c, "fast", want, DEFAULT_LBL, what).await
 }
@@ -2052,8 +2069,9 @@ async fn block_reaches_every_replica_within_the_cache_ttl() {
     let jwt_uid = user_by_external_id(&a, &jwt_external_id("replica-blockee"))
         .await
         .id;
-    let just_before = Duration::from_millis(299);
-    let tick = Duration::from_millis(1);
+    let before_half = Duration::from_millis(149);
+    let past_half = Duration::from_millis(2);
+    let ttl = Duration::from_millis(300);
 
     for (uid, creds) in [(jwt_uid, &jwt_creds), (key_uid, &key_creds)] {
         for s in [&a, &b] {
@@ -2062,20 +2080,26 @@ async fn block_reaches_every_replica_within_the_cache_ttl() {
         http_block(&a, uid, "replica test").await;
         expect_both(&a, creds, BLOCKED, "blocked at once on replica A").await;
         expect_success_both(&b, creds, "fast", "B still trusts its cache").await;
-        clock.advance(just_before);
-        expect_success_both(&b, creds, "fast", "B, 1 ms before the TTL ends").await;
-        clock.advance(tick);
-        expect_both(&b, creds, BLOCKED, "B, once the TTL has passed").await;
-        // A read the block from the store at once; reading it again now starts its cache entry.
+        clock.advance(before_half);
+        expect_success_both(&b, creds, "fast", "B, before half the TTL").await;
+        // Past half the TTL a request renews B's entry in the background: B learns of the
+        // block before the TTL ends.
+        clock.advance(past_half);
+        until_http_status(&b, creds, BLOCKED.http, "B renews its entry").await;
+        expect_both(&b, creds, BLOCKED, "B, before the TTL ends").await;
+        // Every entry expires: A reads the block again, which starts its cache entry.
+        clock.advance(ttl);
         expect_both(&a, creds, BLOCKED, "A, as the unblock is made").await;
 
         http_unblock(&b, uid).await;
         expect_success_both(&b, creds, "fast", "unblocked at once on replica B").await;
         expect_both(&a, creds, BLOCKED, "A still trusts its cache").await;
-        clock.advance(just_before);
-        expect_both(&a, creds, BLOCKED, "A, 1 ms before the TTL ends").await;
-        clock.advance(tick);
-        expect_success_both(&a, creds, "fast", "A, once the TTL has passed").await;
+        clock.advance(before_half);
+        expect_both(&a, creds, BLOCKED, "A, before half the TTL").await;
+        clock.advance(past_half);
+        until_http_status(&a, creds, 200, "A renews its entry").await;
+        expect_success_both(&a, creds, "fast", "A, before the TTL ends").await;
+        clock.advance(ttl);
     }
     a.shutdown().await;
     b.shutdown().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::ttl_cache::TtlCache;
+use super::ttl_cache::{Cached, Load, TtlCache};
 use super::{Reason, Rejection};
 use crate::store::{KeyOwner, Store};
 
@@ -140,30 +140,37 @@ pub fn key_hint(key: &str) -> String {
 
 /// Verifies credentials against the store, with a short-lived cache of verified keys.
 pub struct Authenticator {
-    store: Store,
-    ttl_ms: u64,
-    /// Verified keys by hash, with the key's expiry so that a cached key still expires on time.
-    cache: TtlCache<[u8; 32], (Identity, Option<i64>)>,
+    keys: Arc<KeyLookup>,
     /// Store lookups in flight, by key hash: the requests that find a key not cached (all of a
-    /// busy key's requests in flight, each time its entry expires) wait for one lookup instead
-    /// of each asking the store (and each opening a database connection for it).
+    /// busy key's requests in flight, when its entry expired) wait for one lookup instead of
+    /// each asking the store (and each opening a database connection for it).
     lookups: std::sync::Mutex<HashMap<[u8; 32], Arc<Lookup>>>,
-    /// Store lookups made.
-    lookups_made: AtomicU64,
 }
 
 /// One store lookup of a key, shared by every request that waits for it.
 type Lookup = tokio::sync::OnceCell<Result<Identity, Rejection>>;
 
+/// Reads keys from the store into the cache; shared with the background refreshes.
+struct KeyLookup {
+    store: Store,
+    ttl_ms: u64,
+    /// Verified keys by hash, with the key's expiry so that a cached key still expires on time.
+    cache: TtlCache<[u8; 32], (Identity, Option<i64>)>,
+    /// Store lookups made.
+    made: AtomicU64,
+}
+
 impl Authenticator {
     /// An authenticator over `store` caching verified keys for `ttl` (zero disables the cache).
     pub fn new(store: Store, ttl: Duration) -> Self {
         Self {
-            cache: TtlCache::new(store.clock().clone()),
-            store,
-            ttl_ms: ttl.as_millis().min(u64::MAX as u128) as u64,
+            keys: Arc::new(KeyLookup {
+                cache: TtlCache::new(store.clock().clone()),
+                store,
+                ttl_ms: ttl.as_millis().min(u64::MAX as u128) as u64,
+                made: AtomicU64::new(0),
+            }),
             lookups: Default::default(),
-            lookups_made: AtomicU64::new(0),
         }
     }
 
@@ -260,11 +267,28 @@ fn bearer_token(authorization: Option<&str>) -> Result<&str, Rejection> {
 impl Authenticator {
     async fn verify_key(&self, key: &str) -> Result<Identity, Rejection> {
         let digest = key_digest(key);
-        if let Some((identity, expires_at)) = self.cache.get(&digest, self.ttl_ms) {
-            if expires_at.is_none_or(|t| t > self.store.clock().now_ms()) {
-                return Ok(identity);
+        let keys = &self.keys;
+        let load = match keys.cache.lookup(&digest, keys.ttl_ms) {
+            Cached::Fresh(found) => keys.unexpired(found),
+            Cached::Refresh(found, load) => {
+                // Served from the cache while one background lookup renews the entry (a key
+                // found revoked meanwhile leaves the cache at once).
+                let refresh = keys.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = refresh.look_up(digest, load).await {
+                        if e.reason == Reason::AuthSystemFailure {
+                            refresh.cache.refresh_failed(&digest);
+                        }
+                    }
+                });
+                keys.unexpired(found)
             }
-        }
+            Cached::Missing(load) => Err(load),
+        };
+        let load = match load {
+            Ok(identity) => return Ok(identity),
+            Err(load) => load,
+        };
         let lookup = self
             .lookups
             .lock()
@@ -273,7 +297,10 @@ impl Authenticator {
             .or_default()
             .clone();
         // If the request making the lookup goes away, a waiting one makes it instead.
-        let result = lookup.get_or_init(|| self.look_up(digest)).await.clone();
+        let result = lookup
+            .get_or_init(|| keys.look_up(digest, load))
+            .await
+            .clone();
         let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
         if lookups
             .get(&digest)
@@ -287,12 +314,42 @@ impl Authenticator {
     /// Store lookups of keys made so far (not answered from the cache or another request's
     /// lookup).
     pub fn lookups_made(&self) -> u64 {
-        self.lookups_made.load(Ordering::Relaxed)
+        self.keys.made.load(Ordering::Relaxed)
     }
 
-    /// Looks a key up in the store and caches it if it is valid.
-    async fn look_up(&self, digest: [u8; 32]) -> Result<Identity, Rejection> {
-        self.lookups_made.fetch_add(1, Ordering::Relaxed);
+    /// Forgets cached verifications (after a revocation in this process).
+    pub fn forget_all(&self) {
+        self.keys.cache.clear();
+    }
+}
+
+impl KeyLookup {
+    /// A cached key's identity, unless the key has expired since (then: look it up).
+    fn unexpired(&self, (identity, expires_at): (Identity, Option<i64>)) -> Result<Identity, Load> {
+        if expires_at.is_none_or(|t| t > self.store.clock().now_ms()) {
+            Ok(identity)
+        } else {
+            Err(self.cache.begin_load())
+        }
+    }
+
+    /// Looks a key up in the store, caching it if it is valid and forgetting it if it is not.
+    async fn look_up(&self, digest: [u8; 32], load: Load) -> Result<Identity, Rejection> {
+        let result = self.read(digest).await;
+        match &result {
+            Ok((identity, expires_at)) => {
+                self.cache
+                    .insert(digest, (identity.clone(), *expires_at), load, self.ttl_ms)
+            }
+            Err(r) if r.reason == Reason::AuthRejected => self.cache.evict(&digest),
+            Err(_) => {}
+        }
+        result.map(|(identity, _)| identity)
+    }
+
+    /// A key's identity and expiry, as the store holds them now.
+    async fn read(&self, digest: [u8; 32]) -> Result<(Identity, Option<i64>), Rejection> {
+        self.made.fetch_add(1, Ordering::Relaxed);
         let found = self
             .store
             .find_key_by_hash(&hex::encode(digest))
@@ -334,14 +391,7 @@ impl Authenticator {
             blocked: user.blocked,
             user_service_type: user.service_type,
         };
-        self.cache
-            .insert(digest, (identity.clone(), key.expires_at), self.ttl_ms);
-        Ok(identity)
-    }
-
-    /// Forgets cached verifications (after a revocation in this process).
-    pub fn forget_all(&self) {
-        self.cache.clear();
+        Ok((identity, key.expires_at))
     }
 }
 
@@ -353,6 +403,57 @@ mod tests {
     fn hint_and_hash() {
         assert_eq!(key_hint("tg-abcdef123456"), "tg-...3456");
         assert_eq!(hash_key("x").len(), 64);
+    }
+
+    async fn wait_for_lookups(auth: &Authenticator, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while auth.lookups_made() < n {
+            assert!(std::time::Instant::now() < deadline, "lookup {n} not made");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// A key in use past half its cache TTL is looked up again in the background while its
+    /// requests are served from the cache, and a key found revoked by that lookup leaves the
+    /// cache at once.
+    #[tokio::test]
+    async fn a_busy_key_is_renewed_in_the_background_and_a_revoked_one_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("auth.db").display());
+        let clock = crate::clock::Clock::manual();
+        let store = Store::connect(&url, 4, clock.clone()).await.unwrap();
+        store.migrate().await.unwrap();
+        let user = store.create_user("alice", None, "api_key").await.unwrap();
+        let key = store
+            .insert_api_key(user.id, None, &hash_key("tg-k1"), "tg-...k1", "api", None)
+            .await
+            .unwrap();
+        let auth = Authenticator::new(store.clone(), Duration::from_millis(1_000));
+        auth.verify_key("tg-k1").await.unwrap();
+        assert_eq!(auth.lookups_made(), 1);
+        clock.advance(Duration::from_millis(400));
+        auth.verify_key("tg-k1").await.unwrap();
+        assert_eq!(auth.lookups_made(), 1, "fresh: served from the cache");
+        clock.advance(Duration::from_millis(200));
+        auth.verify_key("tg-k1").await.unwrap();
+        wait_for_lookups(&auth, 2).await;
+        // Renewed as of 600 ms: still fresh 400 ms later, past the first load's TTL.
+        clock.advance(Duration::from_millis(450));
+        auth.verify_key("tg-k1").await.unwrap();
+        assert_eq!(auth.lookups_made(), 2);
+        store.revoke_api_key(key.id).await.unwrap();
+        clock.advance(Duration::from_millis(100));
+        auth.verify_key("tg-k1").await.unwrap();
+        wait_for_lookups(&auth, 3).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let refused = loop {
+            match auth.verify_key("tg-k1").await {
+                Err(r) => break r,
+                Ok(_) => assert!(std::time::Instant::now() < deadline, "still served"),
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(refused.reason, Reason::AuthRejected);
     }
 
     /// Every request of a busy key finds it uncached at once when its entry expires: they wait

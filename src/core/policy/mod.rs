@@ -23,7 +23,7 @@ use self::budget::{Applied, CachedBudget, Knobs, LeasedPart, Leases, Reservation
 use self::rate_limit::{Limits, RateCharge, RateDenial, RateLimitBackend, RateRefusal};
 use super::gateway::Principal;
 use super::pricing::{OutputCap, Pricing, Unpriced};
-use super::ttl_cache::TtlCache;
+use super::ttl_cache::{Cached, Load, TtlCache};
 use super::{Reason, Rejection};
 use crate::api::{ChatRequest, EmbeddingsRequest};
 use crate::clock::Clock;
@@ -281,7 +281,11 @@ impl Budgets {
     }
 
     /// The settings of a request's scopes, cached for `ttl_ms` (0: read now).
-    async fn load_scopes(&self, principal: &Principal, ttl_ms: u64) -> Result<Scopes, StoreError> {
+    async fn load_scopes(
+        self: &Arc<Self>,
+        principal: &Principal,
+        ttl_ms: u64,
+    ) -> Result<Scopes, StoreError> {
         let identity = &principal.identity;
         let ukey = (ScopeKind::User, identity.user_id);
         let user = (ukey, self.policy(ukey, ttl_ms).await?);
@@ -292,10 +296,36 @@ impl Budgets {
         Ok(Scopes { user, key })
     }
 
-    async fn policy(&self, key: ScopeKey, ttl_ms: u64) -> Result<ScopePolicy, StoreError> {
-        if let Some(p) = self.cache.get(&key, ttl_ms) {
-            return Ok(p);
+    /// A scope's settings from the cache (renewed in the background past half its TTL), or
+    /// read now.
+    async fn policy(
+        self: &Arc<Self>,
+        key: ScopeKey,
+        ttl_ms: u64,
+    ) -> Result<ScopePolicy, StoreError> {
+        match self.cache.lookup(&key, ttl_ms) {
+            Cached::Fresh(p) => Ok(p),
+            Cached::Refresh(p, load) => {
+                let budgets = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = budgets.read_policy(key, load, ttl_ms).await {
+                        tracing::warn!(error = %e, "refreshing budget settings failed");
+                        budgets.cache.refresh_failed(&key);
+                    }
+                });
+                Ok(p)
+            }
+            Cached::Missing(load) => self.read_policy(key, load, ttl_ms).await,
         }
+    }
+
+    /// Reads a scope's settings from the store into the cache.
+    async fn read_policy(
+        &self,
+        key: ScopeKey,
+        load: Load,
+        ttl_ms: u64,
+    ) -> Result<ScopePolicy, StoreError> {
         let (budget, limits) = self.store.budget_policy(key.0.as_str(), key.1).await?;
         let policy = ScopePolicy {
             budget: budget.map(|b| CachedBudget {
@@ -309,7 +339,7 @@ impl Budgets {
                 })
                 .unwrap_or_default(),
         };
-        self.cache.insert(key, policy.clone(), ttl_ms);
+        self.cache.insert(key, policy.clone(), load, ttl_ms);
         Ok(policy)
     }
 

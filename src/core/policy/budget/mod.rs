@@ -160,7 +160,7 @@ impl Budgets {
     /// budget applies). Nothing is reserved. Room other replicas
     /// have leased but not used counts as held.
     pub async fn remaining(
-        &self,
+        self: &std::sync::Arc<Self>,
         principal: &Principal,
         st: Option<&ServiceTypeConfig>,
         config: &BudgetsConfig,
