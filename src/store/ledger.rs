@@ -119,20 +119,50 @@ impl LedgerRows for diesel_async::AsyncPgConnection {
     }
 }
 
-/// Inserts ledger rows on PostgreSQL inside the caller's transaction, many rows a statement.
+/// Inserts ledger rows on PostgreSQL inside the caller's transaction: one statement of 17
+/// arrays, whatever the number of rows, so that PostgreSQL parses one short statement instead of
+/// a VALUES list of 17 parameters a row (a different statement for every batch size).
 pub(super) async fn pg_insert_rows(
     conn: &mut diesel_async::AsyncPgConnection,
     rows: &[NewLedgerRow],
 ) -> diesel::QueryResult<()> {
-    // 17 parameters a row; PostgreSQL takes at most 65535 in one statement.
-    for chunk in rows.chunks(1000) {
-        diesel::insert_into(usage_ledger::table)
-            .values(chunk)
-            .execute(conn)
-            .await?;
+    use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
+    if rows.is_empty() {
+        return Ok(());
     }
+    fn col<'a, T>(rows: &'a [NewLedgerRow], f: impl Fn(&'a NewLedgerRow) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    diesel::sql_query(PG_INSERT_UNNEST)
+        .bind::<Array<Text>, _>(col(rows, |r| r.request_id.as_str()))
+        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.user_id))
+        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.key_id))
+        .bind::<Array<Text>, _>(col(rows, |r| r.protocol))
+        .bind::<Array<Text>, _>(col(rows, |r| r.requested_model.as_str()))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.resolved_model.as_deref()))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.service_type.as_deref()))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.purpose.as_deref()))
+        .bind::<Array<Bool>, _>(col(rows, |r| r.stream))
+        .bind::<Array<Text>, _>(col(rows, |r| r.outcome))
+        .bind::<Array<Text>, _>(col(rows, |r| r.reason))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.prompt_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.completion_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.cost_micros))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.started_at))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.finished_at))
+        .bind::<Array<Text>, _>(col(rows, |r| r.api))
+        .execute(conn)
+        .await?;
     Ok(())
 }
+
+/// The PostgreSQL ledger insert: rows in the arrays' order (ids follow it).
+const PG_INSERT_UNNEST: &str = "INSERT INTO usage_ledger (request_id, user_id, key_id, \
+    protocol, requested_model, resolved_model, service_type, purpose, stream, outcome, reason, \
+    prompt_tokens, completion_tokens, cost_micros, started_at, finished_at, api) \
+    SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+    $6::text[], $7::text[], $8::text[], $9::bool[], $10::text[], $11::text[], $12::int8[], \
+    $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::text[])";
 
 impl LedgerRows
     for diesel_async::sync_connection_wrapper::SyncConnectionWrapper<
