@@ -95,19 +95,19 @@ impl Provisioner {
     /// cached one (a user gone from the store leaves the cache, and is provisioned anew).
     fn refresh(&self, ext: ExternalIdentity, load: Load) {
         let (store, cache, ttl_ms) = (self.store.clone(), self.cache.clone(), self.ttl_ms);
-        tokio::spawn(async move {
-            match store.find_user(&ext.external_id).await {
-                Ok(Some(user)) => {
+        let key = ext.external_id.clone();
+        let reload = async move {
+            match store.find_user(&ext.external_id).await? {
+                Some(user) => {
                     let identity = identity_of(user, &ext);
                     cache.insert(ext.external_id, identity, load, ttl_ms);
                 }
-                Ok(None) => cache.evict(ext.external_id.as_str()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "refreshing a provisioned identity failed");
-                    cache.refresh_failed(ext.external_id.as_str());
-                }
+                None => cache.evict(ext.external_id.as_str()),
             }
-        });
+            Ok::<_, crate::store::StoreError>(())
+        };
+        self.cache
+            .renew(key, "refreshing a provisioned identity failed", reload);
     }
 
     /// Forgets cached identities (after a block or unblock in this process).

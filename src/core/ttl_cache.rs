@@ -161,6 +161,26 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
         }
     }
 
+    /// Runs `reload` (what a `Cached::Refresh` asked for) in the background; when it fails,
+    /// `what` is logged and the next lookup past half the TTL tries again.
+    pub fn renew<E: std::fmt::Display>(
+        &self,
+        key: K,
+        what: &'static str,
+        reload: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) where
+        K: Send + Sync + 'static,
+        V: Send + Sync + 'static,
+    {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = reload.await {
+                tracing::warn!(error = %e, "{what}");
+                cache.refresh_failed(&key);
+            }
+        });
+    }
+
     /// Lets the next lookup past half the TTL refresh `key` again (after a refresh failed).
     pub fn refresh_failed<Q>(&self, key: &Q)
     where

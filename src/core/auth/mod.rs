@@ -274,13 +274,14 @@ impl Authenticator {
                 // Served from the cache while one background lookup renews the entry (a key
                 // found revoked meanwhile leaves the cache at once).
                 let refresh = keys.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = refresh.look_up(digest, load).await {
-                        if e.reason == Reason::AuthSystemFailure {
-                            refresh.cache.refresh_failed(&digest);
-                        }
+                let reload = async move {
+                    match refresh.look_up(digest, load).await {
+                        Err(r) if r.reason == Reason::AuthSystemFailure => Err(r.message),
+                        _ => Ok(()),
                     }
-                });
+                };
+                keys.cache
+                    .renew(digest, "refreshing a verified key failed", reload);
                 keys.unexpired(found)
             }
             Cached::Missing(load) => Err(load),

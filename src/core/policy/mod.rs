@@ -307,12 +307,9 @@ impl Budgets {
             Cached::Fresh(p) => Ok(p),
             Cached::Refresh(p, load) => {
                 let budgets = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = budgets.read_policy(key, load, ttl_ms).await {
-                        tracing::warn!(error = %e, "refreshing budget settings failed");
-                        budgets.cache.refresh_failed(&key);
-                    }
-                });
+                let reload = async move { budgets.read_policy(key, load, ttl_ms).await.map(drop) };
+                self.cache
+                    .renew(key, "refreshing budget settings failed", reload);
                 Ok(p)
             }
             Cached::Missing(load) => self.read_policy(key, load, ttl_ms).await,
