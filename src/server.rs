@@ -418,6 +418,8 @@ async fn close_idle_db_connections(store: Store, idle: Duration) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        store.close_idle_connections(idle).await;
+        if store.close_idle_connections(idle).await > 0 {
+            crate::allocator::release_free_memory();
+        }
     }
 }
