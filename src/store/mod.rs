@@ -112,7 +112,10 @@ pub(crate) use with_conn;
 fn sqlite_multithread() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     // SAFETY: SQLITE_CONFIG_MULTITHREAD takes no argument; called before sqlite3_initialize it
-    // is applied, after it refused with SQLITE_MISUSE and nothing changes.
+    // is applied, after it refused with SQLITE_MISUSE and nothing changes. sqlite3_config must
+    // not run beside other SQLite calls: it runs once, from the first `connect` of the process,
+    // and nothing opens a SQLite database before one (the binary's only earlier SQLite call,
+    // `allocator::tune`, is made on the main thread before the runtime starts).
     ONCE.call_once(|| unsafe {
         libsqlite3_sys::sqlite3_config(libsqlite3_sys::SQLITE_CONFIG_MULTITHREAD);
     });
