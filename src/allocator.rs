@@ -1,7 +1,9 @@
 //! The process allocator: mimalloc, installed by the `tollgate` binary (src/main.rs), with the
 //! settings a long-running server watched by its RSS needs (bench/README.md, "Memory").
 
+use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use libsqlite3_sys as ffi;
 
@@ -23,13 +25,45 @@ pub fn tune() {
     sqlite_on_mimalloc();
 }
 
-/// Asks mimalloc to hand every wholly free page back to the system now (`mi_collect(true)`):
-/// called once a burst is over (the idle database connections have been closed), so that RSS
-/// falls back near its idle figure (bench/README.md, "Memory"). Costs a walk of the heap; not
-/// for the request path.
+/// Asks mimalloc to hand the calling thread's wholly free pages back to the system now
+/// (`mi_collect(true)`). mimalloc keeps a heap per thread and collects only the caller's, so a
+/// server asks every thread through [`release_free_memory_everywhere`]. Costs a walk of the
+/// thread's heap; not for the request path.
 pub fn release_free_memory() {
     // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+/// Bumped by every [`release_free_memory_everywhere`]; a thread that has not collected since
+/// the last bump does so when it next goes idle ([`on_worker_park`]).
+static RELEASE_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The last [`RELEASE_EPOCH`] this thread collected for.
+    static RELEASED_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Once a burst is over (the idle database connections have been closed): frees the calling
+/// thread's free pages at once and has every runtime worker free its own when it next parks, so
+/// that RSS falls back near its idle figure (bench/README.md, "Memory").
+pub fn release_free_memory_everywhere() {
+    let epoch = RELEASE_EPOCH.fetch_add(1, Ordering::Relaxed) + 1;
+    RELEASED_AT.with(|at| at.set(epoch));
+    release_free_memory();
+}
+
+/// The runtime's `on_thread_park` hook: a worker about to sleep collects its heap if a release
+/// was asked for since it last did. One atomic load otherwise. Returns whether it collected.
+pub fn on_worker_park() -> bool {
+    let epoch = RELEASE_EPOCH.load(Ordering::Relaxed);
+    RELEASED_AT.with(|at| {
+        if at.get() == epoch {
+            return false;
+        }
+        at.set(epoch);
+        release_free_memory();
+        true
+    })
 }
 
 /// SQLite allocates with the C library's malloc unless told otherwise, and glibc gives each
@@ -82,5 +116,26 @@ pub fn sqlite_on_mimalloc() -> bool {
             ffi::SQLITE_CONFIG_MALLOC,
             &methods as *const ffi::sqlite3_mem_methods,
         ) == ffi::SQLITE_OK
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_thread_collects_once_for_each_release_asked_for() {
+        std::thread::spawn(|| {
+            // A fresh thread has seen no release unless one was asked for before it started.
+            on_worker_park();
+            assert!(!on_worker_park(), "nothing asked since the last collect");
+            std::thread::spawn(release_free_memory_everywhere)
+                .join()
+                .unwrap();
+            assert!(on_worker_park(), "a release asked on another thread");
+            assert!(!on_worker_park(), "and only once");
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -14,6 +14,9 @@ fn main() -> std::process::ExitCode {
     let cli = tollgate::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(|| {
+            tollgate::allocator::on_worker_park();
+        })
         .build()
     {
         Ok(rt) => rt,
