@@ -21,6 +21,7 @@ mod faults;
 mod fuzz;
 mod hostile;
 mod key_pools;
+mod ledger_store;
 mod lifecycle;
 mod messages;
 mod openapi;
