@@ -102,35 +102,29 @@ def main():
 
 
 def steal_of_windows(p, samples, soaks):
-    """The host's steal over the soak and in its slow windows (p99 over 3x the median)."""
+    """The host's steal over the soak, and the windows' p99 split by the steal in them."""
     samples = [x for x in samples if "steal_ticks" in x]
     if len(samples) < 2:
         return
+
     def share(a, b):
         total = b["all_ticks"] - a["all_ticks"]
         return 100 * (b["steal_ticks"] - a["steal_ticks"]) / total if total > 0 else 0.0
-    line = f"host steal: {share(samples[0], samples[-1]):.1f}% of the machine's CPU over the soak"
-    wins = [w for s in soaks for w in s.get("windows", []) if w["w_n"]]
-    if wins:
-        median = statistics.median(w["w_p99_us"] for w in wins)
-        slow = []
-        for w in wins:
-            if w["w_p99_us"] <= 3 * median:
-                continue
-            # The samples are taken a window's length apart from the soak's start: the first
-            # two at or after the window's start bound it.
-            around = [x for x in samples if x["t"] >= w["w_t"]]
-            if len(around) >= 2:
-                slow.append(share(around[0], around[1]))
-        if slow:
-            line += (
-                f"; {len(slow)} windows with p99 over 3x the median, stolen in them "
-                f"{min(slow):.1f}-{max(slow):.1f}%"
-            )
-        else:
-            line += "; no window with p99 over 3x the median"
-    p(line)
 
+    p(f"host steal: {share(samples[0], samples[-1]):.1f}% of the machine's CPU over the soak")
+    calm, stolen = [], []
+    for w in (w for s in soaks for w in s.get("windows", []) if w["w_n"]):
+        # The samples are taken a window's length apart from the soak's start: the first two
+        # at or after the window's start bound it.
+        around = [x for x in samples if x["t"] >= w["w_t"]]
+        if len(around) >= 2:
+            (calm if share(around[0], around[1]) < 1.0 else stolen).append(w["w_p99_us"])
+    for name, p99s in (("under 1%", calm), ("1% or more", stolen)):
+        if p99s:
+            p(
+                f"  {len(p99s)} windows with {name} stolen: p99 median "
+                f"{statistics.median(p99s):.0f} us, worst {max(p99s)} us"
+            )
 
 if __name__ == "__main__":
     main()
