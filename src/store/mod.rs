@@ -104,21 +104,20 @@ macro_rules! with_conn {
 }
 pub(crate) use with_conn;
 
-/// Puts SQLite in its multi-thread mode before it first opens a database: a connection is
-/// used by one thread at a time here (the pool hands it out, diesel-async's wrapper locks it),
-/// so the per-connection and per-statement mutexes that the default serialized mode takes in
-/// every call (about 1% of a request's CPU in the full profile) guard nothing. Once SQLite is
-/// initialized it refuses the setting and keeps the serialized mode, which is harmless.
-fn sqlite_multithread() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
+/// Puts SQLite in its multi-thread mode: a connection is used by one thread at a time here (the
+/// pool hands it out, diesel-async's wrapper locks it), so the per-connection and per-statement
+/// mutexes that the default serialized mode takes in every call (about 1% of a request's CPU in
+/// the full profile) guard nothing. Call it in `main` beside `allocator::tune`, before any
+/// database is opened; once SQLite is initialized it refuses the setting and keeps the
+/// serialized mode, which is harmless (a library user that never calls it keeps that mode).
+pub fn sqlite_multithread() {
     // SAFETY: SQLITE_CONFIG_MULTITHREAD takes no argument; called before sqlite3_initialize it
     // is applied, after it refused with SQLITE_MISUSE and nothing changes. sqlite3_config must
-    // not run beside other SQLite calls: it runs once, from the first `connect` of the process,
-    // and nothing opens a SQLite database before one (the binary's only earlier SQLite call,
-    // `allocator::tune`, is made on the main thread before the runtime starts).
-    ONCE.call_once(|| unsafe {
+    // not run beside other SQLite calls: `main` calls it on its only thread, before the runtime
+    // that opens databases starts.
+    unsafe {
         libsqlite3_sys::sqlite3_config(libsqlite3_sys::SQLITE_CONFIG_MULTITHREAD);
-    });
+    }
 }
 
 impl Store {
@@ -137,7 +136,6 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let max = max_connections.max(1);
         if let Some(path) = url.strip_prefix("sqlite://") {
-            sqlite_multithread();
             let path = path.to_string();
             let mut config = ManagerConfig::default();
             config.custom_setup = Box::new(|url| {
