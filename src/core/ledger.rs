@@ -1,97 +1,164 @@
 //! Writes usage-ledger rows off the request path, in batches. A failed write is retried with
 //! the rows kept in memory; shutdown flushes whatever is queued.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use crate::store::{NewLedgerRow, Store};
 
-enum Command {
-    Row(Box<NewLedgerRow>),
-    Flush(oneshot::Sender<()>),
-}
-
-/// The sending side: cheap to clone, never blocks a request.
+/// The sending side: cheap to clone, never blocks a request. The last clone to go closes the
+/// queue, and the writer exits once it has written what was in it.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::UnboundedSender<Command>,
+    handle: Arc<Handle>,
+}
+
+/// Held by every [`Ledger`] clone; dropping the last one tells the writer to finish.
+struct Handle {
+    queue: Arc<Queue>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_one();
+    }
+}
+
+/// Rows waiting for the writer. A row is pushed under a lock no request holds for more than a
+/// push, and the writer is woken only when it has something to do: the first row of a batch
+/// (to start its linger), a full batch, a flush or the close. A channel woke it for every row
+/// (a task poll and a timer set and cancelled each time) and boxed every row.
+struct Queue {
+    pending: Mutex<Pending>,
+    wake: Notify,
+    batch_size: usize,
+}
+
+#[derive(Default)]
+struct Pending {
+    rows: Vec<NewLedgerRow>,
+    flushes: Vec<oneshot::Sender<()>>,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A panic while pushing a row leaves the queue whole: keep going with it.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Ledger {
-    /// Starts the background writer.
+    /// Starts the background writer: a batch is written once it has `batch_size` rows, or
+    /// `flush_every` after its first row came, whichever is sooner.
     pub fn start(store: Store, batch_size: usize, flush_every: Duration) -> Ledger {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+            batch_size: batch_size.max(1),
+        });
         tokio::spawn(writer(
             store,
-            rx,
-            batch_size.max(1),
+            queue.clone(),
             flush_every.max(Duration::from_millis(1)),
         ));
-        Ledger { tx }
+        Ledger {
+            handle: Arc::new(Handle { queue }),
+        }
     }
 
     /// Queues a row.
     pub fn record(&self, row: NewLedgerRow) {
-        if self.tx.send(Command::Row(Box::new(row))).is_err() {
-            tracing::error!("ledger writer is gone; a usage row was not recorded");
+        let queue = &self.handle.queue;
+        let queued = {
+            let mut p = queue.lock();
+            p.rows.push(row);
+            p.rows.len()
+        };
+        if queued == 1 || queued == queue.batch_size {
+            queue.wake.notify_one();
         }
     }
 
     /// Waits until every row queued before this call is written.
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Command::Flush(done)).is_ok() {
-            let _ = wait.await;
-        }
+        let queue = &self.handle.queue;
+        queue.lock().flushes.push(done);
+        queue.wake.notify_one();
+        // The writer answers every flush it takes, and takes them all before it exits.
+        let _ = wait.await;
     }
 }
 
-async fn writer(
-    store: Store,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    batch_size: usize,
-    every: Duration,
-) {
-    let mut batch: Vec<NewLedgerRow> = Vec::with_capacity(batch_size);
-    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
-    // When the oldest row in `batch` must be written at the latest.
+/// What the writer found in the queue.
+enum Due {
+    /// Nothing queued: wait for a wake.
+    Idle,
+    /// Rows queued, the batch neither full nor asked for: linger.
+    Gathering,
+    /// Write now (a full batch, a flush or the close).
+    Now,
+}
+
+async fn writer(store: Store, queue: Arc<Queue>, every: Duration) {
+    // When the batch being gathered must be written at the latest.
     let mut deadline: Option<tokio::time::Instant> = None;
-    let mut closed = false;
-    while !closed {
-        let cmd = match deadline {
-            None => rx.recv().await,
-            Some(d) => tokio::time::timeout_at(d, rx.recv()).await.unwrap_or(None),
-        };
-        let mut next = cmd;
-        if next.is_none() && rx.is_closed() && rx.is_empty() {
-            closed = true;
-        }
-        // Take the command and whatever else is already queued, up to a batch.
-        while let Some(c) = next.take() {
-            match c {
-                Command::Row(r) => batch.push(*r),
-                Command::Flush(done) => waiting.push(done),
+    loop {
+        let due = {
+            let p = queue.lock();
+            if p.closed || !p.flushes.is_empty() || p.rows.len() >= queue.batch_size {
+                Due::Now
+            } else if p.rows.is_empty() {
+                Due::Idle
+            } else {
+                Due::Gathering
             }
-            if batch.len() >= batch_size || !waiting.is_empty() {
+        };
+        match due {
+            Due::Idle => {
+                deadline = None;
+                queue.wake.notified().await;
+                continue;
+            }
+            Due::Gathering => {
+                let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + every);
+                if tokio::time::Instant::now() < d {
+                    // Woken early by a full batch, a flush or the close: look again.
+                    let _ = tokio::time::timeout_at(d, queue.wake.notified()).await;
+                    continue;
+                }
+            }
+            Due::Now => {}
+        }
+        deadline = None;
+        let (rows, flushes, closed) = {
+            let mut p = queue.lock();
+            // Room for as many as came this time, so that the next batch grows in place.
+            let room = p.rows.len().min(queue.batch_size);
+            (
+                std::mem::replace(&mut p.rows, Vec::with_capacity(room)),
+                std::mem::take(&mut p.flushes),
+                p.closed,
+            )
+        };
+        // Rows that came faster than batches were written go in batches of the configured size.
+        let mut rows = rows.into_iter();
+        loop {
+            let batch: Arc<[NewLedgerRow]> = rows.by_ref().take(queue.batch_size).collect();
+            if batch.is_empty() {
                 break;
             }
-            next = rx.try_recv().ok();
+            write_with_retry(&store, batch).await;
         }
-        if !batch.is_empty() && deadline.is_none() {
-            deadline = Some(tokio::time::Instant::now() + every);
+        for f in flushes {
+            let _ = f.send(());
         }
-        let due = closed
-            || batch.len() >= batch_size
-            || !waiting.is_empty()
-            || deadline.is_some_and(|d| d <= tokio::time::Instant::now());
-        if due {
-            write_with_retry(&store, std::mem::take(&mut batch).into()).await;
-            deadline = None;
-            for w in waiting.drain(..) {
-                let _ = w.send(());
-            }
+        if closed {
+            break;
         }
     }
 }

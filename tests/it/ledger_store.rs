@@ -3,8 +3,10 @@
 //! and the rest a row at a time; PostgreSQL one statement of arrays).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tollgate::clock::Clock;
+use tollgate::core::ledger::Ledger;
 use tollgate::store::{NewLedgerRow, Store};
 
 use crate::common::{Backend, TestDb};
@@ -115,4 +117,76 @@ async fn sqlite_ledger_batches_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_ledger_batches_round_trip() {
     batches_round_trip(Backend::Postgres).await;
+}
+
+/// Polls until every row of `ids` is stored, within `within`.
+async fn all_stored(store: &Store, ids: &[String], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut stored = 0;
+        for id in ids {
+            stored += store.ledger_by_request_id(id).await.expect("read").len();
+        }
+        if stored == ids.len() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The ledger writer writes a batch when it is full, when its linger is up, when a flush asks
+/// and when the last handle goes; rows that come faster than batches go in several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_writer_writes_on_each_trigger() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let store = Store::connect(&db.url, 2, Clock::system())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let ids = |batch: usize, n: usize| (0..n).map(|i| format!("b{batch}-r{i}")).collect::<Vec<_>>();
+
+    // A full batch goes at once: the linger is an hour.
+    let ledger = Ledger::start(store.clone(), 8, Duration::from_secs(3600));
+    for i in 0..8 {
+        ledger.record(row(100, i));
+    }
+    assert!(
+        all_stored(&store, &ids(100, 8), Duration::from_secs(20)).await,
+        "full batch"
+    );
+    // Under a batch: a flush writes it.
+    for i in 0..3 {
+        ledger.record(row(101, i));
+    }
+    ledger.flush().await;
+    assert!(
+        all_stored(&store, &ids(101, 3), Duration::ZERO).await,
+        "flushed"
+    );
+    // Many batches' worth at once, then the last handle goes: every row is written.
+    let clone = ledger.clone();
+    for i in 0..45 {
+        clone.record(row(102, i));
+    }
+    drop(ledger);
+    drop(clone);
+    assert!(
+        all_stored(&store, &ids(102, 45), Duration::from_secs(20)).await,
+        "closed"
+    );
+
+    // Under a batch with no flush: written once the linger is up.
+    let ledger = Ledger::start(store.clone(), 1000, Duration::from_millis(50));
+    for i in 0..5 {
+        ledger.record(row(103, i));
+    }
+    assert!(
+        all_stored(&store, &ids(103, 5), Duration::from_secs(20)).await,
+        "lingered"
+    );
 }
