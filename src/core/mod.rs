@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+mod batch_queue;
 pub mod context;
 mod dispatch;
 mod embed;

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::Notify;
 
 use super::lease::LeasedPart;
 use super::{Period, ScopeKey};
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ExpiredReservations};
+use crate::core::batch_queue::{BatchQueue, Linger};
 use crate::core::ledger::{write_exactly_once, Ledger};
 use crate::core::policy::rate_limit::RateCharge;
 use crate::core::policy::Budgets;
@@ -150,15 +151,23 @@ impl Budgets {
     }
 }
 
-enum Command {
-    Settle(Box<Settlement>, Vec<ScopeKey>),
-    Flush(oneshot::Sender<()>),
-}
+/// The most settlements written in one transaction.
+const BATCH_SIZE: usize = 500;
+
+/// A settlement and the scopes it gives room back to.
+type Queued = (Settlement, Vec<ScopeKey>);
 
 /// The queue to the settlement writer, and what requests of this process know about it.
+/// Dropping it closes the queue: the writer writes what is left and stops.
 pub(in crate::core::policy) struct Settler {
-    tx: mpsc::UnboundedSender<Command>,
+    queue: Arc<BatchQueue<Queued>>,
     shared: Arc<Shared>,
+}
+
+impl Drop for Settler {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 struct Shared {
@@ -188,7 +197,7 @@ impl Settler {
         config: &BudgetsConfig,
         writes: WriteCounter,
     ) -> Settler {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(BatchQueue::new(BATCH_SIZE));
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             settled: Notify::new(),
@@ -197,19 +206,23 @@ impl Settler {
         tokio::spawn(writer(
             store,
             clock,
-            rx,
+            queue.clone(),
             shared.clone(),
             writes,
             Sweep {
                 every: Duration::from_secs(config.sweep_interval_secs.max(1)),
                 charge_expired: config.expired_reservations == ExpiredReservations::Charge,
             },
+            // Briefly when a settlement in the batch gives budget back (a request elsewhere may
+            // be waiting for that room), longer when all of them only move a cost from a lease
+            // to the spent total (one transaction for many; on SQLite each commit rewrites the
+            // touched index pages, so fewer commits are much less work).
             Linger {
-                giving_back: Duration::from_millis(config.settle_batch_ms),
-                charges: Duration::from_millis(config.charge_batch_ms.max(config.settle_batch_ms)),
+                urgent: Duration::from_millis(config.settle_batch_ms),
+                usual: Duration::from_millis(config.charge_batch_ms.max(config.settle_batch_ms)),
             },
         ));
-        Settler { tx, shared }
+        Settler { queue, shared }
     }
 
     /// This process's turn to write budgets (SQLite only; PostgreSQL takes writers at once).
@@ -227,13 +240,8 @@ impl Settler {
                 *p.entry(*k).or_default() += 1;
             }
         }
-        if self
-            .tx
-            .send(Command::Settle(Box::new(settlement), keys))
-            .is_err()
-        {
-            tracing::error!("budget settlement writer is gone; a settlement was not recorded");
-        }
+        let gives_back = !keys.is_empty();
+        self.queue.push((settlement, keys), gives_back);
     }
 
     /// How many settlements of `key` this process has queued but not written.
@@ -262,20 +270,8 @@ impl Settler {
     }
 
     async fn flush(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Command::Flush(done)).is_ok() {
-            let _ = wait.await;
-        }
+        self.queue.flush().await;
     }
-}
-
-/// How long the writer gathers a batch: briefly when a settlement in it gives budget back (a
-/// request elsewhere may be waiting for that room), longer when all of them only move a cost
-/// from a lease to the spent total (one transaction for many; on SQLite each commit rewrites
-/// the touched index pages, so fewer commits are much less work).
-struct Linger {
-    giving_back: Duration,
-    charges: Duration,
 }
 
 /// How often expired reservations are swept, and whether they are charged.
@@ -289,7 +285,7 @@ struct Sweep {
 async fn writer(
     store: Store,
     clock: Clock,
-    mut rx: mpsc::UnboundedReceiver<Command>,
+    queue: Arc<BatchQueue<Queued>>,
     shared: Arc<Shared>,
     writes: WriteCounter,
     sweep: Sweep,
@@ -303,76 +299,67 @@ async fn writer(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        let first = tokio::select! {
-            cmd = rx.recv() => match cmd {
-                Some(c) => c,
-                None => break,
-            },
-            _ = tick.tick() => {
-                let turn = shared.write_turn(&store).await;
-                writes.count("release");
-                let released = store
-                    .budget_expire_reservations(None, clock.now_ms(), 500, charge_expired)
-                    .await;
-                drop(turn);
-                match released {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(released = n, "released expired budget reservations"),
-                    Err(e) => tracing::warn!(error = %e, "expired reservation sweep failed"),
+        // The sweep runs while a batch is gathered, without restarting its linger.
+        let mut taken = {
+            let next = queue.next_batch(linger);
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    taken = &mut next => break taken,
+                    _ = tick.tick() => {
+                        sweep_expired(&store, &clock, &shared, &writes, charge_expired).await;
+                    }
                 }
-                continue;
             }
         };
-        let mut batch = Vec::new();
-        let mut keys = Vec::new();
-        let mut waiting = Vec::new();
-        // Gather (one transaction for many settlements) until the linger is up, less when a
-        // flush is asked for or the batch is full.
-        let start = tokio::time::Instant::now();
-        let mut deadline = start + linger.charges;
-        let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            match cmd {
-                Command::Settle(s, k) => {
-                    // The scopes it gives room back to: none for a leased request's charge
-                    // (the lease held what it cost), some for a reservation or lease release.
-                    if !k.is_empty() {
-                        deadline = deadline.min(start + linger.giving_back);
-                    }
-                    batch.push(*s);
-                    keys.extend(k);
-                }
-                Command::Flush(done) => waiting.push(done),
+        let closed = taken.closed;
+        let mut queued = std::mem::take(&mut taken.items).into_iter().peekable();
+        // A flush with nothing queued is answered at once; settlements that came faster than
+        // batches were written go in transactions of BATCH_SIZE.
+        while queued.peek().is_some() {
+            let (batch, keys): (Vec<Settlement>, Vec<Vec<ScopeKey>>) =
+                queued.by_ref().take(BATCH_SIZE).unzip();
+            {
+                let _turn = shared.write_turn(&store).await;
+                write_with_retry(&store, &clock, batch.into(), &writes).await;
             }
-            if batch.len() >= 500 || !waiting.is_empty() {
-                break;
-            }
-            next = match rx.try_recv() {
-                Ok(c) => Some(c),
-                Err(_) => tokio::time::timeout_at(deadline, rx.recv())
-                    .await
-                    .ok()
-                    .flatten(),
-            };
-        }
-        {
-            let _turn = shared.write_turn(&store).await;
-            write_with_retry(&store, &clock, batch.into(), &writes).await;
-        }
-        if let Ok(mut p) = shared.pending.lock() {
-            for k in keys {
-                if let Some(n) = p.get_mut(&k) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        p.remove(&k);
+            if let Ok(mut p) = shared.pending.lock() {
+                for k in keys.into_iter().flatten() {
+                    if let Some(n) = p.get_mut(&k) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            p.remove(&k);
+                        }
                     }
                 }
             }
+            shared.settled.notify_waiters();
         }
-        shared.settled.notify_waiters();
-        for w in waiting {
-            let _ = w.send(());
+        taken.answer_flushes();
+        if closed {
+            break;
         }
+    }
+}
+
+/// Releases reservations past their expiry (or charges them: `budgets.expired_reservations`).
+async fn sweep_expired(
+    store: &Store,
+    clock: &Clock,
+    shared: &Shared,
+    writes: &WriteCounter,
+    charge_expired: bool,
+) {
+    let turn = shared.write_turn(store).await;
+    writes.count("release");
+    let released = store
+        .budget_expire_reservations(None, clock.now_ms(), 500, charge_expired)
+        .await;
+    drop(turn);
+    match released {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(released = n, "released expired budget reservations"),
+        Err(e) => tracing::warn!(error = %e, "expired reservation sweep failed"),
     }
 }
 
