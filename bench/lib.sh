@@ -85,6 +85,20 @@ fd_count() {
   echo "${#fds[@]}"
 }
 alive() { kill -0 "$1" 2>/dev/null; }
+# "STEAL ALL": the machine's CPU ticks the host stole (a VM's vCPU descheduled) and all of
+# them, from /proc/stat; two readings give the share stolen between them.
+host_ticks() {
+  local _c u n sy id io irq sirq st _rest
+  read -r _c u n sy id io irq sirq st _rest </proc/stat
+  echo "$st $((u + n + sy + id + io + irq + sirq + st))"
+}
+# steal_pct "BEFORE" "AFTER": the share of the CPU stolen between two host_ticks readings.
+steal_pct() {
+  local s0 a0 s1 a1
+  read -r s0 a0 <<<"$1"
+  read -r s1 a1 <<<"$2"
+  awk -v s=$((s1 - s0)) -v a=$((a1 - a0)) 'BEGIN {printf "%.1f\n", (a > 0 ? 100 * s / a : 0)}'
+}
 
 declare -A DB_URL_OF=() GRPC_URL_OF=()
 
