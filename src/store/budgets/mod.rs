@@ -492,29 +492,11 @@ impl Store {
     /// Spend and tokens per resolved model over the ledger rows that match.
     pub async fn usage_by_model(&self, f: &UsageFilter) -> Result<Vec<ModelUsage>, StoreError> {
         with_conn!(self, conn => {
-            use diesel::IntoSql;
-            use diesel::sql_types::Bool;
-            let model = f.model.clone().unwrap_or_default();
-            let rows: Vec<(Option<String>, i64, i64, i64, i64)> = usage_ledger::table
+            // Only the filters given are added, so that a user's or key's report can use the
+            // (user_id, started_at) or (key_id, started_at) index: `col = ? OR ? IS NULL` would
+            // keep the planner off both.
+            let mut q = usage_ledger::table
                 .filter(usage_ledger::resolved_model.is_not_null())
-                .filter(
-                    usage_ledger::user_id
-                        .eq(f.user_id.unwrap_or(0))
-                        .or(f.user_id.is_none().into_sql::<Bool>()),
-                )
-                .filter(
-                    usage_ledger::key_id
-                        .eq(f.key_id.unwrap_or(0))
-                        .or(f.key_id.is_none().into_sql::<Bool>()),
-                )
-                .filter(
-                    usage_ledger::resolved_model
-                        .eq(model.clone())
-                        .or(usage_ledger::requested_model.eq(model.clone()))
-                        .or(f.model.is_none().into_sql::<Bool>()),
-                )
-                .filter(usage_ledger::started_at.ge(f.from.unwrap_or(i64::MIN)))
-                .filter(usage_ledger::started_at.lt(f.to.unwrap_or(i64::MAX)))
                 .group_by(usage_ledger::resolved_model)
                 .select((
                     usage_ledger::resolved_model,
@@ -524,8 +506,27 @@ impl Store {
                     sql::<BigInt>("CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT)"),
                 ))
                 .order(usage_ledger::resolved_model.asc())
-                .load(conn)
-                .await?;
+                .into_boxed();
+            if let Some(user_id) = f.user_id {
+                q = q.filter(usage_ledger::user_id.eq(user_id));
+            }
+            if let Some(key_id) = f.key_id {
+                q = q.filter(usage_ledger::key_id.eq(key_id));
+            }
+            if let Some(model) = f.model.clone() {
+                q = q.filter(
+                    usage_ledger::resolved_model
+                        .eq(model.clone())
+                        .or(usage_ledger::requested_model.eq(model)),
+                );
+            }
+            if let Some(from) = f.from {
+                q = q.filter(usage_ledger::started_at.ge(from));
+            }
+            if let Some(to) = f.to {
+                q = q.filter(usage_ledger::started_at.lt(to));
+            }
+            let rows: Vec<(Option<String>, i64, i64, i64, i64)> = q.load(conn).await?;
             Ok(rows
                 .into_iter()
                 .map(|(model, requests, prompt_tokens, completion_tokens, cost_micros)| {
