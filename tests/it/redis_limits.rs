@@ -432,6 +432,16 @@ fn count_lines(p: &Process, needle: &str) -> usize {
     p.log_text().lines().filter(|l| l.contains(needle)).count()
 }
 
+/// Asserts that `needle` is logged exactly once: waited for first, since the child's log is
+/// read by a thread of its own and can trail the answer that followed the line.
+async fn logged_once(p: &Process, needle: &str) {
+    eventually(Duration::from_secs(10), needle, || async {
+        (count_lines(p, needle) > 0).then_some(())
+    })
+    .await;
+    assert_eq!(count_lines(p, needle), 1, "{}", p.log_text());
+}
+
 /// Redis killed mid-test and started again on the same port: `fail_closed` refuses with
 /// `policy_unavailable` (HTTP 503, gRPC UNAVAILABLE, failures in the availability counter) and
 /// is not ready; `fail_open` admits, counts every such request and stays ready; each logs the
@@ -530,12 +540,7 @@ async fn redis_outage_fail_closed_and_fail_open_then_recovery() {
 
     // Logged once per change, not per request.
     for p in [&closed, &open] {
-        assert_eq!(
-            count_lines(p, "rate-limit Redis is failing"),
-            1,
-            "{}",
-            p.log_text()
-        );
+        logged_once(p, "rate-limit Redis is failing").await;
     }
 
     redis.restart().await;
@@ -551,12 +556,7 @@ async fn redis_outage_fail_closed_and_fail_open_then_recovery() {
         .await;
         let ready = client.get(p.url("/readyz")).send().await.unwrap();
         assert_eq!(ready.status(), 200, "{name} ready again");
-        assert_eq!(
-            count_lines(p, "rate-limit Redis answers again"),
-            1,
-            "{}",
-            p.log_text()
-        );
+        logged_once(p, "rate-limit Redis answers again").await;
     }
     let before = metric_value(&metrics(&client, &open).await, FAIL_OPEN, &[]);
     let resp = chat(&client, &open, &body("after")).await;
