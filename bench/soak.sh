@@ -138,10 +138,10 @@ while alive "$lg"; do
   if ((SECONDS - t0 >= next)); then
     # The machine's CPU ticks and those the host stole (a VM's vCPU descheduled), so that a
     # window's stall can be told from the host's.
-    read -r _ u n sy id io irq sirq st _ </proc/stat
+    read -r st all <<<"$(host_ticks)"
     printf '{"phase":"sample","t":%s,"rss_kb":%s,"cpu_ticks":%s,"fds":%s,"steal_ticks":%s,"all_ticks":%s}\n' \
       "$((SECONDS - t0))" "$(rss_kb "$PID")" "$(cpu_ticks "$PID")" "$(fd_count "$PID")" \
-      "$st" "$((u + n + sy + id + io + irq + sirq + st))" >>"$RAW"
+      "$st" "$all" >>"$RAW"
     next=$((next + SOAK_SAMPLE_SECS))
   fi
   alive "$PID" || { tail -n 30 "$TMP/tg-full.log" >&2; die "tollgate exited during the soak"; }

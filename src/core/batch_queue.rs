@@ -5,11 +5,28 @@
 //! A channel woke the writer for every item, a task poll and a linger timer set and cancelled
 //! each time, and boxed every item.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+
+/// The requests' side of a queue: dropping it closes the queue, and the writer takes what is
+/// left and stops.
+pub(crate) struct Producer<T>(Arc<BatchQueue<T>>);
+
+impl<T> std::ops::Deref for Producer<T> {
+    type Target = BatchQueue<T>;
+    fn deref(&self) -> &BatchQueue<T> {
+        &self.0
+    }
+}
+
+impl<T> Drop for Producer<T> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
 
 /// Items waiting for their writer.
 pub(crate) struct BatchQueue<T> {
@@ -32,16 +49,24 @@ pub(crate) struct Linger {
     pub urgent: Duration,
 }
 
-/// What the writer takes at once: every queued item (write them `batch_size` at a time), the
-/// flushes to answer once they are written, and whether the queue is closed (the writer's
-/// last batch).
+/// What the writer takes at once: every queued item (written `batch_size` at a time, by
+/// [`Taken::next_chunk`]), the flushes to answer once they are written, and whether the queue
+/// is closed (the writer's last batch).
 pub(crate) struct Taken<T> {
-    pub items: Vec<T>,
-    pub flushes: Vec<oneshot::Sender<()>>,
+    items: std::vec::IntoIter<T>,
+    batch_size: usize,
+    flushes: Vec<oneshot::Sender<()>>,
     pub closed: bool,
 }
 
 impl<T> Taken<T> {
+    /// The next `batch_size` items or fewer (items that came faster than batches were written
+    /// go in several); `None` once all are out.
+    pub fn next_chunk(&mut self) -> Option<Vec<T>> {
+        let chunk: Vec<T> = self.items.by_ref().take(self.batch_size).collect();
+        (!chunk.is_empty()).then_some(chunk)
+    }
+
     /// Tells every flush taken with these items that they are written.
     pub fn answer_flushes(self) {
         for f in self.flushes {
@@ -51,8 +76,14 @@ impl<T> Taken<T> {
 }
 
 impl<T> BatchQueue<T> {
-    /// An empty queue whose batches are written at `batch_size` items at most.
-    pub fn new(batch_size: usize) -> BatchQueue<T> {
+    /// An empty queue whose batches are written at `batch_size` items at most: the requests'
+    /// side, and the writer's.
+    pub fn open(batch_size: usize) -> (Producer<T>, Arc<BatchQueue<T>>) {
+        let queue = Arc::new(Self::new(batch_size));
+        (Producer(queue.clone()), queue)
+    }
+
+    fn new(batch_size: usize) -> BatchQueue<T> {
         BatchQueue {
             state: Mutex::new(State {
                 items: Vec::new(),
@@ -63,11 +94,6 @@ impl<T> BatchQueue<T> {
             wake: Notify::new(),
             batch_size: batch_size.max(1),
         }
-    }
-
-    /// The most items a batch is written with.
-    pub fn batch_size(&self) -> usize {
-        self.batch_size
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -154,7 +180,8 @@ impl<T> BatchQueue<T> {
         let room = s.items.len().min(self.batch_size);
         s.urgent = false;
         Taken {
-            items: std::mem::replace(&mut s.items, Vec::with_capacity(room)),
+            items: std::mem::replace(&mut s.items, Vec::with_capacity(room)).into_iter(),
+            batch_size: self.batch_size,
             flushes: std::mem::take(&mut s.flushes),
             closed: s.closed,
         }
@@ -176,8 +203,8 @@ mod tests {
         let start = Instant::now();
         q.push(1, false);
         q.push(2, false);
-        let taken = q.next_batch(LINGER).await;
-        assert_eq!(taken.items, vec![1, 2]);
+        let mut taken = q.next_batch(LINGER).await;
+        assert_eq!(taken.next_chunk(), Some(vec![1, 2]));
         assert_eq!(start.elapsed(), LINGER.usual);
     }
 
@@ -187,11 +214,11 @@ mod tests {
         let start = Instant::now();
         q.push(1, false);
         q.push(2, true);
-        assert_eq!(q.next_batch(LINGER).await.items, vec![1, 2]);
+        assert_eq!(q.next_batch(LINGER).await.next_chunk(), Some(vec![1, 2]));
         assert_eq!(start.elapsed(), LINGER.urgent);
         let start = Instant::now();
         q.push(3, false);
-        assert_eq!(q.next_batch(LINGER).await.items, vec![3]);
+        assert_eq!(q.next_batch(LINGER).await.next_chunk(), Some(vec![3]));
         assert_eq!(start.elapsed(), LINGER.usual);
     }
 
@@ -202,14 +229,20 @@ mod tests {
         for i in 0..5 {
             q.push(i, false);
         }
-        let taken = q.next_batch(LINGER).await;
-        assert_eq!(taken.items, vec![0, 1, 2, 3, 4], "all that is queued");
+        let mut taken = q.next_batch(LINGER).await;
+        assert_eq!(
+            taken.next_chunk(),
+            Some(vec![0, 1, 2]),
+            "all that is queued"
+        );
+        assert_eq!(taken.next_chunk(), Some(vec![3, 4]), "in batches");
+        assert_eq!(taken.next_chunk(), None);
         assert!(!taken.closed);
         assert_eq!(start.elapsed(), Duration::ZERO);
         q.push(5, false);
         q.close();
-        let taken = q.next_batch(LINGER).await;
-        assert_eq!((taken.items, taken.closed), (vec![5], true));
+        let mut taken = q.next_batch(LINGER).await;
+        assert_eq!((taken.next_chunk(), taken.closed), (Some(vec![5]), true));
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
@@ -222,9 +255,9 @@ mod tests {
             async move { q.flush().await }
         });
         let start = Instant::now();
-        let taken = q.next_batch(LINGER).await;
+        let mut taken = q.next_batch(LINGER).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
-        assert_eq!(taken.items, vec![1]);
+        assert_eq!(taken.next_chunk(), Some(vec![1]));
         assert!(!flushing.is_finished());
         taken.answer_flushes();
         flushing.await.expect("the flush returns once answered");
@@ -239,6 +272,6 @@ mod tests {
         q.push(1, false);
         let r = tokio::time::timeout(Duration::from_millis(5), q.next_batch(LINGER)).await;
         assert!(r.is_err());
-        assert_eq!(q.next_batch(LINGER).await.items, vec![1]);
+        assert_eq!(q.next_batch(LINGER).await.next_chunk(), Some(vec![1]));
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::batch_queue::{BatchQueue, Linger};
+use super::batch_queue::{BatchQueue, Linger, Producer};
 use crate::store::{NewLedgerRow, Store};
 
 /// The sending side: cheap to clone, never blocks a request (a push onto the writer's
@@ -12,63 +12,46 @@ use crate::store::{NewLedgerRow, Store};
 /// written what was in it.
 #[derive(Clone)]
 pub struct Ledger {
-    handle: Arc<Handle>,
-}
-
-/// Held by every [`Ledger`] clone; dropping the last one tells the writer to finish.
-struct Handle {
-    queue: Arc<BatchQueue<NewLedgerRow>>,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.queue.close();
-    }
+    queue: Arc<Producer<NewLedgerRow>>,
 }
 
 impl Ledger {
     /// Starts the background writer: a batch is written once it has `batch_size` rows, or
     /// `flush_every` after its first row came, whichever is sooner.
     pub fn start(store: Store, batch_size: usize, flush_every: Duration) -> Ledger {
-        let queue = Arc::new(BatchQueue::new(batch_size));
+        let (producer, queue) = BatchQueue::open(batch_size);
         let every = flush_every.max(Duration::from_millis(1));
         tokio::spawn(writer(
             store,
-            queue.clone(),
+            queue,
             Linger {
                 usual: every,
                 urgent: every,
             },
         ));
         Ledger {
-            handle: Arc::new(Handle { queue }),
+            queue: Arc::new(producer),
         }
     }
 
     /// Queues a row.
     pub fn record(&self, row: NewLedgerRow) {
-        self.handle.queue.push(row, false);
+        self.queue.push(row, false);
     }
 
     /// Waits until every row queued before this call is written.
     pub async fn flush(&self) {
-        self.handle.queue.flush().await;
+        self.queue.flush().await;
     }
 }
 
 async fn writer(store: Store, queue: Arc<BatchQueue<NewLedgerRow>>, linger: Linger) {
     loop {
         let mut taken = queue.next_batch(linger).await;
-        let closed = taken.closed;
-        // Rows that came faster than batches were written go in batches of the configured size.
-        let mut rows = std::mem::take(&mut taken.items).into_iter();
-        loop {
-            let batch: Arc<[NewLedgerRow]> = rows.by_ref().take(queue.batch_size()).collect();
-            if batch.is_empty() {
-                break;
-            }
-            write_with_retry(&store, batch).await;
+        while let Some(rows) = taken.next_chunk() {
+            write_with_retry(&store, rows.into()).await;
         }
+        let closed = taken.closed;
         taken.answer_flushes();
         if closed {
             break;

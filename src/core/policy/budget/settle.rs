@@ -11,7 +11,7 @@ use super::lease::LeasedPart;
 use super::{Period, ScopeKey};
 use crate::clock::Clock;
 use crate::config::{BudgetsConfig, ExpiredReservations};
-use crate::core::batch_queue::{BatchQueue, Linger};
+use crate::core::batch_queue::{BatchQueue, Linger, Producer};
 use crate::core::ledger::{write_exactly_once, Ledger};
 use crate::core::policy::rate_limit::RateCharge;
 use crate::core::policy::Budgets;
@@ -160,14 +160,8 @@ type Queued = (Settlement, Vec<ScopeKey>);
 /// The queue to the settlement writer, and what requests of this process know about it.
 /// Dropping it closes the queue: the writer writes what is left and stops.
 pub(in crate::core::policy) struct Settler {
-    queue: Arc<BatchQueue<Queued>>,
+    queue: Producer<Queued>,
     shared: Arc<Shared>,
-}
-
-impl Drop for Settler {
-    fn drop(&mut self) {
-        self.queue.close();
-    }
 }
 
 struct Shared {
@@ -197,7 +191,7 @@ impl Settler {
         config: &BudgetsConfig,
         writes: WriteCounter,
     ) -> Settler {
-        let queue = Arc::new(BatchQueue::new(BATCH_SIZE));
+        let (producer, queue) = BatchQueue::open(BATCH_SIZE);
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             settled: Notify::new(),
@@ -206,7 +200,7 @@ impl Settler {
         tokio::spawn(writer(
             store,
             clock,
-            queue.clone(),
+            queue,
             shared.clone(),
             writes,
             Sweep {
@@ -222,7 +216,10 @@ impl Settler {
                 usual: Duration::from_millis(config.charge_batch_ms.max(config.settle_batch_ms)),
             },
         ));
-        Settler { queue, shared }
+        Settler {
+            queue: producer,
+            shared,
+        }
     }
 
     /// This process's turn to write budgets (SQLite only; PostgreSQL takes writers at once).
@@ -312,13 +309,9 @@ async fn writer(
                 }
             }
         };
-        let closed = taken.closed;
-        let mut queued = std::mem::take(&mut taken.items).into_iter().peekable();
-        // A flush with nothing queued is answered at once; settlements that came faster than
-        // batches were written go in transactions of BATCH_SIZE.
-        while queued.peek().is_some() {
-            let (batch, keys): (Vec<Settlement>, Vec<Vec<ScopeKey>>) =
-                queued.by_ref().take(BATCH_SIZE).unzip();
+        // A flush with nothing queued is answered at once.
+        while let Some(chunk) = taken.next_chunk() {
+            let (batch, keys): (Vec<Settlement>, Vec<Vec<ScopeKey>>) = chunk.into_iter().unzip();
             {
                 let _turn = shared.write_turn(&store).await;
                 write_with_retry(&store, &clock, batch.into(), &writes).await;
@@ -335,6 +328,7 @@ async fn writer(
             }
             shared.settled.notify_waiters();
         }
+        let closed = taken.closed;
         taken.answer_flushes();
         if closed {
             break;
