@@ -43,6 +43,10 @@ pub struct NativeBody {
     pub anthropic_version: Option<String>,
     /// The caller's `anthropic-beta` values, in order.
     pub anthropic_beta: Vec<String>,
+    /// The body asks for a stream's usage for tollgate's accounting, not the caller's (an
+    /// OpenAI chat stream given `stream_options.include_usage`): the usage is kept from the
+    /// caller.
+    pub hide_usage: bool,
     /// Why the body cannot be translated for an upstream that does not speak its wire (it
     /// needs state or a built-in tool only such an upstream has); `None` when it can be.
     pub untranslatable: Option<String>,
@@ -66,6 +70,56 @@ pub fn with_model(answer: Bytes, model: &str) -> Bytes {
     replace_string(&answer, &["model"], model)
         .map(Bytes::from)
         .unwrap_or(answer)
+}
+
+/// `json`, an object, with `member` (`"key":value`) written as its first member, every other
+/// byte as it was; `None` when `json` is not an object.
+pub fn with_first_member(json: &[u8], member: &str) -> Option<Vec<u8>> {
+    let mut s = Scanner { b: json, i: 0 };
+    s.ws();
+    if s.peek()? != b'{' {
+        return None;
+    }
+    let open = s.i + 1;
+    s.i = open;
+    s.ws();
+    let empty = s.peek()? == b'}';
+    let mut out = Vec::with_capacity(json.len() + member.len() + 1);
+    out.extend_from_slice(&json[..open]);
+    out.extend_from_slice(member.as_bytes());
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(&json[open..]);
+    Some(out)
+}
+
+/// `json` with its top-level member `key` taken out when that member is `null` (and with it
+/// the comma that joined it to a neighbour), every other byte as it was; `None` when there is
+/// no such member.
+pub fn without_null_member(json: &[u8], key: &str) -> Option<Vec<u8>> {
+    let mut s = Scanner { b: json, i: 0 };
+    let (key_start, value) = s.member_with_key(key)?;
+    if &json[value.clone()] != b"null" {
+        return None;
+    }
+    let before = json[..key_start].trim_ascii_end();
+    let (cut_from, cut_to) = if before.last() == Some(&b',') {
+        // A member after another: its comma goes with it.
+        (before.len() - 1, value.end)
+    } else {
+        // The first member: the comma after it goes, when there is one.
+        let after = &json[value.end..];
+        let gap = after.len() - after.trim_ascii_start().len();
+        match after.get(gap) {
+            Some(b',') => (key_start, value.end + gap + 1),
+            _ => (key_start, value.end),
+        }
+    };
+    let mut out = Vec::with_capacity(json.len());
+    out.extend_from_slice(&json[..cut_from]);
+    out.extend_from_slice(&json[cut_to..]);
+    Some(out)
 }
 
 /// The byte range (quotes included) of the string value at `path`.
@@ -183,6 +237,11 @@ impl Scanner<'_> {
     /// In the object at the current position, the range of the value of `key` (the last one
     /// when it repeats, as a JSON parser keeps it).
     fn member(&mut self, key: &str) -> Option<Range<usize>> {
+        self.member_with_key(key).map(|(_, value)| value)
+    }
+
+    /// [`Self::member`], with where the member's key starts (its opening quote).
+    fn member_with_key(&mut self, key: &str) -> Option<(usize, Range<usize>)> {
         self.ws();
         if self.peek()? != b'{' {
             return None;
@@ -199,6 +258,7 @@ impl Scanner<'_> {
                 }
                 _ => {}
             }
+            let key_start = self.i;
             let k = self.string()?;
             self.ws();
             if self.peek()? != b':' {
@@ -207,7 +267,7 @@ impl Scanner<'_> {
             self.i += 1;
             let r = self.value_range()?;
             if self.says(k, key) {
-                found = Some(r);
+                found = Some((key_start, r));
             }
         }
     }
@@ -243,6 +303,45 @@ mod tests {
             replace_string(br#"{"model":"a","model":"b"}"#, &["model"], "c").unwrap(),
             br#"{"model":"a","model":"c"}"#
         );
+    }
+
+    #[test]
+    fn a_first_member_goes_in_before_the_others() {
+        let member = r#""stream_options":{"include_usage":true}"#;
+        assert_eq!(
+            with_first_member(br#" {"model":"m", "stream":true}"#, member).unwrap(),
+            br#" {"stream_options":{"include_usage":true},"model":"m", "stream":true}"#
+        );
+        assert_eq!(
+            with_first_member(b"{ }", member).unwrap(),
+            br#"{"stream_options":{"include_usage":true} }"#
+        );
+        assert!(with_first_member(b"[1]", member).is_none());
+        assert!(with_first_member(b"", member).is_none());
+    }
+
+    #[test]
+    fn a_null_member_is_taken_out_with_one_comma() {
+        let cut = |json: &str| {
+            without_null_member(json.as_bytes(), "usage").map(|b| String::from_utf8(b).unwrap())
+        };
+        assert_eq!(
+            cut(r#"{"id":"x","usage":null,"z":1}"#).unwrap(),
+            r#"{"id":"x","z":1}"#
+        );
+        assert_eq!(
+            cut(r#"{"id":"x" , "usage" : null}"#).unwrap(),
+            r#"{"id":"x" }"#
+        );
+        assert_eq!(
+            cut(r#"{"usage":null , "id":"x"}"#).unwrap(),
+            r#"{ "id":"x"}"#
+        );
+        assert_eq!(cut(r#"{ "usage":null }"#).unwrap(), r#"{  }"#);
+        // Only a top-level `null` goes; a value, a nested one or none leaves the bytes alone.
+        assert!(cut(r#"{"usage":{"prompt_tokens":1}}"#).is_none());
+        assert!(cut(r#"{"choices":[{"usage":null}]}"#).is_none());
+        assert!(cut(r#"{"id":"x"}"#).is_none());
     }
 
     #[test]

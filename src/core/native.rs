@@ -111,6 +111,11 @@ impl PassthroughStream {
         }
         self.generated_chars += chunk.generated_chars;
         self.saw_finish |= chunk.finished;
+        if !chunk.finish_reasons.is_empty() {
+            if let Some(trace) = self.guard.as_mut().and_then(|g| g.trace()) {
+                trace.finish_reasons.extend(chunk.finish_reasons);
+            }
+        }
         chunk.bytes
     }
 }
@@ -127,18 +132,27 @@ impl Stream for PassthroughStream {
             this.settle(Reason::InternalError);
             return Poll::Ready(Some(Err(super::stream::shutdown_cut(&this.resolved))));
         }
-        let next = match this.first.take() {
-            Some(first) => Some(Ok(first)),
-            None => {
-                let since = *this.waiting_since.get_or_insert_with(Instant::now);
-                match this.upstream.as_mut().poll_next(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(item) => {
-                        this.upstream_wait += since.elapsed();
-                        this.waiting_since = None;
-                        item
+        let next = loop {
+            let next = match this.first.take() {
+                Some(first) => Some(Ok(first)),
+                None => {
+                    let since = *this.waiting_since.get_or_insert_with(Instant::now);
+                    match this.upstream.as_mut().poll_next(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(item) => {
+                            this.upstream_wait += since.elapsed();
+                            this.waiting_since = None;
+                            item
+                        }
                     }
                 }
+            };
+            match next {
+                // Read for accounting only: nothing for the caller, so on to the next one.
+                Some(Ok(chunk)) if chunk.bytes.is_empty() => {
+                    this.accept(chunk);
+                }
+                next => break next,
             }
         };
         Poll::Ready(match next {

@@ -15,7 +15,9 @@ use super::error::error_body;
 use super::extract::ModelCall;
 use super::headers;
 use crate::api::{openai_chat, ChatDelta};
-use crate::core::{ChatReply, ChatStream, Gateway, NativeCompletion, Reason, Rejection};
+use crate::core::{
+    ChatReply, ChatStream, Gateway, NativeCompletion, PassthroughStream, Reason, Rejection,
+};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn chat_completions(
@@ -38,10 +40,7 @@ pub async fn chat_completions(
         // A whole answer from an OpenAI-wire upstream: its bytes, only `model` rewritten.
         Ok(ChatReply::Passthrough(c)) => passthrough_response(*c),
         Ok(ChatReply::Stream(s)) => sse_response(*s),
-        // Only a whole answer is passed through: a stream is always asked for with usage.
-        Ok(ChatReply::PassthroughStream(_)) => {
-            Rejection::internal("a chat completion stream was passed through").into_response()
-        }
+        Ok(ChatReply::PassthroughStream(s)) => passthrough_sse(*s, error_event),
         Err(e) => e.into_response(),
     }
 }
@@ -144,6 +143,30 @@ fn sse_response(stream: ChatStream) -> Response {
         Some((Ok(bytes), None))
     });
     sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
+}
+
+/// An upstream's events as they came (an OpenAI stream's own `data: [DONE]` included); a
+/// failure mid-way ends with the event `error_event` makes of it, in the caller's wire.
+pub(super) fn passthrough_sse(
+    stream: PassthroughStream,
+    error_event: fn(&Rejection) -> Bytes,
+) -> Response {
+    let resolved = stream.resolved_model().to_string();
+    let policy = stream.policy_headers().to_vec();
+    let events = futures_util::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        match stream.next().await {
+            Some(Ok(bytes)) => Some((Ok::<_, Infallible>(bytes), Some(stream))),
+            Some(Err(e)) => Some((Ok(error_event(&e)), None)),
+            None => None,
+        }
+    });
+    sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
+}
+
+/// A chat stream's error event, as a translated stream ends with.
+fn error_event(e: &Rejection) -> Bytes {
+    event(&error_body(e).to_string())
 }
 
 /// The head of every event stream (chat, Messages, Responses): its type, the resolved model and

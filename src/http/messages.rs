@@ -14,11 +14,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
-use super::chat::{json_response, passthrough_response, read_body};
+use super::chat::{json_response, passthrough_response, passthrough_sse, read_body};
 use super::extract::ModelCall;
 use crate::api::anthropic::{self, Endpoint, InboundHeaders, StreamEncoder};
 use crate::api::Api;
-use crate::core::{CallContext, ChatReply, ChatStream, Gateway, PassthroughStream, Rejection};
+use crate::core::{CallContext, ChatReply, ChatStream, Gateway, Rejection};
 
 /// Decodes the body, makes one core call, encodes the reply.
 pub async fn messages(
@@ -38,7 +38,7 @@ pub async fn messages(
         }
         Ok(ChatReply::Passthrough(c)) => passthrough_response(*c),
         Ok(ChatReply::Stream(s)) => translated_stream(*s),
-        Ok(ChatReply::PassthroughStream(s)) => passthrough_stream(*s),
+        Ok(ChatReply::PassthroughStream(s)) => passthrough_sse(*s, error_event),
         Err(e) => error_response(&e),
     }
 }
@@ -125,20 +125,7 @@ fn translated_stream(stream: ChatStream) -> Response {
     super::chat::sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
 }
 
-/// The upstream's events as they came; a transport failure mid-way ends with an `error` event.
-fn passthrough_stream(stream: PassthroughStream) -> Response {
-    let resolved = stream.resolved_model().to_string();
-    let policy = stream.policy_headers().to_vec();
-    let events = futures_util::stream::unfold(Some(stream), |state| async move {
-        let mut stream = state?;
-        match stream.next().await {
-            Some(Ok(bytes)) => Some((Ok::<_, Infallible>(bytes), Some(stream))),
-            Some(Err(e)) => {
-                let event = ("error", anthropic::error_json(&e));
-                Some((Ok(Bytes::from(anthropic::sse(&event))), None))
-            }
-            None => None,
-        }
-    });
-    super::chat::sse_head(Response::new(Body::from_stream(events)), &resolved, &policy)
+/// A Messages stream's `error` event, for a failure after the first event.
+fn error_event(e: &Rejection) -> Bytes {
+    Bytes::from(anthropic::sse(&("error", anthropic::error_json(e))))
 }

@@ -312,5 +312,6 @@ fn native_event(
         usage: delta.as_ref().and_then(|d| d.usage),
         generated_chars: delta.as_ref().map_or(0, |d| d.generated_chars()),
         finished: decoder.is_finished(),
+        ..NativeChunk::default()
     })
 }

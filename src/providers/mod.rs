@@ -125,15 +125,18 @@ pub struct NativeResponse {
 }
 
 /// One event of a pass-through stream: its bytes as the upstream sent them (only `model`
-/// rewritten), and what it says for accounting.
+/// rewritten), and what it says for accounting. Empty bytes: an event read for accounting and
+/// kept from the caller (a usage chunk the caller did not ask for).
 #[derive(Debug, Clone, Default)]
 pub struct NativeChunk {
     pub bytes: bytes::Bytes,
     /// Usage so far, when this event reports it.
     pub usage: Option<Usage>,
     pub generated_chars: usize,
-    /// The event that ends a complete answer (`message_stop`).
+    /// The event that ends a complete answer (`message_stop`, a chat chunk's `finish_reason`).
     pub finished: bool,
+    /// The finish reasons it gives, in OpenAI's words, where the wire has choices (chat).
+    pub finish_reasons: Vec<String>,
 }
 
 /// Pass-through events as they arrive.

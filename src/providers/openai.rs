@@ -10,7 +10,7 @@ use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
     NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
 };
-use crate::api::native::{replace_string, with_model};
+use crate::api::native::{replace_string, with_model, without_null_member};
 use crate::api::{
     openai_chat, openai_embeddings, openai_responses, Api, ChatResponse, EmbeddingsResponse,
 };
@@ -138,7 +138,92 @@ fn native_event(
             .and_then(openai_responses::usage),
         generated_chars,
         finished,
+        ..NativeChunk::default()
     })
+}
+
+/// Reads a passed-through chat stream's events for accounting, as the translated stream reads
+/// them: each chunk parsed, its bytes kept with `model` rewritten (and, when the caller did not
+/// ask for usage, the usage chunk and each chunk's `"usage": null` kept from it). An error
+/// chunk, a bad chunk, or `[DONE]` before any finish reason ends the stream as a failure.
+struct ChatEvents {
+    answer_model: String,
+    hide_usage: bool,
+    /// A choice has finished.
+    finished: bool,
+    /// A failure has been passed on: nothing more is for the caller.
+    over: bool,
+}
+
+impl ChatEvents {
+    fn next(
+        &mut self,
+        item: Result<super::sse::RawEventBytes, UpstreamError>,
+    ) -> Option<Result<NativeChunk, UpstreamError>> {
+        if self.over {
+            return None;
+        }
+        let out = match item {
+            // A comment (`: keep-alive`) or anything else without data says nothing, and is not
+            // passed on, as a translated stream does not: it must neither start the answer
+            // (which ends the chance to fall back) nor count as the upstream's first byte.
+            Ok((_, None)) => return None,
+            Ok((raw, Some(data))) => self.event(raw, &data),
+            Err(e) => Err(e),
+        };
+        self.over = out.is_err();
+        Some(out)
+    }
+
+    fn event(&mut self, raw: bytes::Bytes, data: &str) -> Result<NativeChunk, UpstreamError> {
+        if data.trim() == "[DONE]" {
+            if !self.finished {
+                return Err(UpstreamError::BadResponse(
+                    "the stream ended before the answer was complete".into(),
+                ));
+            }
+            return Ok(NativeChunk {
+                bytes: raw,
+                ..NativeChunk::default()
+            });
+        }
+        let delta = openai_chat::parse_chunk(data)
+            .map_err(|e| UpstreamError::BadResponse(format!("bad chunk: {e}")))?;
+        let finish_reasons: Vec<String> = delta
+            .choices
+            .iter()
+            .filter_map(|c| c.finish_reason.as_ref())
+            .map(|r| r.as_openai().to_string())
+            .collect();
+        let finished = !finish_reasons.is_empty();
+        self.finished |= finished;
+        let bytes = if self.hide_usage && delta.is_usage_only() {
+            bytes::Bytes::new()
+        } else {
+            self.caller_bytes(raw, data)
+        };
+        Ok(NativeChunk {
+            bytes,
+            usage: delta.usage,
+            generated_chars: delta.generated_chars(),
+            finished,
+            finish_reasons,
+        })
+    }
+
+    /// The chunk's bytes for the caller: `model` rewritten, `"usage": null` taken out when the
+    /// caller did not ask for usage; as they came when neither applies.
+    fn caller_bytes(&self, raw: bytes::Bytes, data: &str) -> bytes::Bytes {
+        let renamed = replace_string(data.as_bytes(), &["model"], &self.answer_model);
+        let cut = self
+            .hide_usage
+            .then(|| without_null_member(renamed.as_deref().unwrap_or(data.as_bytes()), "usage"))
+            .flatten();
+        match cut.or(renamed) {
+            Some(new_data) => super::sse::with_event_data(&raw, data, &new_data).unwrap_or(raw),
+            None => raw,
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -180,14 +265,21 @@ impl Provider for OpenAiProvider {
     }
 
     async fn native_stream(&self, call: NativeCall<'_>) -> Result<NativeStream, UpstreamError> {
-        if call.native.api != Api::Responses {
-            // A chat stream is translated, so that tollgate can ask for its usage chunk.
-            return Err(UpstreamError::Unsupported(
-                "only Responses streams are passed through".into(),
-            ));
-        }
         let deadline = self.http.deadline();
         let resp = self.send_native(call, deadline).await?;
+        if call.native.api == Api::ChatCompletions {
+            let mut reader = ChatEvents {
+                answer_model: call.answer_model.to_string(),
+                hide_usage: call.native.hide_usage,
+                finished: false,
+                over: false,
+            };
+            let events = self
+                .http
+                .sse_raw(resp, deadline)
+                .filter_map(move |item| futures_util::future::ready(reader.next(item)));
+            return Ok(Box::pin(events));
+        }
         let answer_model = call.answer_model.to_string();
         let mut over = false;
         let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {

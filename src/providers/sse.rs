@@ -224,12 +224,18 @@ pub fn rewrite_event_data(
     path: &[&str],
     value: &str,
 ) -> Option<bytes::Bytes> {
+    let new_data = crate::api::native::replace_string(data.as_bytes(), path, value)?;
+    with_event_data(raw, data, &new_data)
+}
+
+/// An event's bytes with its data `data` (one line, so verbatim in the bytes) replaced by
+/// `new_data`; `None` when the bytes do not hold it.
+pub fn with_event_data(raw: &[u8], data: &str, new_data: &[u8]) -> Option<bytes::Bytes> {
     let text = std::str::from_utf8(raw).ok()?;
     let at = text.find(data)?;
-    let new_data = crate::api::native::replace_string(data.as_bytes(), path, value)?;
-    let mut out = Vec::with_capacity(raw.len() + value.len());
+    let mut out = Vec::with_capacity(raw.len() - data.len() + new_data.len());
     out.extend_from_slice(&raw[..at]);
-    out.extend_from_slice(&new_data);
+    out.extend_from_slice(new_data);
     out.extend_from_slice(&raw[at + data.len()..]);
     Some(out.into())
 }

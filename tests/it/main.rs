@@ -12,6 +12,7 @@ mod auth;
 mod budgets;
 mod chaos;
 mod chat;
+mod chat_passthrough;
 mod cli;
 mod contract;
 mod db_pool;

@@ -54,6 +54,7 @@ pub fn parse_messages_request(
         body: bytes,
         anthropic_version: headers.version,
         anthropic_beta: headers.beta,
+        hide_usage: false,
         untranslatable: None,
     }));
     Ok(req)

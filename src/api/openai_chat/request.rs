@@ -10,25 +10,37 @@ use serde_json::Value;
 use super::message::{message_from_object, MessageView};
 use super::{put_extra, take_f64, take_string, take_u64, take_where, to_object, At, BadField};
 use super::{Each, Float};
+use crate::api::native::with_first_member;
 use crate::api::{
     Api, ChatRequest, FunctionTool, JsonObject, MaxTokensField, NativeBody, Role, Tool, ToolChoice,
 };
 use crate::error::{Reason, Rejection};
 
 /// [`parse_request`], keeping the body as sent for an upstream that speaks this wire (an
-/// `openai` provider), which then gets it byte for byte with only `model` changed. A stream is
-/// always translated: tollgate must ask for its usage chunk (`stream_options`).
+/// `openai` provider), which then gets it byte for byte with only `model` changed. tollgate
+/// accounts every stream by its usage chunk: a stream whose caller did not ask for it gets
+/// `stream_options` with `include_usage` put in as the body's first member (and the usage is
+/// kept from the caller); one whose `stream_options` says otherwise is translated instead.
 pub fn parse_request_keeping_body(bytes: Bytes) -> Result<ChatRequest, Rejection> {
     let mut req = parse_request(&bytes)?;
-    if !req.stream {
-        req.native = Some(Arc::new(NativeBody {
+    let (body, hide_usage) = if !req.stream || req.include_usage {
+        (Some(bytes), false)
+    } else if req.extra.contains_key("stream_options") {
+        (None, false)
+    } else {
+        let asked = with_first_member(&bytes, r#""stream_options":{"include_usage":true}"#);
+        (asked.map(Bytes::from), true)
+    };
+    req.native = body.map(|body| {
+        Arc::new(NativeBody {
             api: Api::ChatCompletions,
-            body: bytes,
+            body,
             anthropic_version: None,
             anthropic_beta: Vec::new(),
+            hide_usage,
             untranslatable: None,
-        }));
-    }
+        })
+    });
     Ok(req)
 }
 

@@ -47,6 +47,7 @@ pub fn parse_request(bytes: bytes::Bytes) -> Result<(ChatRequest, Echo), Rejecti
         body: bytes,
         anthropic_version: None,
         anthropic_beta: Vec::new(),
+        hide_usage: false,
         untranslatable,
     }));
     Ok((req, echo))

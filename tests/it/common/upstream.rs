@@ -11,6 +11,7 @@
 //! | `reset`    | 200, two chunks (or half a JSON body), then the body errors: the connection is cut |
 //! | `gated`    | SSE: chunk `g0`, then waits for [`Upstream::release_gate`] (per request marker), then `g1`, `g2` (20 ms apart), usage, `[DONE]` |
 //! | `badjson`  | 200 `application/json` whose body is not JSON |
+//! | `verbatim` | the bytes of [`VERBATIM_ANSWER`], or of [`VERBATIM_STREAM`] when streaming |
 //! | `tools`    | SSE: a text chunk, then two tool calls (`get_weather`, its arguments in three pieces, and `get_time`), `finish_reason: tool_calls`, usage (when asked), `[DONE]` |
 //!
 //! `POST /v1/embeddings` answers `ok*` with [`EMBED_DIMS`] values per input and
@@ -54,6 +55,17 @@ pub const VERBATIM_ANSWER: &str = r#"{ "object":"chat.completion", "id" : "chatc
     "annotations":[]},"logprobs":null,"finish_reason":"length"} ],
   "usage":{"prompt_tokens":13,"completion_tokens":3,"total_tokens":16,
     "prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0}}, "x_weight": 1.50e0 }"#;
+/// The events of model `verbatim` streamed, as sent (`{model}` as above): as OpenAI streams
+/// with `stream_options.include_usage`, every chunk says `"usage":null` until the usage chunk;
+/// a keep-alive comment, CRLF line ends, and fields and spellings no translation knows.
+pub const VERBATIM_STREAM: [&str; 6] = [
+    "data: {\"id\":\"chatcmpl-vs\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}-2024-08-06\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_v\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n",
+    ": keep-alive\n\n",
+    "data: { \"id\" : \"chatcmpl-vs\", \"usage\" : null , \"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"caf\\u00e9 \"},\"logprobs\":null,\"finish_reason\":null}], \"x_weight\": 1.50e0 }\r\n\r\n",
+    "data: {\"id\":\"chatcmpl-vs\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"verbatim\"},\"logprobs\":null,\"finish_reason\":\"length\"}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-vs\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":13,\"completion_tokens\":3,\"total_tokens\":16,\"prompt_tokens_details\":{\"cached_tokens\":0,\"audio_tokens\":0}}}\n\n",
+    "data: [DONE]\n\n",
+];
 /// `verbatim-nousage` answers like `verbatim`, without `usage`.
 pub const VERBATIM_USAGE: (i64, i64) = (13, 3);
 pub const STREAM_USAGE: (i64, i64) = (11, 5);
@@ -354,6 +366,12 @@ async fn handle(
 
     match kind {
         "ok" | "stream" if !stream => json_response(StatusCode::OK, completion(&model)),
+        "verbatim" if stream => {
+            let events = VERBATIM_STREAM.map(|e| Bytes::from(e.replace("{model}", &model)));
+            sse(Body::from_stream(stream::iter(
+                events.into_iter().map(Ok::<_, Infallible>),
+            )))
+        }
         "verbatim" | "verbatim-nousage" => {
             let mut text = VERBATIM_ANSWER.replace("{model}", &model);
             if kind == "verbatim-nousage" {
