@@ -231,8 +231,19 @@ pub fn rewrite_event_data(
 /// An event's bytes with its data `data` (one line, so verbatim in the bytes) replaced by
 /// `new_data`; `None` when the bytes do not hold it.
 pub fn with_event_data(raw: &[u8], data: &str, new_data: &[u8]) -> Option<bytes::Bytes> {
-    let text = std::str::from_utf8(raw).ok()?;
-    let at = text.find(data)?;
+    let data_at = |i: usize| raw.get(i..i + data.len()) == Some(data.as_bytes());
+    // Where the first `data:` field's value starts (after its one optional space) is where
+    // the data is, but for a payload of several lines; only then is it searched for.
+    let at = memchr::memmem::find(raw, b"data:")
+        .map(|i| {
+            if raw.get(i + 5) == Some(&b' ') {
+                i + 6
+            } else {
+                i + 5
+            }
+        })
+        .filter(|&i| data_at(i))
+        .or_else(|| memchr::memmem::find(raw, data.as_bytes()))?;
     let mut out = Vec::with_capacity(raw.len() - data.len() + new_data.len());
     out.extend_from_slice(&raw[..at]);
     out.extend_from_slice(new_data);
@@ -256,6 +267,30 @@ mod tests {
         assert_eq!(got[1].1.as_deref(), Some("1"));
         assert_eq!(got[2].1, None);
         assert!(s.finish().is_none());
+    }
+
+    #[test]
+    fn event_data_is_replaced_where_it_is() {
+        let replaced = |raw: &str, data: &str| {
+            String::from_utf8(
+                with_event_data(raw.as_bytes(), data, b"NEW")
+                    .unwrap()
+                    .to_vec(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            replaced("data: {\"a\":1}\n\n", "{\"a\":1}"),
+            "data: NEW\n\n"
+        );
+        assert_eq!(replaced("data:{}\r\n\r\n", "{}"), "data:NEW\r\n\r\n");
+        assert_eq!(
+            replaced("event: x\ndata: {}\n\n", "{}"),
+            "event: x\ndata: NEW\n\n"
+        );
+        // Data of several lines is not verbatim in the bytes.
+        assert!(with_event_data(b"data: a\ndata: b\n\n", "a\nb", b"NEW").is_none());
+        assert!(with_event_data(b"data: x\n\n", "y", b"NEW").is_none());
     }
 
     #[test]
