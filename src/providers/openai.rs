@@ -143,9 +143,10 @@ fn native_event(
 }
 
 /// Reads a passed-through chat stream's events for accounting, as the translated stream reads
-/// them: each chunk parsed, its bytes kept with `model` rewritten (and, when the caller did not
-/// ask for usage, the usage chunk and each chunk's `"usage": null` kept from it). An error
-/// chunk, a bad chunk, or `[DONE]` before any finish reason ends the stream as a failure.
+/// them: each chunk read by `openai_chat::read_chunk` (which builds nothing), its bytes kept
+/// with `model` rewritten (and, when the caller did not ask for usage, the usage chunk and each
+/// chunk's `"usage": null` kept from it). An error chunk, a bad chunk, or `[DONE]` before any
+/// finish reason ends the stream as a failure.
 struct ChatEvents {
     answer_model: String,
     hide_usage: bool,
@@ -187,27 +188,21 @@ impl ChatEvents {
                 ..NativeChunk::default()
             });
         }
-        let delta = openai_chat::parse_chunk(data)
+        let facts = openai_chat::read_chunk(data)
             .map_err(|e| UpstreamError::BadResponse(format!("bad chunk: {e}")))?;
-        let finish_reasons: Vec<String> = delta
-            .choices
-            .iter()
-            .filter_map(|c| c.finish_reason.as_ref())
-            .map(|r| r.as_openai().to_string())
-            .collect();
-        let finished = !finish_reasons.is_empty();
+        let finished = !facts.finish_reasons.is_empty();
         self.finished |= finished;
-        let bytes = if self.hide_usage && delta.is_usage_only() {
+        let bytes = if self.hide_usage && facts.usage_only {
             bytes::Bytes::new()
         } else {
             self.caller_bytes(raw, data)
         };
         Ok(NativeChunk {
             bytes,
-            usage: delta.usage,
-            generated_chars: delta.generated_chars(),
+            usage: facts.usage,
+            generated_chars: facts.generated_chars,
             finished,
-            finish_reasons,
+            finish_reasons: facts.finish_reasons,
         })
     }
 

@@ -8,6 +8,7 @@
 //! views of the neutral values; a typed field that is set wins over an `extra` entry of the same
 //! name, so a stage that fills a typed field never produces a duplicate key.
 
+mod chunk_facts;
 mod message;
 mod request;
 mod response;
@@ -23,6 +24,7 @@ use serde_json::Value;
 use super::JsonObject;
 use crate::error::Rejection;
 
+pub use chunk_facts::{read_chunk, ChunkFacts};
 pub use request::{
     apply_top_level, encode_request, parse_request, parse_request_keeping_body,
     request_from_object, request_to_object,
