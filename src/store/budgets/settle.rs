@@ -393,7 +393,9 @@ mod sqlite {
 
     use super::{add_released, expire_one, lease_held, lease_take, release, Expiry, Plan};
     use crate::store::budgets::Settlement;
-    use crate::store::schema::{budget_reservations, usage_ledger};
+    use crate::store::ledger::sqlite_insert_rows;
+    use crate::store::schema::budget_reservations;
+    use crate::store::NewLedgerRow;
 
     pub(super) fn expire(
         c: &mut SqliteConnection,
@@ -432,12 +434,8 @@ mod sqlite {
     ) -> QueryResult<()> {
         let plan = Plan::of(batch);
         c.immediate_transaction(|c| {
-            for row in batch.iter().filter_map(|s| s.ledger.as_ref()) {
-                // SQLite cannot take diesel's multi-row insert with nullable columns.
-                diesel::insert_into(usage_ledger::table)
-                    .values(row)
-                    .execute(c)?;
-            }
+            let rows: Vec<&NewLedgerRow> = batch.iter().filter_map(|s| s.ledger.as_ref()).collect();
+            sqlite_insert_rows(c, &rows)?;
             let mut held = BTreeMap::new();
             // SQLite's default limit is 32766 parameters a statement; older builds took 999.
             for chunk in plan.reservations.chunks(500) {
