@@ -55,13 +55,19 @@ pub struct NativeBody {
 /// `json` with the string value at `path` (object keys from the top) replaced by `value`,
 /// every other byte as it was. `None` when `json` has no string at `path`.
 pub fn replace_string(json: &[u8], path: &[&str], value: &str) -> Option<Vec<u8>> {
-    let span = string_span(json, path)?;
-    let encoded = serde_json::to_string(value).ok()?;
+    Some(replace_span(json, string_span(json, path)?, value))
+}
+
+/// `json` with the bytes at `span` (a JSON value's) replaced by the string `value`, every
+/// other byte as it was.
+pub fn replace_span(json: &[u8], span: Range<usize>, value: &str) -> Vec<u8> {
+    // A `str` always serializes; the fallback only satisfies the types.
+    let encoded = serde_json::to_string(value).unwrap_or_default();
     let mut out = Vec::with_capacity(json.len() + encoded.len());
     out.extend_from_slice(&json[..span.start]);
     out.extend_from_slice(encoded.as_bytes());
     out.extend_from_slice(&json[span.end..]);
-    Some(out)
+    out
 }
 
 /// An answer's bytes with its top-level `model` string set to `model`; as they were when there

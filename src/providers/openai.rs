@@ -10,7 +10,7 @@ use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
     NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
 };
-use crate::api::native::{replace_string, with_model, without_null_member};
+use crate::api::native::{replace_span, replace_string, with_model, without_null_member};
 use crate::api::{
     openai_chat, openai_embeddings, openai_responses, Api, ChatResponse, EmbeddingsResponse,
 };
@@ -233,7 +233,10 @@ impl Provider for OpenAiProvider {
         let bytes = self.http.body(resp, deadline).await?;
         if call.native.api == Api::ChatCompletions {
             let facts = openai_chat::read_answer(&bytes).map_err(UpstreamError::BadResponse)?;
-            let body = with_model(bytes, call.answer_model);
+            let body = match facts.model_span {
+                Some(span) => replace_span(&bytes, span, call.answer_model).into(),
+                None => bytes,
+            };
             return Ok(NativeResponse {
                 body,
                 usage: facts.usage,

@@ -23,6 +23,9 @@ pub struct AnswerFacts {
     pub usage: Option<Usage>,
     /// The model the upstream says answered.
     pub model: Option<String>,
+    /// Where the top-level `model` string is in the bytes (its quotes included), for a
+    /// rewrite that needs no second pass.
+    pub model_span: Option<std::ops::Range<usize>>,
     /// Each choice's `finish_reason`, in OpenAI's words.
     pub finish_reasons: Vec<String>,
     /// Characters generated, for an estimate; counted only when no usage came.
@@ -35,9 +38,10 @@ pub struct AnswerFacts {
 pub fn read_answer(bytes: &[u8]) -> Result<AnswerFacts, String> {
     // Read as the full parse would read them from a `Value`, without building one.
     #[derive(serde::Deserialize)]
-    struct Head {
-        #[serde(default)]
-        model: AsString,
+    struct Head<'a> {
+        // Borrowed as it is written, so that where it is in the bytes is known.
+        #[serde(default, borrow)]
+        model: Option<&'a serde_json::value::RawValue>,
         choices: Vec<ChoiceHead>,
         #[serde(default)]
         usage: OpenAiUsage,
@@ -52,6 +56,17 @@ pub fn read_answer(bytes: &[u8]) -> Result<AnswerFacts, String> {
         // The full parse words what is wrong the way a translated answer's error does.
         Err(e) => return Err(parse_response(bytes).err().unwrap_or_else(|| e.to_string())),
     };
+    // Read as `Value::as_str` reads it: a string, or no model.
+    let model = head
+        .model
+        .map(|raw| serde_json::from_str::<AsString>(raw.get()))
+        .transpose()
+        .map_err(|e| e.to_string())?
+        .and_then(|m| m.0);
+    let model_span = model.as_ref().and(head.model).map(|raw| {
+        let start = raw.get().as_ptr() as usize - bytes.as_ptr() as usize;
+        start..start + raw.get().len()
+    });
     let usage = head.usage.0;
     let generated_chars = match usage {
         Some(_) => 0,
@@ -59,7 +74,8 @@ pub fn read_answer(bytes: &[u8]) -> Result<AnswerFacts, String> {
     };
     Ok(AnswerFacts {
         usage,
-        model: head.model.0,
+        model,
+        model_span,
         finish_reasons: head
             .choices
             .into_iter()

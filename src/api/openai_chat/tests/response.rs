@@ -186,17 +186,42 @@ fn read_answer_keeps_what_accounting_needs() {
         ],
         "usage": {"prompt_tokens": 4, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}}
     });
-    let facts = read_answer(v.to_string().as_bytes()).unwrap();
+    let text = v.to_string();
+    let facts = read_answer(text.as_bytes()).unwrap();
+    let at = text.find(r#""gpt-x""#).unwrap();
     assert_eq!(
         facts,
         AnswerFacts {
             usage: Some(parse(&v).usage.unwrap()),
             model: Some("gpt-x".into()),
+            model_span: Some(at..at + r#""gpt-x""#.len()),
             finish_reasons: vec!["stop".into()],
             generated_chars: 0,
         }
     );
     assert_eq!(facts.usage.unwrap().cached_prompt_tokens, 1);
+}
+
+/// The model's place is where `with_model` would rewrite it: the rewrite from it is the same,
+/// escapes and spacing included; a model that is not a string has none.
+#[test]
+fn read_answer_finds_the_model_where_with_model_rewrites_it() {
+    for answer in [
+        r#"{ "model" : "gpt\u002dx" , "choices": [{"message": {"model": "no"}}]}"#,
+        r#"{"choices": [], "model":"m"}"#,
+    ] {
+        let facts = read_answer(answer.as_bytes()).unwrap();
+        let span = facts.model_span.expect("a string model");
+        assert_eq!(
+            crate::api::native::replace_span(answer.as_bytes(), span, "up/m"),
+            crate::api::native::with_model(answer.into(), "up/m").to_vec(),
+            "{answer}"
+        );
+    }
+    let facts = read_answer(br#"{"model": 5, "choices": []}"#).unwrap();
+    assert_eq!((facts.model, facts.model_span), (None, None));
+    let facts = read_answer(br#"{"model": null, "choices": []}"#).unwrap();
+    assert_eq!((facts.model, facts.model_span), (None, None));
 }
 
 #[test]
