@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, ConfigError, LogFormat, Overrides};
 use crate::core::admin::Admin;
 use crate::core::ConfigSource;
-use crate::server::{RunningServer, ServeOptions};
+use crate::server::{RunningServer, ServeOptions, StopSignal};
 use crate::store::Store;
 
 /// tollgate: an LLM gateway.
@@ -295,10 +295,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 clock: crate::clock::Clock::system(),
                 source,
             };
+            // Listening for the stop signals before the server serves: see `StopSignal`.
+            let stop = StopSignal::listen()
+                .map_err(|e| err(format!("cannot listen for SIGTERM and ctrl-c: {e}")))?;
             let server = RunningServer::start_with(config, options)
                 .await
                 .map_err(err)?;
-            server.run_until_signal().await;
+            server.run_until_signal(stop).await;
             Ok(())
         }
         Command::Migrate(args) => {

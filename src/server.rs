@@ -266,12 +266,12 @@ impl RunningServer {
         tracing::info!("tollgate stopped; usage ledger flushed");
     }
 
-    /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
-    pub async fn run_until_signal(self) {
+    /// Serves until `stop` hears SIGTERM or ctrl-c, then shuts down gracefully.
+    pub async fn run_until_signal(self, stop: StopSignal) {
         // This runs on the thread that started the server, which allocates little from now on:
         // what startup left free in its heap goes back to the system instead of staying in RSS.
         crate::allocator::release_free_memory();
-        wait_for_signal().await;
+        stop.recv().await;
         tracing::info!("shutdown signal received");
         self.shutdown().await;
     }
@@ -392,24 +392,51 @@ fn reload_on_sighup(gateway: Arc<Gateway>) -> impl std::future::Future<Output = 
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and ctrl-c (SIGINT), listened for from the moment this is made. `tollgate serve`
+/// makes it before the server starts: a stop sent as soon as the server listens (an orchestrator that
+/// replaces a replica that has only just started) is then a graceful shutdown, never the
+/// signal's default action (exit at once, requests and ledger rows lost). Made afterwards it
+/// left that window open (a lifecycle test hit it under load). A library user that serves
+/// without it installs no handlers.
+pub struct StopSignal {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    /// Installs the handlers (inside the runtime).
+    pub fn listen() -> std::io::Result<StopSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignal {
+                term: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Ok(StopSignal {})
+    }
+
+    /// Waits for either signal.
+    async fn recv(self) {
+        #[cfg(unix)]
+        {
+            let StopSignal {
+                mut term,
+                mut interrupt,
+            } = self;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
