@@ -5,8 +5,8 @@
 //! read from the events as they pass.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -14,6 +14,7 @@ use futures_util::Stream;
 use super::dispatch::upstream_reason;
 use super::lifecycle::StreamCut;
 use super::outcome::OutcomeGuard;
+use super::stream::UpstreamWait;
 use super::{Reason, Rejection};
 use crate::api::{estimate_tokens, Usage};
 use crate::providers::{NativeChunk, NativeStream};
@@ -39,8 +40,7 @@ pub struct PassthroughStream {
     generated_chars: usize,
     reported: Option<Usage>,
     saw_finish: bool,
-    waiting_since: Option<Instant>,
-    upstream_wait: Duration,
+    waited: UpstreamWait,
     policy_headers: crate::error::PolicyHeaders,
     /// Shutdown's end of the grace period.
     cut: StreamCut,
@@ -64,8 +64,7 @@ impl PassthroughStream {
             generated_chars: 0,
             reported: None,
             saw_finish: false,
-            waiting_since: None,
-            upstream_wait: Duration::ZERO,
+            waited: UpstreamWait::default(),
             policy_headers: Vec::new(),
             cut,
         }
@@ -91,7 +90,7 @@ impl PassthroughStream {
             completion_tokens: estimate_tokens(self.generated_chars),
             ..Usage::default()
         });
-        let wait = self.upstream_wait;
+        let wait = self.waited.total;
         if let Some(mut guard) = self.guard.take() {
             let rec = guard.record();
             rec.usage = usage;
@@ -133,20 +132,9 @@ impl Stream for PassthroughStream {
             return Poll::Ready(Some(Err(super::stream::shutdown_cut(&this.resolved))));
         }
         let next = loop {
-            let next = match this.first.take() {
-                Some(first) => Some(Ok(first)),
-                None => {
-                    let since = *this.waiting_since.get_or_insert_with(Instant::now);
-                    match this.upstream.as_mut().poll_next(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(item) => {
-                            this.upstream_wait += since.elapsed();
-                            this.waiting_since = None;
-                            item
-                        }
-                    }
-                }
-            };
+            let next = ready!(this
+                .waited
+                .next(&mut this.first, this.upstream.as_mut(), cx));
             match next {
                 // Read for accounting only: nothing for the caller, so on to the next one.
                 Some(Ok(chunk)) if chunk.bytes.is_empty() => {

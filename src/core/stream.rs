@@ -4,7 +4,7 @@
 //! caller went away) records `client_disconnected` with the tokens produced so far.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
@@ -27,8 +27,7 @@ pub struct ChatStream {
     content_chars: usize,
     reported: Option<Usage>,
     saw_finish: bool,
-    waiting_since: Option<Instant>,
-    upstream_wait: Duration,
+    waited: UpstreamWait,
     policy_headers: crate::error::PolicyHeaders,
     /// Shutdown's end of the grace period.
     cut: StreamCut,
@@ -54,8 +53,7 @@ impl ChatStream {
             content_chars: 0,
             reported: None,
             saw_finish: false,
-            waiting_since: None,
-            upstream_wait: Duration::ZERO,
+            waited: UpstreamWait::default(),
             policy_headers: Vec::new(),
             cut,
         }
@@ -86,7 +84,7 @@ impl ChatStream {
 
     fn settle(&mut self, reason: Reason) {
         let usage = self.usage();
-        let wait = self.upstream_wait;
+        let wait = self.waited.total;
         if let Some(mut guard) = self.guard.take() {
             let rec = guard.record();
             rec.usage = usage;
@@ -144,20 +142,9 @@ impl Stream for ChatStream {
                 this.settle(Reason::InternalError);
                 return Poll::Ready(Some(Err(shutdown_cut(&this.resolved))));
             }
-            let next = match this.first.take() {
-                Some(first) => Some(Ok(first)),
-                None => {
-                    let since = *this.waiting_since.get_or_insert_with(Instant::now);
-                    match this.upstream.as_mut().poll_next(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(item) => {
-                            this.upstream_wait += since.elapsed();
-                            this.waiting_since = None;
-                            item
-                        }
-                    }
-                }
-            };
+            let next = ready!(this
+                .waited
+                .next(&mut this.first, this.upstream.as_mut(), cx));
             match next {
                 Some(Ok(chunk)) => {
                     if let Some(out) = this.accept(chunk) {
@@ -191,6 +178,37 @@ impl Stream for ChatStream {
                 }
             }
         }
+    }
+}
+
+/// The upstream's share of a stream's time (the record's `upstream_wait`): from a poll that
+/// found the upstream with nothing ready to the item it then gave.
+#[derive(Debug, Default)]
+pub(crate) struct UpstreamWait {
+    since: Option<Instant>,
+    /// Waited so far.
+    pub total: Duration,
+}
+
+impl UpstreamWait {
+    /// `first` while it is held, then the upstream's items, each timed.
+    pub(crate) fn next<T, E, S>(
+        &mut self,
+        first: &mut Option<T>,
+        upstream: Pin<&mut S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<T, E>>>
+    where
+        S: Stream<Item = Result<T, E>> + ?Sized,
+    {
+        if let Some(first) = first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let item = ready!(upstream.poll_next(cx));
+        self.total += since.elapsed();
+        self.since = None;
+        Poll::Ready(item)
     }
 }
 
