@@ -584,10 +584,12 @@ impl Budgets {
         };
         for id in due {
             let expires_at = now.saturating_add(knobs.ttl_ms);
-            self.writes.count("lease");
             let turn = self.settler.write_turn(&self.store).await;
             let renewed = self.store.budget_lease_renew(&id, expires_at).await;
             drop(turn);
+            // Counted once made, not when due: a renewal runs in the background, and whoever
+            // reads the count to know it happened must find it in the store.
+            self.writes.count("lease");
             match renewed {
                 Ok(true) => {
                     if let Ok(mut st) = self.leases.state.lock() {
