@@ -324,6 +324,13 @@ impl Budgets {
         };
         let now = self.clock.now_ms();
         let live = self.live_lease(ap.key);
+        if need == 0 && live.as_ref().is_none_or(|l| !l.usable(ap, now, &knobs)) {
+            // A background refill whose lease was retired (near the limit, a new period) or
+            // went stale before it ran: taking a new lease is for a request to decide, after
+            // it has looked whether the scope reserves exactly. A refill that leased anew here
+            // held room a request beside it, reserving exactly, was then refused for.
+            return Ok(false);
+        }
         if need > 0 {
             if let Some(l) = &live {
                 if l.usable(ap, now, &knobs) && l.available() >= need {
@@ -632,3 +639,7 @@ fn matches(row: &BudgetRow, ap: &Applied, start: i64) -> bool {
 fn outside(row: &BudgetRow) -> i64 {
     row.limit_micros - row.spent_micros - row.reserved_micros
 }
+
+#[cfg(test)]
+#[path = "lease_tests.rs"]
+mod tests;
