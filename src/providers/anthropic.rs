@@ -183,12 +183,16 @@ impl Provider for AnthropicProvider {
         let answer_model = call.answer_model.to_string();
         let mut over = false;
         let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {
-            let out = if over {
-                None
-            } else {
-                Some(item.and_then(|(raw, data)| {
-                    native_event(&mut decoder, raw, data.as_deref(), &answer_model)
-                }))
+            let out = match item {
+                _ if over => None,
+                // A comment is not passed on, as in a chat stream: it must not start the answer
+                // (a 200 with nothing in it, no more fallback). Anthropic's keep-alive is a
+                // `ping` event, which has data and is passed on.
+                Ok((_, None)) => None,
+                Ok((raw, Some(data))) => {
+                    Some(native_event(&mut decoder, raw, &data, &answer_model))
+                }
+                Err(e) => Some(Err(e)),
             };
             over |= matches!(out, Some(Err(_))) || decoder.is_finished();
             futures_util::future::ready(out)
@@ -269,20 +273,14 @@ impl Provider for AnthropicProvider {
     }
 }
 
-/// One pass-through event: read for accounting (and for an `error` event, which ends the
-/// stream as a failure), its bytes kept, `message_start`'s `message.model` rewritten.
+/// One pass-through event with data: read for accounting (and for an `error` event, which ends
+/// the stream as a failure), its bytes kept, `message_start`'s `message.model` rewritten.
 fn native_event(
     decoder: &mut StreamDecoder,
     raw: bytes::Bytes,
-    data: Option<&str>,
+    data: &str,
     answer_model: &str,
 ) -> Result<NativeChunk, UpstreamError> {
-    let Some(data) = data else {
-        return Ok(NativeChunk {
-            bytes: raw,
-            ..NativeChunk::default()
-        });
-    };
     let delta = match decoder.event(data) {
         Ok(d) => d,
         Err(StreamError::Upstream {

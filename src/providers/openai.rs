@@ -63,20 +63,14 @@ impl OpenAiProvider {
     }
 }
 
-/// One pass-through Responses event: read for accounting, its bytes kept, `response.model`
-/// rewritten where the event carries the response. `response.failed` and `error` end the
-/// stream as a failure.
+/// One pass-through Responses event with data: read for accounting, its bytes kept,
+/// `response.model` rewritten where the event carries the response. `response.failed` and
+/// `error` end the stream as a failure.
 fn native_event(
     raw: bytes::Bytes,
-    data: Option<&str>,
+    data: &str,
     answer_model: &str,
 ) -> Result<NativeChunk, UpstreamError> {
-    let Some(data) = data else {
-        return Ok(NativeChunk {
-            bytes: raw,
-            ..NativeChunk::default()
-        });
-    };
     if data.trim() == "[DONE]" {
         return Ok(NativeChunk {
             bytes: raw,
@@ -281,10 +275,13 @@ impl Provider for OpenAiProvider {
         let answer_model = call.answer_model.to_string();
         let mut over = false;
         let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {
-            let out = if over {
-                None
-            } else {
-                Some(item.and_then(|(raw, data)| native_event(raw, data.as_deref(), &answer_model)))
+            let out = match item {
+                _ if over => None,
+                // A comment (`: keep-alive`) is not passed on, as in a chat stream: it must not
+                // start the answer (a 200 with nothing in it, no more fallback).
+                Ok((_, None)) => None,
+                Ok((raw, Some(data))) => Some(native_event(raw, &data, &answer_model)),
+                Err(e) => Some(Err(e)),
             };
             // After a failure nothing more is for the caller; a trailing `[DONE]` still is.
             over |= matches!(out, Some(Err(_)));

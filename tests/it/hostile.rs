@@ -285,6 +285,13 @@ base_url = "http://{addr}"
 keys = ["sk-hostile"]
 anthropic_version = "2023-06-01"
 default_max_tokens = 64
+connect_timeout_ms = {CONNECT_MS}
+first_byte_timeout_ms = {FIRST_BYTE_MS}
+idle_timeout_ms = {IDLE_MS}
+total_timeout_ms = {TOTAL_MS}
+
+[aliases.claude-trickle]
+chain = ["hostile_claude/trickle"]
 
 [providers.blackhole]
 kind = "openai"
@@ -657,6 +664,65 @@ async fn connect_first_byte_idle_and_total_timeouts_are_told_apart() {
         .await;
     }
     s.assert_delta_now(&before, AVAILABILITY, &[], 8.0).await;
+    still_healthy(&s).await;
+    s.shutdown().await;
+}
+
+/// Passed-through streams (Responses, Messages) whose upstream sends nothing but keep-alive
+/// comments: a comment starts no answer (passed on, it would have committed a 200 with
+/// nothing in it and ended the chance to fall back), so the caller gets the total timeout as a
+/// 504 in its API's error shape, and the ledger a failure; the chat completions stream (the
+/// `trickle` case above) does the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passed_through_streams_of_keep_alives_alone_are_a_timeout_not_an_answer() {
+    let (mut s, _h, _bh) = start().await;
+    let responses = s
+        .client
+        .post(s.url("/v1/responses"))
+        .bearer_auth(ALICE_KEY)
+        .json(&json!({"model": "trickle", "input": "hello", "stream": true}));
+    let messages = s
+        .client
+        .post(s.url("/v1/messages"))
+        .header("x-api-key", ALICE_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": "claude-trickle", "max_tokens": 16, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        );
+    let runs = [("responses", responses), ("messages", messages)].map(|(api, rb)| {
+        let s = &s;
+        async move {
+            let rid = new_request_id();
+            let started = Instant::now();
+            let resp = rb
+                .header("x-request-id", &rid)
+                .send()
+                .await
+                .expect("request");
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            let took = started.elapsed();
+            assert_eq!(status, 504, "{api}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{api}: {text}"));
+            let message = if api == "messages" {
+                assert_eq!(v["type"], "error", "{v}");
+                assert_eq!(v["error"]["type"], "overloaded_error", "{v}");
+                v["error"]["message"].as_str().unwrap_or("")
+            } else {
+                assert_eq!(v["error"]["code"], "upstream_timeout", "{v}");
+                v["error"]["message"].as_str().unwrap_or("")
+            };
+            assert!(message.contains("waiting for total"), "{api}: {v}");
+            assert!(
+                took >= Duration::from_millis(TOTAL_MS)
+                    && took < Duration::from_millis(TOTAL_MS + 1500),
+                "{api} took {took:?}, the total deadline is {TOTAL_MS} ms"
+            );
+            expect_failure_row(s, &rid, "upstream_timeout").await;
+        }
+    });
+    futures_util::future::join_all(runs).await;
     still_healthy(&s).await;
     s.shutdown().await;
 }
