@@ -73,7 +73,15 @@ pub struct OutcomeGuard {
     recorder: Recorder,
     started: Instant,
     started_ms: i64,
-    record: Option<ChatRecord>,
+    /// Boxed: the guard is held by value in every future of the request (often twice: as an
+    /// argument and as a local), and each future is copied whole when it is made and boxed;
+    /// inline, the record and span were 700 bytes of each copy.
+    open: Option<Box<Open>>,
+}
+
+/// What a guard holds until it records.
+struct Open {
+    record: ChatRecord,
     /// The request's server span; ended with the outcome.
     trace: Option<ServerTrace>,
 }
@@ -83,40 +91,44 @@ impl OutcomeGuard {
     pub fn new(recorder: Recorder, protocol: Protocol, api: Api, request_id: String) -> Self {
         let started_ms = recorder.clock.now_ms();
         Self {
-            trace: None,
             recorder,
             started: Instant::now(),
             started_ms,
-            record: Some(ChatRecord {
-                protocol,
-                api,
-                request_id,
-                stream: false,
-                requested_model: String::new(),
-                model_label: unknown_label(),
-                service_type_label: unknown_label(),
-                purpose_label: none_label(),
-                service_type: None,
-                purpose: None,
-                user_id: None,
-                key_id: None,
-                resolved_model: None,
-                resolved_label: None,
-                usage: Usage::default(),
-                cost_micros: 0,
-                pricing: None,
-                hold: HoldSlot::default(),
-                upstream_wait: Duration::ZERO,
-                first_token_at: None,
-            }),
+            open: Some(Box::new(Open {
+                trace: None,
+                record: ChatRecord {
+                    protocol,
+                    api,
+                    request_id,
+                    stream: false,
+                    requested_model: String::new(),
+                    model_label: unknown_label(),
+                    service_type_label: unknown_label(),
+                    purpose_label: none_label(),
+                    service_type: None,
+                    purpose: None,
+                    user_id: None,
+                    key_id: None,
+                    resolved_model: None,
+                    resolved_label: None,
+                    usage: Usage::default(),
+                    cost_micros: 0,
+                    pricing: None,
+                    hold: HoldSlot::default(),
+                    upstream_wait: Duration::ZERO,
+                    first_token_at: None,
+                },
+            })),
         }
     }
 
     /// The record being filled in.
     pub fn record(&mut self) -> &mut ChatRecord {
-        self.record
+        &mut self
+            .open
             .as_mut()
             .expect("an OutcomeGuard is not used after it is finished")
+            .record
     }
 
     /// Opens the request's server span, under the caller's span when it sent one.
@@ -124,12 +136,15 @@ impl OutcomeGuard {
         let start_ns = u64::try_from(self.started_ms)
             .unwrap_or(0)
             .saturating_mul(1_000_000);
-        self.trace = Some(self.recorder.tracer.server_trace(parent, start_ns));
+        let trace = self.recorder.tracer.server_trace(parent, start_ns);
+        if let Some(open) = self.open.as_mut() {
+            open.trace = Some(trace);
+        }
     }
 
     /// The request's server span, to open attempts on and to note what it learns.
     pub fn trace(&mut self) -> Option<&mut ServerTrace> {
-        self.trace.as_mut()
+        self.open.as_mut().and_then(|o| o.trace.as_mut())
     }
 
     /// When shutdown cuts the streams still running (for a stream to watch).
@@ -139,7 +154,7 @@ impl OutcomeGuard {
 
     /// The inbound API the request came in on.
     pub fn api(&self) -> Api {
-        self.record.as_ref().map(|r| r.api).unwrap_or_default()
+        self.open.as_ref().map(|o| o.record.api).unwrap_or_default()
     }
 
     /// When the request entered the core.
@@ -149,8 +164,8 @@ impl OutcomeGuard {
 
     /// Records the outcome for `reason`; the guard is spent.
     pub fn finish(mut self, reason: Reason) {
-        if let Some(record) = self.record.take() {
-            let trace = self.trace.take();
+        if let Some(open) = self.open.take() {
+            let Open { record, trace } = *open;
             self.emit(record, reason, trace);
         }
     }
@@ -281,8 +296,8 @@ impl OutcomeGuard {
 
 impl Drop for OutcomeGuard {
     fn drop(&mut self) {
-        if let Some(record) = self.record.take() {
-            let trace = self.trace.take();
+        if let Some(open) = self.open.take() {
+            let Open { record, trace } = *open;
             self.emit(record, Reason::ClientDisconnected, trace);
         }
     }

@@ -56,6 +56,20 @@ impl Provisioner {
             }
             Cached::Missing(load) => load,
         };
+        // Boxed: the store call's future is kilobytes, copied with every future that holds
+        // this one, on every request, though a cached identity never reaches it.
+        Box::pin(self.provision_now(ext, service_type, cap, now_ms, load)).await
+    }
+
+    /// Finds or creates the user of an identity the cache does not hold, and caches it.
+    async fn provision_now(
+        &self,
+        ext: &ExternalIdentity,
+        service_type: &str,
+        cap: SignupCap,
+        now_ms: i64,
+        load: Load,
+    ) -> Result<ProvisionedIdentity, Rejection> {
         let provisioned = self
             .store
             .provision_user(

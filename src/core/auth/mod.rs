@@ -189,17 +189,18 @@ impl Authenticator {
             Some(AuthMethod::ApiKey | AuthMethod::StaticKey) => {
                 self.verify_key(token).await.map(Credential::Known)
             }
+            // The verifiers' futures (and a key's store lookup) are boxed where they are
+            // awaited: held inline, their kilobytes would be copied with every future that
+            // holds this one, on every request, though a cached key never reaches them.
             Some(AuthMethod::Jwt) => match verifiers.jwt.as_ref() {
-                Some(v) => v
-                    .verify(token)
+                Some(v) => Box::pin(v.verify(token))
                     .await
                     .map(|t| external(AuthMethod::Jwt, format!("{}#{}", t.issuer, t.subject), t))
                     .map_err(verify_rejection),
                 None => Err(Rejection::new(Reason::AuthRejected, "unknown credential")),
             },
             Some(AuthMethod::Introspection) => match verifiers.introspection.as_ref() {
-                Some(v) => v
-                    .verify(token)
+                Some(v) => Box::pin(v.verify(token))
                     .await
                     .map(|t| {
                         let id = format!("introspection#{}", t.subject);
@@ -286,10 +287,16 @@ impl Authenticator {
             }
             Cached::Missing(load) => Err(load),
         };
-        let load = match load {
-            Ok(identity) => return Ok(identity),
-            Err(load) => load,
-        };
+        match load {
+            Ok(identity) => Ok(identity),
+            Err(load) => Box::pin(self.look_up_key(digest, load)).await,
+        }
+    }
+
+    /// A key the cache does not hold, read from the store (one lookup at a time per key: a
+    /// request that comes meanwhile waits for it).
+    async fn look_up_key(&self, digest: [u8; 32], load: Load) -> Result<Identity, Rejection> {
+        let keys = &self.keys;
         let lookup = self
             .lookups
             .lock()

@@ -276,7 +276,8 @@ impl Budgets {
                 return Ok((None, leased, headers));
             }
         }
-        let (reservation, headers) = self.reserve(a, applied, max_cost).await?;
+        // Boxed, as every store call on this path: see `policy`.
+        let (reservation, headers) = Box::pin(self.reserve(a, applied, max_cost)).await?;
         Ok((reservation, Vec::new(), headers))
     }
 
@@ -312,7 +313,9 @@ impl Budgets {
                     .renew(key, "refreshing budget settings failed", reload);
                 Ok(p)
             }
-            Cached::Missing(load) => self.read_policy(key, load, ttl_ms).await,
+            // Boxed: the store call's future is kilobytes, copied with every future that holds
+            // this one, on every request, though cached settings never reach it.
+            Cached::Missing(load) => Box::pin(self.read_policy(key, load, ttl_ms)).await,
         }
     }
 

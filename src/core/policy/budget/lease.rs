@@ -221,7 +221,9 @@ impl Budgets {
                 Err(missing) => missing,
             };
             for i in missing {
-                match self.grant(&applied[i], max_cost, knobs).await {
+                // Boxed: a grant's store calls would make this future, awaited on every
+                // leased request, kilobytes to copy.
+                match Box::pin(self.grant(&applied[i], max_cost, knobs)).await {
                     Ok(true) => {}
                     Ok(false) => return None,
                     Err(e) => {
