@@ -64,14 +64,14 @@ impl Reservation {
     }
 }
 
-/// Where the outcome record keeps a request's [`Hold`]; taking it settles it once.
+/// Where the outcome record keeps a request's [`Hold`]; taking it settles it once. Empty (no
+/// allocation) for a request that took nothing, as every request's record starts.
 #[derive(Clone, Default)]
-pub struct HoldSlot(Arc<Mutex<Option<Hold>>>);
+pub struct HoldSlot(Option<Arc<Mutex<Option<Hold>>>>);
 
 impl std::fmt::Debug for HoldSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let held = self.0.lock().map(|h| h.is_some()).unwrap_or(false);
-        f.debug_tuple("HoldSlot").field(&held).finish()
+        f.debug_tuple("HoldSlot").field(&self.is_held()).finish()
     }
 }
 
@@ -85,7 +85,10 @@ impl HoldSlot {
         ledger_row: NewLedgerRow,
         ledger: &Ledger,
     ) {
-        let hold = self.0.lock().ok().and_then(|mut h| h.take());
+        let hold = self
+            .0
+            .as_ref()
+            .and_then(|slot| slot.lock().ok().and_then(|mut h| h.take()));
         match hold {
             Some(h) => h.settle(cost_micros, usage, ledger_row, ledger),
             None => ledger.record(ledger_row),
@@ -94,7 +97,9 @@ impl HoldSlot {
 
     /// Whether a hold is waiting to be settled.
     pub fn is_held(&self) -> bool {
-        self.0.lock().map(|h| h.is_some()).unwrap_or(false)
+        self.0
+            .as_ref()
+            .is_some_and(|slot| slot.lock().is_ok_and(|h| h.is_some()))
     }
 }
 
@@ -137,12 +142,12 @@ impl Budgets {
         if reservation.is_none() && leased.is_empty() && rate.is_none() {
             return HoldSlot::default();
         }
-        HoldSlot(Arc::new(Mutex::new(Some(Hold {
+        HoldSlot(Some(Arc::new(Mutex::new(Some(Hold {
             engine: self.clone(),
             reservation,
             leased,
             rate,
-        }))))
+        })))))
     }
 
     /// Waits until every settlement queued before this call is written.
