@@ -183,17 +183,10 @@ impl Provider for AnthropicProvider {
         let answer_model = call.answer_model.to_string();
         let mut over = false;
         let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {
-            let out = match item {
-                _ if over => None,
-                // A comment is not passed on, as in a chat stream: it must not start the answer
-                // (a 200 with nothing in it, no more fallback). Anthropic's keep-alive is a
-                // `ping` event, which has data and is passed on.
-                Ok((_, None)) => None,
-                Ok((raw, Some(data))) => {
-                    Some(native_event(&mut decoder, raw, &data, &answer_model))
-                }
-                Err(e) => Some(Err(e)),
-            };
+            // (Anthropic's keep-alive is a `ping` event, which has data and is passed on.)
+            let out = (!over).then(|| {
+                item.and_then(|(raw, data)| native_event(&mut decoder, raw, &data, &answer_model))
+            });
             over |= matches!(out, Some(Err(_))) || decoder.is_finished();
             futures_util::future::ready(out)
         });

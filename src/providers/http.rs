@@ -301,13 +301,16 @@ impl HttpUpstream {
         )
     }
 
-    /// The events of a streamed answer as their exact bytes and `data` payloads (for a
-    /// pass-through), with the same deadlines as [`HttpUpstream::sse_data`].
+    /// The events of a streamed answer that carry data, as their exact bytes and `data`
+    /// payloads (for a pass-through), with the same deadlines as [`HttpUpstream::sse_data`].
+    /// A comment (`: keep-alive`) or any other event without data is not yielded, as
+    /// `sse_data` yields none: passed on, it would start the caller's answer (a 200 with
+    /// nothing in it, and no more fallback).
     pub fn sse_raw(
         &self,
         resp: UpstreamResponse,
         deadline: Instant,
-    ) -> impl Stream<Item = Result<RawEvent, UpstreamError>> + Send + 'static {
+    ) -> impl Stream<Item = Result<DataEvent, UpstreamError>> + Send + 'static {
         self.sse_items(
             resp,
             deadline,
@@ -397,13 +400,18 @@ impl SseDecoder for SseParser {
 }
 
 impl SseDecoder for EventSplitter {
-    type Item = RawEvent;
-    fn push(&mut self, bytes: &[u8]) -> Result<Vec<RawEvent>, SseTooLong> {
-        EventSplitter::push(self, bytes)
+    type Item = DataEvent;
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<DataEvent>, SseTooLong> {
+        let events = EventSplitter::push(self, bytes)?;
+        Ok(events.into_iter().filter_map(with_data).collect())
     }
-    fn finish(&mut self) -> Option<RawEvent> {
-        EventSplitter::finish(self)
+    fn finish(&mut self) -> Option<DataEvent> {
+        EventSplitter::finish(self).and_then(with_data)
     }
+}
+
+fn with_data((raw, data): super::sse::RawEventBytes) -> Option<DataEvent> {
+    data.map(|d| (raw, d))
 }
 
 /// The whole body, refused as soon as it (or its announced length) passes `max` bytes.
@@ -445,8 +453,8 @@ async fn read_capped(resp: UpstreamResponse, max: usize) -> Result<Bytes, Upstre
     Ok(whole.unwrap_or_else(|| buf.freeze()))
 }
 
-/// One SSE event as sent: its bytes and its `data` payload (`None`: a comment, say).
-pub use super::sse::RawEventBytes as RawEvent;
+/// One SSE event with data, as sent: its bytes and its `data` payload.
+pub type DataEvent = (Bytes, String);
 
 /// A connect that passed `connect_timeout_ms` is a timeout (hyper reports it as a connect
 /// error whose cause timed out, so that is asked first); other connection failures are

@@ -153,17 +153,13 @@ struct ChatEvents {
 impl ChatEvents {
     fn next(
         &mut self,
-        item: Result<super::sse::RawEventBytes, UpstreamError>,
+        item: Result<super::http::DataEvent, UpstreamError>,
     ) -> Option<Result<NativeChunk, UpstreamError>> {
         if self.over {
             return None;
         }
         let out = match item {
-            // A comment (`: keep-alive`) or anything else without data says nothing, and is not
-            // passed on, as a translated stream does not: it must neither start the answer
-            // (which ends the chance to fall back) nor count as the upstream's first byte.
-            Ok((_, None)) => return None,
-            Ok((raw, Some(data))) => self.event(raw, &data),
+            Ok((raw, data)) => self.event(raw, &data),
             Err(e) => Err(e),
         };
         self.over = out.is_err();
@@ -275,14 +271,8 @@ impl Provider for OpenAiProvider {
         let answer_model = call.answer_model.to_string();
         let mut over = false;
         let events = self.http.sse_raw(resp, deadline).filter_map(move |item| {
-            let out = match item {
-                _ if over => None,
-                // A comment (`: keep-alive`) is not passed on, as in a chat stream: it must not
-                // start the answer (a 200 with nothing in it, no more fallback).
-                Ok((_, None)) => None,
-                Ok((raw, Some(data))) => Some(native_event(raw, &data, &answer_model)),
-                Err(e) => Some(Err(e)),
-            };
+            let out = (!over)
+                .then(|| item.and_then(|(raw, data)| native_event(raw, &data, &answer_model)));
             // After a failure nothing more is for the caller; a trailing `[DONE]` still is.
             over |= matches!(out, Some(Err(_)));
             futures_util::future::ready(out)
