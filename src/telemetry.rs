@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::metrics::{EndpointLabels, Label, Metrics, StatusCode, StatusLabels};
+use crate::metrics::{EndpointLabels, Label, Metrics, StatusCode};
 
 /// The series of one endpoint (a route template, a gRPC method): handles into their families,
 /// found once, so that counting a request is an atomic add and not a lookup of its labels.
@@ -94,13 +94,7 @@ impl Drop for RequestObservation {
             .observe(self.started.elapsed().as_secs_f64());
         // A body that ends without a status is a gRPC call the client cancelled.
         let status_code = self.status.unwrap_or(StatusCode::Grpc("CANCELLED"));
-        self.metrics
-            .response_status
-            .get_or_create(&StatusLabels {
-                protocol: self.protocol,
-                status_code,
-            })
-            .inc();
+        self.metrics.count_status(self.protocol, status_code);
     }
 }
 

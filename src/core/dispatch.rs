@@ -12,7 +12,7 @@ use super::stream::ChatStream;
 use super::trace::{operation, Attempt, AttemptEnd, AttemptTarget};
 use super::{Reason, Rejection};
 use crate::api::{Api, ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, NativeBody, Usage};
-use crate::metrics::{AliasLabels, FallbackLabels, UpstreamLabels};
+use crate::metrics::{AliasLabels, FallbackLabels};
 use crate::providers::{
     DeltaStream, EmbedCall, NativeCall, NativeChunk, NativeResponse, NativeStream, TraceHeaders,
     UpstreamCall, UpstreamError,
@@ -191,14 +191,11 @@ impl Dispatch<'_> {
     /// Upstream latency, and what the outcome says about the provider's health.
     fn observe(&self, target: &Target, started: Instant, result: Result<(), &UpstreamError>) {
         let status_class = status_class(result);
-        self.gateway
-            .metrics()
-            .upstream_latency
-            .get_or_create(&UpstreamLabels {
-                provider: target.provider.label.clone(),
-                status_class,
-            })
-            .observe(started.elapsed().as_secs_f64());
+        self.gateway.metrics().observe_upstream(
+            &target.provider.label,
+            status_class,
+            started.elapsed().as_secs_f64(),
+        );
         match result {
             Ok(()) => target.provider.health.record_success(),
             Err(e) if counts_against_health(e) => {

@@ -13,9 +13,7 @@ use super::{Protocol, Reason};
 use crate::api::Api;
 use crate::clock::Clock;
 use crate::core::ledger::Ledger;
-use crate::metrics::{
-    none_label, unknown_label, ChatLabels, Label, Metrics, ProtocolLabels, TokenKind,
-};
+use crate::metrics::{none_label, unknown_label, Label, Metrics, TokenKind};
 use crate::providers::Usage;
 use crate::store::NewLedgerRow;
 
@@ -177,22 +175,19 @@ impl OutcomeGuard {
         }
         let outcome = reason.outcome();
         let elapsed = self.started.elapsed();
-        m.chat_availability
-            .get_or_create(&ChatLabels {
-                protocol: r.protocol.as_str(),
-                api: r.api.as_str(),
-                outcome: outcome.as_str(),
-                reason: reason.as_str(),
-                model: r.model_label.clone(),
-                service_type: r.service_type_label.clone(),
-                purpose: r.purpose_label.clone(),
-            })
-            .inc();
-        m.overhead
-            .get_or_create(&ProtocolLabels {
-                protocol: r.protocol.as_str(),
-            })
-            .observe(elapsed.saturating_sub(r.upstream_wait).as_secs_f64());
+        m.count_outcome(&crate::metrics::Availability {
+            protocol: r.protocol.as_str(),
+            api: r.api.as_str(),
+            outcome: outcome.as_str(),
+            reason: reason.as_str(),
+            model: &r.model_label,
+            service_type: &r.service_type_label,
+            purpose: &r.purpose_label,
+        });
+        m.observe_overhead(
+            r.protocol.as_str(),
+            elapsed.saturating_sub(r.upstream_wait).as_secs_f64(),
+        );
         if let Some(resolved) = &r.resolved_label {
             let series = m.models.get(resolved);
             series

@@ -11,7 +11,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod handles;
 mod series;
+use handles::{self_keyed, SeriesHandles, SeriesKey};
 pub use series::{ModelSeries, ModelSeriesCache, TokenKind};
 
 /// A label value computed once (at load, from the configuration) and shared: setting it on a
@@ -233,6 +235,107 @@ pub struct Metrics {
     pub rate_limit_fail_open: Counter,
     /// The per-model series of the `chat_*` families, by resolved model label.
     pub models: ModelSeriesCache,
+    /// Handles of the series every request updates, found by its label values
+    /// (`handles::SeriesHandles`).
+    handles: Handles,
+}
+
+/// The series handles of the families every request updates.
+#[derive(Default)]
+struct Handles {
+    availability: SeriesHandles<ChatLabels, Counter>,
+    overhead: SeriesHandles<ProtocolLabels, Histogram>,
+    response_status: SeriesHandles<StatusLabels, Counter>,
+    upstream_latency: SeriesHandles<UpstreamLabels, Histogram>,
+    auth_latency: SeriesHandles<AuthLabels, Histogram>,
+    keys_tried: SeriesHandles<ProviderLabels, Histogram>,
+}
+
+self_keyed!(ProtocolLabels, StatusLabels, AuthLabels);
+
+/// A finished request's `tollgate_chat_availability_total` labels, as its record holds them.
+pub struct Availability<'a> {
+    pub protocol: &'static str,
+    pub api: &'static str,
+    pub outcome: &'static str,
+    pub reason: &'static str,
+    pub model: &'a Label,
+    pub service_type: &'a Label,
+    pub purpose: &'a Label,
+}
+
+/// The same label value: most often the very same `Arc`, as both came from the configuration.
+fn same(a: &Label, b: &Label) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+impl SeriesKey for Availability<'_> {
+    type Labels = ChatLabels;
+    fn hash_into(&self, h: &mut rustc_hash::FxHasher) {
+        use std::hash::Hash;
+        (self.protocol, self.api, self.outcome, self.reason).hash(h);
+        (&**self.model, &**self.service_type, &**self.purpose).hash(h);
+    }
+    fn matches(&self, l: &ChatLabels) -> bool {
+        l.reason == self.reason
+            && l.outcome == self.outcome
+            && l.api == self.api
+            && l.protocol == self.protocol
+            && same(&l.model, self.model)
+            && same(&l.service_type, self.service_type)
+            && same(&l.purpose, self.purpose)
+    }
+    fn labels(&self) -> ChatLabels {
+        ChatLabels {
+            protocol: self.protocol,
+            api: self.api,
+            outcome: self.outcome,
+            reason: self.reason,
+            model: self.model.clone(),
+            service_type: self.service_type.clone(),
+            purpose: self.purpose.clone(),
+        }
+    }
+}
+
+/// An upstream call's `tollgate_upstream_latency_seconds` labels.
+struct Upstream<'a> {
+    provider: &'a Label,
+    status_class: &'static str,
+}
+
+impl SeriesKey for Upstream<'_> {
+    type Labels = UpstreamLabels;
+    fn hash_into(&self, h: &mut rustc_hash::FxHasher) {
+        std::hash::Hash::hash(&(&**self.provider, self.status_class), h)
+    }
+    fn matches(&self, l: &UpstreamLabels) -> bool {
+        l.status_class == self.status_class && same(&l.provider, self.provider)
+    }
+    fn labels(&self) -> UpstreamLabels {
+        UpstreamLabels {
+            provider: self.provider.clone(),
+            status_class: self.status_class,
+        }
+    }
+}
+
+/// A provider's name, for the families labelled by it alone.
+struct ProviderName<'a>(&'a str);
+
+impl SeriesKey for ProviderName<'_> {
+    type Labels = ProviderLabels;
+    fn hash_into(&self, h: &mut rustc_hash::FxHasher) {
+        std::hash::Hash::hash(self.0, h)
+    }
+    fn matches(&self, l: &ProviderLabels) -> bool {
+        l.provider == self.0
+    }
+    fn labels(&self) -> ProviderLabels {
+        ProviderLabels {
+            provider: self.0.to_string(),
+        }
+    }
 }
 
 /// Labels of `tollgate_budget_store_writes_total`.
@@ -281,6 +384,57 @@ fn completion_buckets() -> Histogram {
 }
 
 impl Metrics {
+    /// Counts a finished model request in `tollgate_chat_availability_total`.
+    pub fn count_outcome(&self, labels: &Availability<'_>) {
+        self.handles
+            .availability
+            .with(&self.chat_availability, labels, |c| {
+                c.inc();
+            });
+    }
+
+    /// Observes a request's time in tollgate itself (`tollgate_overhead_seconds`).
+    pub fn observe_overhead(&self, protocol: &'static str, seconds: f64) {
+        self.handles
+            .overhead
+            .with(&self.overhead, &ProtocolLabels { protocol }, |h| {
+                h.observe(seconds)
+            });
+    }
+
+    /// Counts a response's status (`tollgate_response_status_codes_total`).
+    pub fn count_status(&self, protocol: &'static str, status_code: StatusCode) {
+        let labels = StatusLabels {
+            protocol,
+            status_code,
+        };
+        self.handles
+            .response_status
+            .with(&self.response_status, &labels, |c| {
+                c.inc();
+            });
+    }
+
+    /// Observes an upstream call's latency (`tollgate_upstream_latency_seconds`).
+    pub fn observe_upstream(&self, provider: &Label, status_class: &'static str, seconds: f64) {
+        let key = Upstream {
+            provider,
+            status_class,
+        };
+        self.handles
+            .upstream_latency
+            .with(&self.upstream_latency, &key, |h| h.observe(seconds));
+    }
+
+    /// Observes a credential check (`tollgate_auth_latency_seconds`).
+    pub fn observe_auth(&self, method: &'static str, result: &'static str, seconds: f64) {
+        self.handles
+            .auth_latency
+            .with(&self.auth_latency, &AuthLabels { method, result }, |h| {
+                h.observe(seconds)
+            });
+    }
+
     /// Creates and registers every family.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tollgate");
@@ -311,6 +465,7 @@ impl Metrics {
             budget_store_writes: Family::default(),
             rate_limit_fail_open: Counter::default(),
             models: ModelSeriesCache::default(),
+            handles: Handles::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -490,11 +645,11 @@ impl crate::providers::KeyPoolObserver for Metrics {
     }
 
     fn keys_tried(&self, provider: &str, tried: usize) {
-        self.key_pool_keys_tried
-            .get_or_create(&ProviderLabels {
-                provider: provider.to_string(),
-            })
-            .observe(tried as f64);
+        self.handles
+            .keys_tried
+            .with(&self.key_pool_keys_tried, &ProviderName(provider), |h| {
+                h.observe(tried as f64)
+            });
     }
 }
 

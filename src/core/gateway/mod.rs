@@ -534,14 +534,11 @@ impl Gateway {
             Err(e) if e.reason == Reason::AuthSystemFailure => "failure",
             Err(_) => "rejected",
         };
-        self.recorder
-            .metrics
-            .auth_latency
-            .get_or_create(&crate::metrics::AuthLabels {
-                method: method.map(|m| m.as_str()).unwrap_or("none"),
-                result,
-            })
-            .observe(started.elapsed().as_secs_f64());
+        self.recorder.metrics.observe_auth(
+            method.map(|m| m.as_str()).unwrap_or("none"),
+            result,
+            started.elapsed().as_secs_f64(),
+        );
         let credential = verified?;
         let config = &rt.config;
         let claimed = match &credential {
