@@ -435,7 +435,8 @@ impl std::fmt::Debug for StaticKeyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceTypeConfig {
-    pub models: Vec<String>,
+    /// Shared with every request's `Principal`, which holds it without a copy.
+    pub models: std::sync::Arc<[String]>,
     pub purposes: Vec<String>,
     pub require_purpose: bool,
     pub signup_cap_per_day: Option<u64>,
@@ -448,7 +449,7 @@ pub struct ServiceTypeConfig {
 impl Default for ServiceTypeConfig {
     fn default() -> Self {
         Self {
-            models: vec!["*".into()],
+            models: std::sync::Arc::from(["*".to_string()]),
             purposes: Vec::new(),
             require_purpose: false,
             signup_cap_per_day: None,

@@ -133,10 +133,10 @@ impl Provisioner {
 fn identity_of(user: User, ext: &ExternalIdentity) -> Identity {
     Identity {
         user_id: user.id,
-        external_id: user.external_id,
+        external_id: user.external_id.into(),
         method: ext.method,
         key_id: None,
         blocked: user.blocked,
-        user_service_type: user.service_type,
+        user_service_type: user.service_type.map(Into::into),
     }
 }

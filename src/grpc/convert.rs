@@ -318,11 +318,11 @@ impl From<Principal> for proto::Principal {
     fn from(p: Principal) -> Self {
         proto::Principal {
             user_id: p.identity.user_id,
-            external_id: p.identity.external_id,
+            external_id: p.identity.external_id.to_string(),
             auth_method: p.identity.method.as_str().into(),
             service_type: p.service_type,
             purpose: p.purpose,
-            allowed_models: p.allowed_models,
+            allowed_models: p.allowed_models.to_vec(),
             key_id: p.identity.key_id,
             remaining_budget_micros: p.remaining_budget_micros,
         }

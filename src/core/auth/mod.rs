@@ -46,11 +46,12 @@ impl AuthMethod {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub user_id: i64,
-    pub external_id: String,
+    /// Shared, like `user_service_type`: a cached identity is cloned for every request.
+    pub external_id: std::sync::Arc<str>,
     pub method: AuthMethod,
     pub key_id: Option<i64>,
     pub blocked: bool,
-    pub user_service_type: Option<String>,
+    pub user_service_type: Option<std::sync::Arc<str>>,
 }
 
 /// An identity vouched for by a token verifier, not yet matched to a user.
@@ -389,7 +390,7 @@ impl KeyLookup {
         }
         let identity = Identity {
             user_id: user.id,
-            external_id: user.external_id,
+            external_id: user.external_id.into(),
             method: if key.source == "config" {
                 AuthMethod::StaticKey
             } else {
@@ -397,7 +398,7 @@ impl KeyLookup {
             },
             key_id: Some(key.id),
             blocked: user.blocked,
-            user_service_type: user.service_type,
+            user_service_type: user.service_type.map(Into::into),
         };
         Ok((identity, key.expires_at))
     }

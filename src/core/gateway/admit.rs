@@ -108,8 +108,10 @@ pub(in crate::core) async fn admit(
         let rec = guard.record();
         rec.user_id = Some(principal.identity.user_id);
         rec.key_id = principal.identity.key_id;
-        rec.service_type = Some(principal.service_type.clone());
         rec.service_type_label = service_type_label(rt, Some(&principal.service_type));
+        // `authenticate` handed over its copy of the name for this; no second one is made.
+        rec.service_type =
+            Some(service_type_seen.unwrap_or_else(|| principal.service_type.clone()));
     }
     check_blocked(&principal)?;
     let route = rt.router.resolve(model)?;

@@ -80,7 +80,8 @@ pub struct Principal {
     pub identity: Identity,
     pub service_type: String,
     pub purpose: Option<String>,
-    pub allowed_models: Vec<String>,
+    /// The service type's `models` (config), shared.
+    pub allowed_models: std::sync::Arc<[String]>,
     /// What the tightest budget leaves this period, in micro-dollars; set by `authorize`
     /// (`None`: no budget applies, or not asked).
     pub remaining_budget_micros: Option<i64>,
@@ -542,7 +543,7 @@ impl Gateway {
         let credential = verified?;
         let config = &rt.config;
         let claimed = match &credential {
-            Credential::Known(i) => i.user_service_type.clone(),
+            Credential::Known(i) => i.user_service_type.as_deref().map(str::to_string),
             Credential::External(e) => e.service_type.clone(),
         };
         let service_type = ctx
