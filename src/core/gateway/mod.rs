@@ -7,21 +7,22 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 mod admit;
+mod authenticate;
 mod call;
 mod chat;
 
 pub(super) use admit::{admit, open_record};
-use admit::{check_blocked, check_model_allowed, check_purpose, label_safe};
+use admit::{check_blocked, check_model_allowed, label_safe};
 pub(in crate::core) use call::{Admitted, OpenCall};
 pub use chat::{ChatCall, ChatCompletion, ChatReply};
 
 use super::admin::{verify_admin_token, Admin, AdminError, LocalCaches};
-use super::auth::{Authenticator, Credential, Identity, Verifiers};
+use super::auth::{Authenticator, Identity, Verifiers};
 use super::dispatch::Dispatch;
 use super::ledger::Ledger;
 use super::outcome::Recorder;
 use super::provision::Provisioner;
-use super::{CallContext, Reason, Rejection};
+use super::{CallContext, Rejection};
 use crate::api::{Api, ChatRequest};
 use crate::config::{Config, Overrides};
 use crate::metrics::{Label, Metrics};
@@ -514,82 +515,6 @@ impl Gateway {
     /// Opens an embeddings request: from here on exactly one outcome will be recorded for it.
     pub fn embed(self: &Arc<Self>, ctx: CallContext) -> super::embed::EmbeddingsCall {
         super::embed::EmbeddingsCall(self.open_call(ctx, Api::Embeddings))
-    }
-
-    /// Verifies the credential, settles the service type and purpose, and provisions a new
-    /// token identity. `service_type_seen` receives the service type as soon as it is known, so
-    /// that a refusal after that point is still labelled with it.
-    async fn authenticate(
-        &self,
-        rt: &Runtime,
-        ctx: &CallContext,
-        service_type_seen: &mut Option<String>,
-    ) -> Result<Principal, Rejection> {
-        let started = std::time::Instant::now();
-        let (method, verified) = self
-            .auth
-            .verify(ctx.authorization.as_deref(), &rt.verifiers)
-            .await;
-        let result = match &verified {
-            Ok(_) => "success",
-            Err(e) if e.reason == Reason::AuthSystemFailure => "failure",
-            Err(_) => "rejected",
-        };
-        self.recorder.metrics.observe_auth(
-            method.map(|m| m.as_str()).unwrap_or("none"),
-            result,
-            started.elapsed().as_secs_f64(),
-        );
-        let credential = verified?;
-        let config = &rt.config;
-        let claimed = match &credential {
-            Credential::Known(i) => i.user_service_type.as_deref().map(str::to_string),
-            Credential::External(e) => e.service_type.clone(),
-        };
-        let service_type = ctx
-            .service_type
-            .clone()
-            .or(claimed)
-            .unwrap_or_else(|| config.server.default_service_type.clone());
-        *service_type_seen = Some(service_type.clone());
-        let Some(st) = config.service_type(&service_type) else {
-            return Err(Rejection::new(
-                Reason::InvalidAuthRequest,
-                format!("unknown service type `{}`", label_safe(&service_type)),
-            ));
-        };
-        let purpose = check_purpose(st, ctx.purpose.as_deref())?;
-        let identity = match credential {
-            Credential::Known(identity) => identity,
-            Credential::External(ext) => {
-                let cap = crate::store::SignupCap {
-                    per_day: st.signup_cap_per_day,
-                    total: st.signup_cap_total,
-                };
-                let p = self
-                    .provisioner
-                    .provision(&ext, &service_type, cap, self.deps.clock.now_ms())
-                    .await?;
-                if p.created {
-                    tracing::info!(user_id = p.identity.user_id, auth_method = ext.method.as_str(), service_type = %service_type, "user provisioned");
-                    self.recorder
-                        .metrics
-                        .signups
-                        .get_or_create(&crate::metrics::SignupLabels {
-                            auth_method: ext.method.as_str(),
-                        })
-                        .inc();
-                }
-                p.identity
-            }
-        };
-        Ok(Principal {
-            identity,
-            service_type,
-            purpose,
-            allowed_models: st.models.clone(),
-            remaining_budget_micros: None,
-        })
     }
 }
 

@@ -2,131 +2,31 @@
 //! healthy one remains, and falls back on failures another target can fix (connect errors,
 //! timeouts, 5xx, 429, key-pool exhaustion), never on a caller's 4xx.
 
-use std::time::{Duration, Instant};
+mod chain;
+mod embeddings;
 
-use super::embed::Embeddings;
+use std::time::Instant;
+
 use super::gateway::{ChatCompletion, ChatReply, Gateway};
 use super::native::{NativeCompletion, PassthroughStream};
 use super::outcome::OutcomeGuard;
 use super::stream::ChatStream;
 use super::trace::{operation, Attempt, AttemptEnd, AttemptTarget};
 use super::{Reason, Rejection};
-use crate::api::{Api, ChatDelta, ChatRequest, ChatResponse, EmbeddingsRequest, NativeBody, Usage};
-use crate::metrics::{AliasLabels, FallbackLabels};
+use crate::api::{Api, ChatDelta, ChatRequest, ChatResponse, NativeBody, Usage};
+use crate::metrics::AliasLabels;
 use crate::providers::{
-    DeltaStream, EmbedCall, NativeCall, NativeChunk, NativeResponse, NativeStream, TraceHeaders,
-    UpstreamCall, UpstreamError,
+    DeltaStream, NativeCall, NativeChunk, NativeResponse, NativeStream, TraceHeaders, UpstreamCall,
+    UpstreamError,
 };
 use crate::routing::{Route, Target};
+pub(crate) use chain::upstream_reason;
+use chain::{counts_against_health, ChainWalk};
 
 /// One request's upstream stage.
 pub(crate) struct Dispatch<'a> {
     pub gateway: &'a Gateway,
     pub request_id: &'a str,
-}
-
-/// The order in which one request tries a route's targets, with the fallbacks it took.
-struct ChainWalk<'r> {
-    targets: &'r [Target],
-    healthy: Vec<bool>,
-    any_healthy: bool,
-    next: usize,
-    /// Moves away from a target not yet attributed to the target moved to.
-    pending: Vec<(&'r str, &'static str)>,
-    attempts: Vec<(String, UpstreamError)>,
-}
-
-impl<'r> ChainWalk<'r> {
-    fn new(route: &'r Route) -> Self {
-        let healthy: Vec<bool> = route
-            .targets
-            .iter()
-            .map(|t| t.provider.health.is_healthy())
-            .collect();
-        let any_healthy = healthy.iter().any(|h| *h);
-        Self {
-            targets: &route.targets,
-            healthy,
-            any_healthy,
-            next: 0,
-            pending: Vec::new(),
-            attempts: Vec::new(),
-        }
-    }
-
-    /// The next target to try; counts the fallbacks that led to it.
-    fn next_target(&mut self, gateway: &Gateway) -> Option<&'r Target> {
-        while self.next < self.targets.len() {
-            let i = self.next;
-            self.next += 1;
-            let target = &self.targets[i];
-            // When every entry is unhealthy the chain is tried anyway: failing without an
-            // attempt would turn a recovering provider into a certain failure.
-            if self.any_healthy && !self.healthy[i] {
-                self.pending.push((&target.resolved, "unhealthy_skipped"));
-                continue;
-            }
-            for (from, reason) in self.pending.drain(..) {
-                gateway
-                    .metrics()
-                    .fallback
-                    .get_or_create(&FallbackLabels {
-                        from_model: from.to_string(),
-                        to_model: target.resolved.clone(),
-                        reason,
-                    })
-                    .inc();
-            }
-            return Some(target);
-        }
-        None
-    }
-
-    /// Records a failed attempt; returns whether the walk should go on.
-    fn failed(&mut self, target: &'r Target, e: UpstreamError) -> bool {
-        match fallback_reason(&e) {
-            Some(reason) => {
-                self.pending.push((&target.resolved, reason));
-                self.attempts.push((target.resolved.clone(), e));
-                true
-            }
-            None => {
-                self.attempts.push((target.resolved.clone(), e));
-                false
-            }
-        }
-    }
-
-    fn into_rejection(self) -> Rejection {
-        chain_failure(self.attempts)
-    }
-}
-
-/// Why a failure moves on to the next target (the `fallback_total` reason), or `None` when
-/// it is the caller's doing and must not.
-fn fallback_reason(e: &UpstreamError) -> Option<&'static str> {
-    match e {
-        UpstreamError::Connect(_) => Some("connect_error"),
-        UpstreamError::Timeout(_) => Some("timeout"),
-        UpstreamError::KeysExhausted { .. } => Some("keys_exhausted"),
-        UpstreamError::BadResponse(_) => Some("upstream_5xx"),
-        UpstreamError::Unsupported(_) => None,
-        UpstreamError::Status { status: 429, .. } => Some("rate_limited"),
-        UpstreamError::Status { status: 408, .. } => Some("timeout"),
-        UpstreamError::Status { status, .. } if *status >= 500 => Some("upstream_5xx"),
-        UpstreamError::Status { .. } => None,
-    }
-}
-
-/// Whether a failure says the provider itself is in trouble (for provider health).
-fn counts_against_health(e: &UpstreamError) -> bool {
-    match e {
-        UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::BadResponse(_) => {
-            true
-        }
-        UpstreamError::Status { status, .. } => *status >= 500,
-        UpstreamError::KeysExhausted { .. } | UpstreamError::Unsupported(_) => false,
-    }
 }
 
 /// The `status_class` label (and span `error.type`) of an upstream call's result.
@@ -488,154 +388,6 @@ enum Started {
 
 fn empty_stream() -> UpstreamError {
     UpstreamError::BadResponse("the stream ended before its first chunk".into())
-}
-
-impl Dispatch<'_> {
-    /// Vectors from the first target that gives them. A target whose provider cannot embed ends
-    /// the walk with `invalid_request`: another target would not make the request right.
-    pub async fn embed(
-        &self,
-        route: Route,
-        req: EmbeddingsRequest,
-        mut guard: OutcomeGuard,
-    ) -> Result<Embeddings, (OutcomeGuard, Rejection)> {
-        let mut walk = ChainWalk::new(&route);
-        let mut cannot_embed = false;
-        while let Some(target) = walk.next_target(self.gateway) {
-            let caps = target.provider.client.capabilities(&target.model);
-            if !caps.embeddings {
-                walk.failed(
-                    target,
-                    UpstreamError::Unsupported("this model does not serve embeddings".into()),
-                );
-                cannot_embed = true;
-                break;
-            }
-            let attempt = self.open_attempt(&mut guard, target);
-            let started = Instant::now();
-            let call = EmbedCall {
-                model: &target.model,
-                request: &req,
-                request_id: self.request_id,
-                trace: attempt.as_ref().and_then(Attempt::headers),
-            };
-            let result = target.provider.client.embed(call).await;
-            guard.record().upstream_wait += started.elapsed();
-            self.observe(target, started, result.as_ref().map(|_| ()));
-            match result {
-                Ok(mut response) => {
-                    self.resolved(&route, target);
-                    response.model.clone_from(&target.resolved);
-                    // Settled on what the upstream counted; the estimate only when it is silent.
-                    let usage = Usage {
-                        prompt_tokens: response
-                            .prompt_tokens
-                            .unwrap_or_else(|| req.input.estimate_tokens()),
-                        ..Usage::default()
-                    };
-                    self.end_attempt(
-                        &mut guard,
-                        attempt,
-                        AttemptEnd::Success {
-                            response_model: Some(target.model.clone()),
-                            usage: Some(usage),
-                        },
-                    );
-                    let rec = guard.record();
-                    rec.resolved_model = Some(target.resolved.clone());
-                    rec.resolved_label = Some(target.label.clone());
-                    rec.usage = usage;
-                    guard.finish(Reason::Success);
-                    return Ok(Embeddings {
-                        response,
-                        requested_model: req.model,
-                        resolved_model: target.resolved.clone(),
-                        usage,
-                        encoding_format: req.encoding_format.unwrap_or_default(),
-                        policy_headers: Vec::new(),
-                    });
-                }
-                Err(e) => {
-                    self.end_attempt(&mut guard, attempt, failed_attempt(&e));
-                    if !walk.failed(target, e) {
-                        break;
-                    }
-                }
-            }
-        }
-        let rejection = walk.into_rejection();
-        let rejection = if cannot_embed {
-            rejection.with_param("model")
-        } else {
-            rejection
-        };
-        Err((guard, rejection))
-    }
-}
-
-/// The reason an upstream error counts as.
-pub(crate) fn upstream_reason(e: &UpstreamError) -> Reason {
-    match e {
-        UpstreamError::Timeout(_) => Reason::UpstreamTimeout,
-        UpstreamError::KeysExhausted { retry_after } => Reason::UpstreamKeysExhausted {
-            all_disabled: retry_after.is_none(),
-        },
-        UpstreamError::Status { status, .. }
-            if (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429) =>
-        {
-            Reason::UpstreamRejected
-        }
-        UpstreamError::Unsupported(_) => Reason::InvalidRequest,
-        _ => Reason::UpstreamError,
-    }
-}
-
-/// One rejection for a chain that failed: the last cause decides the reason; the message lists
-/// every attempt.
-fn chain_failure(attempts: Vec<(String, UpstreamError)>) -> Rejection {
-    let Some((_, last)) = attempts.last() else {
-        return Rejection::new(
-            Reason::UpstreamError,
-            "no upstream target is available for this model",
-        );
-    };
-    let reason = upstream_reason(last);
-    let retry_after = match last {
-        // Whole seconds, rounded up: the caller should not come back before a key is usable.
-        UpstreamError::KeysExhausted {
-            retry_after: Some(d),
-        } => Some(Duration::from_secs(
-            d.as_secs() + u64::from(d.subsec_nanos() > 0),
-        )),
-        _ => None,
-    };
-    let rejection = chain_message(reason, &attempts);
-    match retry_after {
-        Some(d) => rejection.with_retry_after(d),
-        None => rejection,
-    }
-}
-
-fn chain_message(reason: Reason, attempts: &[(String, UpstreamError)]) -> Rejection {
-    if attempts.len() == 1 {
-        let (target, e) = &attempts[0];
-        let message = match e {
-            UpstreamError::Status { message, .. } if reason == Reason::UpstreamRejected => {
-                format!("{target} rejected the request: {message}")
-            }
-            e => format!("{target}: {e}"),
-        };
-        return Rejection::new(reason, message);
-    }
-    let listed: Vec<String> = attempts.iter().map(|(t, e)| format!("{t}: {e}")).collect();
-    Rejection::new(
-        reason,
-        format!(
-            "all {} targets failed: {}",
-            attempts.len(),
-            listed.join("; ")
-        ),
-    )
 }
 
 /// `gen_ai.response.finish_reasons` of a whole answer.
