@@ -218,8 +218,8 @@ impl OutcomeGuard {
             // stream when it ends) has exactly one line. Identities are ids: the caller's key
             // and the upstream's never reach the record.
             let status = match r.protocol {
-                Protocol::Http => reason.http_status().to_string(),
-                Protocol::Grpc => reason.grpc_code().as_str().to_string(),
+                Protocol::Http => AccessStatus::Http(reason.http_status()),
+                Protocol::Grpc => AccessStatus::Grpc(reason.grpc_code().as_str()),
             };
             tracing::info!(
                 target: "tollgate::access",
@@ -294,6 +294,22 @@ impl Drop for OutcomeGuard {
         if let Some(open) = self.open.take() {
             let Open { record, trace } = *open;
             self.emit(record, Reason::ClientDisconnected, trace);
+        }
+    }
+}
+
+/// The `status` of an access-log line: the HTTP status or the gRPC code's name, written by the
+/// log itself (a `String` of it was made for every request).
+enum AccessStatus {
+    Http(u16),
+    Grpc(&'static str),
+}
+
+impl std::fmt::Display for AccessStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessStatus::Http(code) => code.fmt(f),
+            AccessStatus::Grpc(name) => f.write_str(name),
         }
     }
 }
