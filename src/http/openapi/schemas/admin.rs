@@ -2,7 +2,10 @@
 
 use serde_json::{json, Value};
 
-use super::*;
+use super::{
+    array, exact, int, nullable, nullable_unix_ms, r, request, string, totals, unix_ms, usd,
+    user_ref,
+};
 
 pub(super) fn admin_schemas() -> Vec<(&'static str, Value)> {
     vec![

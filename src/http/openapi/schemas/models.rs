@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::*;
+use super::{array, exact, int, nullable, request, string};
 
 pub(super) fn model_schemas() -> Vec<(&'static str, Value)> {
     let any = json!({});
