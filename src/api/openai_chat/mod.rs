@@ -10,6 +10,7 @@
 
 mod chunk_facts;
 mod message;
+mod plain_request;
 mod request;
 mod response;
 mod stream;

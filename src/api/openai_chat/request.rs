@@ -8,6 +8,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
 
 use super::message::{message_from_object, MessageView};
+use super::plain_request::read_plain_request;
 use super::{put_extra, take_f64, take_string, take_u64, take_where, to_object, At, BadField};
 use super::{Each, Float};
 use crate::api::native::with_first_member;
@@ -46,6 +47,14 @@ pub fn parse_request_keeping_body(bytes: Bytes) -> Result<ChatRequest, Rejection
 
 /// Parses and validates an OpenAI chat-completions request body.
 pub fn parse_request(bytes: &[u8]) -> Result<ChatRequest, Rejection> {
+    match read_plain_request(bytes) {
+        Some(req) => Ok(req),
+        None => parse_request_tree(bytes),
+    }
+}
+
+/// [`parse_request`] through a `Value` tree of the whole body: every shape, every refusal.
+pub(super) fn parse_request_tree(bytes: &[u8]) -> Result<ChatRequest, Rejection> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         Rejection::new(
             Reason::InvalidRequest,
