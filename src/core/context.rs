@@ -103,27 +103,34 @@ fn is_sane_request_id(id: &str) -> bool {
 impl CallContext {
     /// The context of a request with these headers (gRPC metadata is HTTP/2 headers).
     pub fn from_headers(protocol: Protocol, h: &http::HeaderMap) -> CallContext {
-        let text = |name: &str| {
+        use http::HeaderName;
+        // Named once, so that no lookup parses and checks a name per request.
+        const SERVICE_TYPE: HeaderName = HeaderName::from_static(headers::SERVICE_TYPE);
+        const PURPOSE: HeaderName = HeaderName::from_static(headers::PURPOSE);
+        const REQUEST_ID: HeaderName = HeaderName::from_static(headers::REQUEST_ID);
+        const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
+        const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
+        let text = |name: &HeaderName| {
             h.get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
         let mut ctx = CallContext::new(
             protocol,
-            text(http::header::AUTHORIZATION.as_str()),
-            text(headers::SERVICE_TYPE),
-            text(headers::PURPOSE),
-            h.get(headers::REQUEST_ID).and_then(|v| v.to_str().ok()),
+            text(&http::header::AUTHORIZATION),
+            text(&SERVICE_TYPE),
+            text(&PURPOSE),
+            h.get(REQUEST_ID).and_then(|v| v.to_str().ok()),
         );
         // Several `tracestate` headers are one list (W3C Trace Context, section 3.3).
         let states: Vec<&str> = h
-            .get_all(headers::TRACESTATE)
+            .get_all(TRACESTATE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
         let state = (!states.is_empty()).then(|| states.join(","));
         ctx.trace_parent = h
-            .get(headers::TRACEPARENT)
+            .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| TraceParent::parse(v, state.as_deref()));
         ctx
