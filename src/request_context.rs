@@ -9,10 +9,8 @@ use std::task::{Context, Poll};
 use http::HeaderValue;
 use tower::{Layer, Service};
 
-use crate::core::{headers, CallContext, Protocol};
-
-/// `x-request-id`, made once (a `&str` name is copied into every response it is set on).
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static(headers::REQUEST_ID);
+use crate::core::header_names::REQUEST_ID;
+use crate::core::{CallContext, Protocol};
 
 /// Builds each request's `CallContext` and echoes its request id.
 #[derive(Debug, Clone, Copy)]

@@ -17,6 +17,19 @@ pub mod headers {
     pub const TRACESTATE: &str = "tracestate";
 }
 
+/// The [`headers`] an HTTP request is read by, as names made once: a `&str` name is parsed and
+/// checked at every lookup, and copied into every response it is set on.
+pub mod header_names {
+    use super::headers;
+    use http::HeaderName;
+
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static(headers::REQUEST_ID);
+    pub const SERVICE_TYPE: HeaderName = HeaderName::from_static(headers::SERVICE_TYPE);
+    pub const PURPOSE: HeaderName = HeaderName::from_static(headers::PURPOSE);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
+    pub const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
+}
+
 /// Which wire a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -103,14 +116,8 @@ fn is_sane_request_id(id: &str) -> bool {
 impl CallContext {
     /// The context of a request with these headers (gRPC metadata is HTTP/2 headers).
     pub fn from_headers(protocol: Protocol, h: &http::HeaderMap) -> CallContext {
-        use http::HeaderName;
-        // Named once, so that no lookup parses and checks a name per request.
-        const SERVICE_TYPE: HeaderName = HeaderName::from_static(headers::SERVICE_TYPE);
-        const PURPOSE: HeaderName = HeaderName::from_static(headers::PURPOSE);
-        const REQUEST_ID: HeaderName = HeaderName::from_static(headers::REQUEST_ID);
-        const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
-        const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
-        let text = |name: &HeaderName| {
+        use header_names::{PURPOSE, REQUEST_ID, SERVICE_TYPE, TRACEPARENT, TRACESTATE};
+        let text = |name: &http::HeaderName| {
             h.get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)

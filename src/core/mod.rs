@@ -28,4 +28,4 @@ pub use gateway::{
 pub use native::{NativeCompletion, PassthroughStream};
 pub use stream::ChatStream;
 
-pub use context::{headers, CallContext, Protocol};
+pub use context::{header_names, headers, CallContext, Protocol};

@@ -106,6 +106,14 @@ fn take_where(
     }
 }
 
+/// Whether a body's `stream_options` asks for the usage chunk (`include_usage: true`).
+fn asks_for_usage(body: &JsonObject) -> bool {
+    body.get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
 /// Removes `key` when it holds a string.
 fn take_string(obj: &mut JsonObject, key: &str) -> Option<String> {
     match take_where(obj, key, Value::is_string) {

@@ -11,6 +11,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use super::asks_for_usage;
 use crate::api::{ChatRequest, Content, JsonObject, MaxTokensField, Message, Role};
 
 /// The request in `bytes` when it is a plain one the full reader would accept as this.
@@ -119,11 +120,7 @@ impl<'de> Visitor<'de> for BodyVisitor {
         };
         let mut req = ChatRequest::new(model, messages);
         req.stream = stream.flatten().unwrap_or(false);
-        req.include_usage = extra
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        req.include_usage = asks_for_usage(&extra);
         req.max_tokens = max_tokens;
         req.max_tokens_field = max_tokens_field;
         req.temperature = temperature;

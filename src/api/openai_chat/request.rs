@@ -9,7 +9,9 @@ use serde_json::Value;
 
 use super::message::{message_from_object, MessageView};
 use super::plain_request::read_plain_request;
-use super::{put_extra, take_f64, take_string, take_u64, take_where, to_object, At, BadField};
+use super::{
+    asks_for_usage, put_extra, take_f64, take_string, take_u64, take_where, to_object, At, BadField,
+};
 use super::{Each, Float};
 use crate::api::native::with_first_member;
 use crate::api::{
@@ -78,11 +80,7 @@ pub fn request_from_object(mut body: JsonObject) -> Result<ChatRequest, Rejectio
     typed_request(&body).map_err(BadField::into_rejection)?;
     let model = take_string(&mut body, "model").unwrap_or_default();
     let stream = matches!(body.remove("stream"), Some(Value::Bool(true)));
-    let include_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = asks_for_usage(&body);
     let messages = match body.remove("messages") {
         Some(Value::Array(m)) => m,
         _ => Vec::new(),
