@@ -59,11 +59,23 @@ pub(super) fn json_response(
         body,
     )
         .into_response();
-    set_header(&mut r, headers::RESOLVED_MODEL, resolved);
-    for (name, value) in policy {
-        set_header(&mut r, name, value);
-    }
+    set_model_headers(&mut r, resolved, policy);
     r
+}
+
+/// Sets the resolved-model and policy headers of a model answer. Room for them (and the
+/// request id the request-context layer adds) is made at once: the map would otherwise grow,
+/// and rehash, twice on the way to a dozen headers.
+pub(super) fn set_model_headers(
+    resp: &mut Response,
+    resolved: &str,
+    policy: &[crate::error::PolicyHeader],
+) {
+    resp.headers_mut().reserve(policy.len() + 2);
+    set_header(resp, headers::RESOLVED_MODEL, resolved);
+    for (name, value) in policy {
+        set_header(resp, name, value);
+    }
 }
 
 /// A whole pass-through answer: the upstream's bytes, only `model` rewritten.
@@ -191,10 +203,7 @@ pub(super) fn sse_head(
         http::HeaderName::from_static("x-accel-buffering"),
         HeaderValue::from_static("no"),
     );
-    set_header(&mut resp, headers::RESOLVED_MODEL, resolved);
-    for (name, value) in policy {
-        set_header(&mut resp, name, value);
-    }
+    set_model_headers(&mut resp, resolved, policy);
     resp
 }
 

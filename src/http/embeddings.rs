@@ -6,9 +6,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 
-use super::chat::{read_body, set_header};
+use super::chat::{read_body, set_model_headers};
 use super::extract::ModelCall;
-use super::headers;
 use crate::api::openai_embeddings;
 use crate::core::Gateway;
 
@@ -40,10 +39,7 @@ pub async fn embeddings(
                 json,
             )
                 .into_response();
-            set_header(&mut r, headers::RESOLVED_MODEL, &e.resolved_model);
-            for (name, value) in &e.policy_headers {
-                set_header(&mut r, name, value);
-            }
+            set_model_headers(&mut r, &e.resolved_model, &e.policy_headers);
             r
         }
         Err(e) => e.into_response(),

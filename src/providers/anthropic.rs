@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse};
+use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse, UpstreamUrl};
 use super::{
     unix_secs, Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall,
     NativeChunk, NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
@@ -19,8 +19,8 @@ use crate::config::{AnthropicConfig, ProviderKind};
 
 /// An Anthropic upstream.
 pub struct AnthropicProvider {
-    url: http::Uri,
-    count_url: http::Uri,
+    url: UpstreamUrl,
+    count_url: UpstreamUrl,
     http: HttpUpstream,
     config: AnthropicConfig,
     beta: Option<String>,
@@ -86,7 +86,7 @@ impl AnthropicProvider {
     /// `anthropic-beta` values merged with the configured ones.
     async fn send_native(
         &self,
-        url: &http::Uri,
+        url: &UpstreamUrl,
         call: NativeCall<'_>,
         deadline: std::time::Instant,
     ) -> Result<UpstreamResponse, UpstreamError> {

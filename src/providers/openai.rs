@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse};
+use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse, UpstreamUrl};
 use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
     NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
@@ -19,9 +19,9 @@ use crate::config::{HttpUpstreamConfig, ProviderKind};
 
 /// An OpenAI-compatible upstream.
 pub struct OpenAiProvider {
-    chat_url: http::Uri,
-    embeddings_url: http::Uri,
-    responses_url: http::Uri,
+    chat_url: UpstreamUrl,
+    embeddings_url: UpstreamUrl,
+    responses_url: UpstreamUrl,
     http: HttpUpstream,
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -59,9 +59,31 @@ impl KeyHeader {
     }
 }
 
+/// An upstream endpoint: its URL and the `Host` header that goes with it, both made once.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    uri: http::Uri,
+    /// `host[:port]` as hyper's client would format it for every request (the port only when
+    /// it is not the scheme's default), made once here instead.
+    host: HeaderValue,
+}
+
 /// Parses an upstream URL built from a validated `base_url`.
-pub fn upstream_uri(name: &str, url: String) -> Result<http::Uri, String> {
-    http::Uri::try_from(url).map_err(|e| format!("providers.{name}: bad upstream URL: {e}"))
+pub fn upstream_uri(name: &str, url: String) -> Result<UpstreamUrl, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("providers.{name}: bad upstream URL: {e}");
+    let uri = http::Uri::try_from(url).map_err(|e| bad(&e))?;
+    let host = uri.host().ok_or_else(|| bad(&"no host"))?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    };
+    let host = match uri.port_u16() {
+        Some(port) if Some(port) != default_port => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
+    let host = HeaderValue::try_from(host).map_err(|e| bad(&e))?;
+    Ok(UpstreamUrl { uri, host })
 }
 
 /// A pooled HTTP client for one provider, with its key pool and deadlines.
@@ -78,6 +100,11 @@ pub struct HttpUpstream {
     max_response_bytes: usize,
     clock: Clock,
 }
+
+// Made at compile time: a `&str` name is parsed and checked again on every insert.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// `User-Agent` of every upstream call.
 const AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"));
@@ -152,7 +179,7 @@ impl HttpUpstream {
     /// The request of one attempt: `body` to `url` with the pool key at index `key`, if any.
     fn request(
         &self,
-        url: &http::Uri,
+        url: &UpstreamUrl,
         request_id: &str,
         trace: Option<&super::TraceHeaders>,
         headers: &[(&'static str, &str)],
@@ -166,19 +193,20 @@ impl HttpUpstream {
         };
         let mut req = http::Request::new(Full::new(body));
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = url.clone();
+        *req.uri_mut() = url.uri.clone();
         let h = req.headers_mut();
         h.reserve(8);
+        h.insert(HOST, url.host.clone());
         h.insert(USER_AGENT, HeaderValue::from_static(AGENT));
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert("x-request-id", header("x-request-id", request_id)?);
+        h.insert(X_REQUEST_ID, header("x-request-id", request_id)?);
         for (name, value) in headers {
             h.insert(HeaderName::from_static(name), header(name, value)?);
         }
         if let Some(t) = trace {
-            h.insert("traceparent", header("traceparent", &t.traceparent)?);
+            h.insert(TRACEPARENT, header("traceparent", &t.traceparent)?);
             if let Some(state) = &t.tracestate {
-                h.insert("tracestate", header("tracestate", state)?);
+                h.insert(TRACESTATE, header("tracestate", state)?);
             }
         }
         if let Some(index) = key {
@@ -196,7 +224,7 @@ impl HttpUpstream {
     /// safe for streams too. `headers` and the trace context are sent with every attempt.
     pub async fn post(
         &self,
-        url: &http::Uri,
+        url: &UpstreamUrl,
         request_id: &str,
         trace: Option<&super::TraceHeaders>,
         headers: &[(&'static str, &str)],
@@ -457,3 +485,40 @@ async fn read_capped(resp: UpstreamResponse, max: usize) -> Result<Bytes, Upstre
 
 /// One SSE event with data, as sent: its bytes and its `data` payload.
 pub type DataEvent = (Bytes, String);
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_uri;
+
+    #[test]
+    fn the_host_header_is_made_as_hyper_would_make_it() {
+        for (url, host) in [
+            (
+                "http://127.0.0.1:8080/v1/chat/completions",
+                "127.0.0.1:8080",
+            ),
+            (
+                "https://api.openai.com/v1/chat/completions",
+                "api.openai.com",
+            ),
+            ("http://vllm/v1/chat/completions", "vllm"),
+            ("http://vllm:80/v1/embeddings", "vllm"),
+            (
+                "https://api.anthropic.com:443/v1/messages",
+                "api.anthropic.com",
+            ),
+            ("https://gateway.internal:80/v1", "gateway.internal:80"),
+            ("http://[::1]:9000/v1/responses", "[::1]:9000"),
+        ] {
+            let made = upstream_uri("up", url.to_string()).expect(url);
+            assert_eq!(made.host, host, "{url}");
+            assert_eq!(made.uri.to_string(), url);
+        }
+    }
+
+    #[test]
+    fn a_url_without_a_host_is_refused_with_the_provider_named() {
+        let err = upstream_uri("up", "/v1/chat/completions".to_string()).unwrap_err();
+        assert!(err.starts_with("providers.up: bad upstream URL"), "{err}");
+    }
+}
