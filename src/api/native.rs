@@ -61,11 +61,11 @@ pub fn replace_string(json: &[u8], path: &[&str], value: &str) -> Option<Vec<u8>
 /// `json` with the bytes at `span` (a JSON value's) replaced by the string `value`, every
 /// other byte as it was.
 pub fn replace_span(json: &[u8], span: Range<usize>, value: &str) -> Vec<u8> {
-    // A `str` always serializes; the fallback only satisfies the types.
-    let encoded = serde_json::to_string(value).unwrap_or_default();
-    let mut out = Vec::with_capacity(json.len() + encoded.len());
+    // Room for the quotes and a few escapes; the string is encoded straight into the output.
+    let mut out = Vec::with_capacity(json.len() + value.len() + 8);
     out.extend_from_slice(&json[..span.start]);
-    out.extend_from_slice(encoded.as_bytes());
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut out, value);
     out.extend_from_slice(&json[span.end..]);
     out
 }
