@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse, UpstreamUrl};
+use super::http::{upstream_url, HttpUpstream, KeyHeader, UpstreamResponse, UpstreamUrl};
 use super::{
     unix_secs, Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall,
     NativeChunk, NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
@@ -39,8 +39,8 @@ impl AnthropicProvider {
         let base = cfg.http.base_url.trim_end_matches("/v1");
         let beta = (!cfg.anthropic_beta.is_empty()).then(|| cfg.anthropic_beta.join(","));
         Ok(Self {
-            url: upstream_uri(name, format!("{base}/v1/messages"))?,
-            count_url: upstream_uri(name, format!("{base}/v1/messages/count_tokens"))?,
+            url: upstream_url(name, format!("{base}/v1/messages"))?,
+            count_url: upstream_url(name, format!("{base}/v1/messages/count_tokens"))?,
             http: HttpUpstream::new(name, &cfg.http, KeyHeader::XApiKey, clock.clone(), observer)?,
             config: cfg.clone(),
             beta,

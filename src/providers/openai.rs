@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::http::{upstream_uri, HttpUpstream, KeyHeader, UpstreamResponse, UpstreamUrl};
+use super::http::{upstream_url, HttpUpstream, KeyHeader, UpstreamResponse, UpstreamUrl};
 use super::{
     Capabilities, DeltaStream, EmbedCall, KeyPool, KeyPoolObserver, NativeCall, NativeChunk,
     NativeResponse, NativeStream, Provider, UpstreamCall, UpstreamError,
@@ -34,9 +34,9 @@ impl OpenAiProvider {
         observer: Arc<dyn KeyPoolObserver>,
     ) -> Result<Self, String> {
         Ok(Self {
-            chat_url: upstream_uri(name, format!("{}/chat/completions", cfg.base_url))?,
-            embeddings_url: upstream_uri(name, format!("{}/embeddings", cfg.base_url))?,
-            responses_url: upstream_uri(name, format!("{}/responses", cfg.base_url))?,
+            chat_url: upstream_url(name, format!("{}/chat/completions", cfg.base_url))?,
+            embeddings_url: upstream_url(name, format!("{}/embeddings", cfg.base_url))?,
+            responses_url: upstream_url(name, format!("{}/responses", cfg.base_url))?,
             http: HttpUpstream::new(name, cfg, KeyHeader::Bearer, clock, observer)?,
         })
     }

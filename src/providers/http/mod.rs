@@ -69,7 +69,7 @@ pub struct UpstreamUrl {
 }
 
 /// Parses an upstream URL built from a validated `base_url`.
-pub fn upstream_uri(name: &str, url: String) -> Result<UpstreamUrl, String> {
+pub fn upstream_url(name: &str, url: String) -> Result<UpstreamUrl, String> {
     let bad = |e: &dyn std::fmt::Display| format!("providers.{name}: bad upstream URL: {e}");
     let uri = http::Uri::try_from(url).map_err(|e| bad(&e))?;
     let host = uri.host().ok_or_else(|| bad(&"no host"))?;
@@ -199,14 +199,14 @@ impl HttpUpstream {
         h.insert(HOST, url.host.clone());
         h.insert(USER_AGENT, HeaderValue::from_static(AGENT));
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(X_REQUEST_ID, header("x-request-id", request_id)?);
+        h.insert(X_REQUEST_ID, header(X_REQUEST_ID.as_str(), request_id)?);
         for (name, value) in headers {
             h.insert(HeaderName::from_static(name), header(name, value)?);
         }
         if let Some(t) = trace {
-            h.insert(TRACEPARENT, header("traceparent", &t.traceparent)?);
+            h.insert(TRACEPARENT, header(TRACEPARENT.as_str(), &t.traceparent)?);
             if let Some(state) = &t.tracestate {
-                h.insert(TRACESTATE, header("tracestate", state)?);
+                h.insert(TRACESTATE, header(TRACESTATE.as_str(), state)?);
             }
         }
         if let Some(index) = key {
@@ -488,7 +488,7 @@ pub type DataEvent = (Bytes, String);
 
 #[cfg(test)]
 mod tests {
-    use super::upstream_uri;
+    use super::upstream_url;
 
     #[test]
     fn the_host_header_is_made_as_hyper_would_make_it() {
@@ -510,7 +510,7 @@ mod tests {
             ("https://gateway.internal:80/v1", "gateway.internal:80"),
             ("http://[::1]:9000/v1/responses", "[::1]:9000"),
         ] {
-            let made = upstream_uri("up", url.to_string()).expect(url);
+            let made = upstream_url("up", url.to_string()).expect(url);
             assert_eq!(made.host, host, "{url}");
             assert_eq!(made.uri.to_string(), url);
         }
@@ -518,7 +518,7 @@ mod tests {
 
     #[test]
     fn a_url_without_a_host_is_refused_with_the_provider_named() {
-        let err = upstream_uri("up", "/v1/chat/completions".to_string()).unwrap_err();
+        let err = upstream_url("up", "/v1/chat/completions".to_string()).unwrap_err();
         assert!(err.starts_with("providers.up: bad upstream URL"), "{err}");
     }
 }
