@@ -4,7 +4,7 @@
 pub mod health;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::config::Config;
 use crate::error::{Reason, Rejection};
@@ -83,7 +83,17 @@ pub struct Router {
     aliases: BTreeMap<String, Alias>,
     /// Names that may appear as a `model` label: aliases, chain entries, priced and listed models.
     known: HashSet<Label>,
+    /// The route of every alias and configured model, made once: resolving a configured name
+    /// is one lookup and a reference count, not a target list and two names copied a request.
+    routes: HashMap<String, Arc<Route>>,
+    /// Routes made on first use for the models of providers that pass any name through (no
+    /// `models` list), up to [`MAX_PASSED_THROUGH`] names, so that a flood of made-up names
+    /// cannot grow it.
+    passed_through: RwLock<HashMap<String, Arc<Route>>>,
 }
+
+/// Names of passed-through models whose routes are kept; past it a route is made a request.
+const MAX_PASSED_THROUGH: usize = 1024;
 
 impl Router {
     /// Builds providers and aliases from a validated configuration.
@@ -132,25 +142,59 @@ impl Router {
             );
         }
         known.extend(config.pricing.keys().map(|k| Label::from(k.as_str())));
-        Ok(Router {
+        let mut router = Router {
             providers,
             aliases,
             known,
-        })
+            routes: HashMap::new(),
+            passed_through: RwLock::default(),
+        };
+        let mut routes = HashMap::new();
+        for name in router.known.iter().filter(|n| n.contains('/')) {
+            if let Some(t) = router.target(name) {
+                let route = Route {
+                    alias: None,
+                    targets: vec![t],
+                };
+                routes.insert(name.to_string(), Arc::new(route));
+            }
+        }
+        // After the models: a name that is both resolves as the alias, as `resolve` does.
+        for (name, alias) in &router.aliases {
+            routes.insert(name.clone(), Arc::new(router.alias_route(name, alias)));
+        }
+        router.routes = routes;
+        Ok(router)
     }
 
     /// The targets for a requested name, or `model_not_found`.
-    pub fn resolve(&self, requested: &str) -> Result<Route, Rejection> {
+    pub fn resolve(&self, requested: &str) -> Result<Arc<Route>, Rejection> {
+        if let Some(route) = self.routes.get(requested) {
+            return Ok(route.clone());
+        }
+        // A model of a provider that passes any name through, or no model at all.
+        let kept = self
+            .passed_through
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(route) = kept.get(requested) {
+            return Ok(route.clone());
+        }
+        let full = kept.len() >= MAX_PASSED_THROUGH;
+        drop(kept);
+        let route = Arc::new(self.resolve_uncached(requested)?);
+        if !full {
+            self.passed_through
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(requested.to_string(), route.clone());
+        }
+        Ok(route)
+    }
+
+    fn resolve_uncached(&self, requested: &str) -> Result<Route, Rejection> {
         if let Some(alias) = self.aliases.get(requested) {
-            let targets = alias
-                .chain
-                .iter()
-                .filter_map(|entry| self.target(entry))
-                .collect::<Vec<_>>();
-            return Ok(Route {
-                alias: Some(requested.to_string()),
-                targets,
-            });
+            return Ok(self.alias_route(requested, alias));
         }
         match self.target(requested) {
             Some(t) => Ok(Route {
@@ -165,6 +209,17 @@ impl Router {
                 ),
             )
             .with_param("model")),
+        }
+    }
+
+    fn alias_route(&self, name: &str, alias: &Alias) -> Route {
+        Route {
+            alias: Some(name.to_string()),
+            targets: alias
+                .chain
+                .iter()
+                .filter_map(|entry| self.target(entry))
+                .collect(),
         }
     }
 
@@ -283,5 +338,27 @@ mod tests {
         ));
         assert_eq!(&*r.label("m/zzz"), "unknown");
         assert_eq!(&*r.label("m/a"), "m/a");
+    }
+
+    #[test]
+    fn routes_are_made_once() {
+        let c = Config::from_toml_str(
+            "[providers.m]\nkind = \"mock\"\n[aliases.fast]\nchain = [\"m/a\", \"m/b\"]\n",
+        )
+        .unwrap();
+        let r = Router::from_config(&c, &ProviderDeps::detached()).unwrap();
+        for name in ["fast", "m/a", "m/passed-through"] {
+            let (first, again) = (r.resolve(name).unwrap(), r.resolve(name).unwrap());
+            assert!(Arc::ptr_eq(&first, &again), "{name} was routed anew");
+        }
+        // Past the cap a made-up name still resolves, on a route of its own each time.
+        for i in 0..MAX_PASSED_THROUGH {
+            r.resolve(&format!("m/model-{i}")).unwrap();
+        }
+        let (first, again) = (r.resolve("m/late").unwrap(), r.resolve("m/late").unwrap());
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_eq!(first.targets[0].resolved, "m/late");
+        assert!(r.passed_through.read().unwrap().len() <= MAX_PASSED_THROUGH);
+        assert!(r.resolve("nope/x").is_err());
     }
 }

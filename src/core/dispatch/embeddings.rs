@@ -1,5 +1,6 @@
 //! Embeddings through a route: the first target that serves them.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::chain::ChainWalk;
@@ -17,7 +18,7 @@ impl Dispatch<'_> {
     /// the walk with `invalid_request`: another target would not make the request right.
     pub async fn embed(
         &self,
-        route: Route,
+        route: Arc<Route>,
         req: EmbeddingsRequest,
         mut guard: OutcomeGuard,
     ) -> Result<Embeddings, (OutcomeGuard, Rejection)> {

@@ -5,6 +5,7 @@
 mod chain;
 mod embeddings;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::gateway::{ChatCompletion, ChatReply, Gateway};
@@ -139,7 +140,7 @@ impl Dispatch<'_> {
     /// takes the caller's wire natively, else translated through the neutral types.
     pub async fn complete(
         &self,
-        route: Route,
+        route: Arc<Route>,
         req: ChatRequest,
         mut guard: OutcomeGuard,
     ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {
@@ -258,7 +259,7 @@ impl Dispatch<'_> {
     /// possible while nothing has reached the caller, so the first chunk is awaited here.
     pub async fn stream(
         &self,
-        route: Route,
+        route: Arc<Route>,
         req: ChatRequest,
         mut guard: OutcomeGuard,
     ) -> Result<ChatReply, (OutcomeGuard, Rejection)> {

@@ -8,6 +8,7 @@ use crate::core::outcome::OutcomeGuard;
 use crate::core::{CallContext, Reason, Rejection};
 use crate::metrics::{none_label, unknown_label, Label};
 use crate::routing::model_allowed;
+use std::sync::Arc;
 
 /// The policy stage's first check; apart from authentication so that a blocked request is
 /// still attributed to its user.
@@ -86,7 +87,7 @@ pub(in crate::core) async fn admit(
     guard: &mut OutcomeGuard,
     model: &str,
     demand: crate::core::policy::Demand,
-) -> Result<(crate::routing::Route, crate::error::PolicyHeaders), Rejection> {
+) -> Result<(Arc<crate::routing::Route>, crate::error::PolicyHeaders), Rejection> {
     use tracing::Instrument;
     let mut service_type_seen = None;
     let principal = match gateway

@@ -67,7 +67,7 @@ impl ModelRequest for EmbeddingsRequest {
 pub(in crate::core) struct Admitted<'a, R> {
     pub gateway: &'a Gateway,
     pub ctx: &'a CallContext,
-    pub route: Route,
+    pub route: Arc<Route>,
     pub request: R,
     pub guard: OutcomeGuard,
     pub policy_headers: PolicyHeaders,
@@ -157,9 +157,8 @@ impl OpenCall {
         if let Some(trace) = guard.trace().filter(|t| t.capture_content()) {
             trace.input = req.trace_input();
         }
-        let model = req.model().to_string();
         let (route, policy_headers) =
-            match admit(&gateway, &rt, &ctx, &mut guard, &model, req.demand()).await {
+            match admit(&gateway, &rt, &ctx, &mut guard, req.model(), req.demand()).await {
                 Ok(admitted) => admitted,
                 Err(e) => return Err((guard, e)),
             };
