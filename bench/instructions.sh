@@ -71,7 +71,7 @@ dump, target, ok = sys.argv[1], sys.argv[2], int(sys.argv[3])
 total, calls, fn = 0, 0, ""
 names = {}
 # Allocator entry points: glibc's (the bare proxy) and mimalloc's (tollgate).
-alloc = re.compile(r"^(malloc|calloc|realloc|mi_malloc|mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned)$")
+alloc = re.compile(r"^(malloc|calloc|realloc|mi_malloc|mi_zalloc|mi_realloc|mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned)$")
 cfn = None
 for line in open(dump, errors="replace"):
     if line.startswith("totals:"):

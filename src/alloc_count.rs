@@ -1,11 +1,12 @@
-//! A counting global allocator (around mimalloc, the one the binary installs otherwise), built only with `--features alloc-count` (the benchmark's
+//! A counting global allocator (around [`crate::allocator::Allocator`], the one the binary
+//! installs otherwise), built only with `--features alloc-count` (the benchmark's
 //! allocations-per-request figure, bench/README.md): every allocation and reallocation is
 //! counted, with its size, in two relaxed atomics, and `/metrics` exports the totals as
 //! `tollgate_allocations_total` and `tollgate_allocated_bytes_total`.
 
 use std::alloc::{GlobalAlloc, Layout};
 
-use mimalloc::MiMalloc as Inner;
+use crate::allocator::Allocator as Inner;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use prometheus_client::collector::Collector;

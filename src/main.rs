@@ -7,7 +7,7 @@ use clap::Parser;
 // build installs its own counting wrapper around it instead.
 #[cfg(not(feature = "alloc-count"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tollgate::allocator::Allocator = tollgate::allocator::Allocator;
 
 fn main() -> std::process::ExitCode {
     tollgate::allocator::tune();
