@@ -22,6 +22,39 @@ impl ShortText {
         t
     }
 
+    /// `n` in decimal. Written digit by digit: `display` goes through the formatting
+    /// machinery, which costs a policy header about ten times as much.
+    pub fn from_u64(n: u64) -> Self {
+        let mut t = Self::default();
+        t.push_u64(n, 0);
+        t
+    }
+
+    /// Appends `s`, cut at a char if it does not fit.
+    pub fn push_str(&mut self, s: &str) {
+        let _ = fmt::Write::write_str(self, s);
+    }
+
+    /// Appends `n` in decimal, zero-padded to at least `width` digits (at most 20).
+    pub fn push_u64(&mut self, mut n: u64, width: usize) {
+        let mut digits = [b'0'; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let start = start.min(digits.len().saturating_sub(width));
+        let len = usize::from(self.len);
+        let take = (digits.len() - start).min(Self::CAPACITY - len);
+        self.buf[len..len + take].copy_from_slice(&digits[start..start + take]);
+        // take <= CAPACITY - len, so this stays within a u8; digits are whole chars.
+        self.len += take as u8;
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         // Only whole chars are ever written.
@@ -113,5 +146,23 @@ mod tests {
         assert_eq!(cut.len(), ShortText::CAPACITY);
         assert!(long.starts_with(cut.as_str()));
         assert_eq!(ShortText::default(), "");
+    }
+
+    #[test]
+    fn numbers_are_written_as_display_writes_them() {
+        for n in [0, 7, 10, 99, 1000, 123_456_789, u64::MAX] {
+            assert_eq!(ShortText::from_u64(n), n.to_string().as_str());
+            for width in [0, 1, 2, 6, 20, 30] {
+                let mut t = ShortText::from("x");
+                t.push_u64(n, width);
+                let want = format!("x{n:0width$}", width = width.min(20));
+                assert_eq!(t, want.as_str(), "{n} in {width}");
+            }
+        }
+        // What does not fit is cut, as `display` cuts it.
+        let mut t = ShortText::from("a".repeat(40).as_str());
+        t.push_u64(u64::MAX, 0);
+        assert_eq!(t.len(), ShortText::CAPACITY);
+        assert!(t.ends_with("184467"));
     }
 }

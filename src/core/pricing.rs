@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use crate::config::{Config, UnpricedPolicy};
 use crate::providers::Usage;
+use crate::short_text::ShortText;
 
 /// Pico-dollars in a micro-dollar.
 const PICO_PER_MICRO: u128 = 1_000_000;
@@ -64,11 +65,24 @@ pub fn micros_to_usd(micros: i64) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Usd(pub i64);
 
+impl Usd {
+    /// The amount with six decimals, `-` before a negative one (what `Display` writes).
+    pub fn text(self) -> ShortText {
+        let mut t = ShortText::default();
+        if self.0 < 0 {
+            t.push_str("-");
+        }
+        let m = self.0.unsigned_abs();
+        t.push_u64(m / 1_000_000, 0);
+        t.push_str(".");
+        t.push_u64(m % 1_000_000, 6);
+        t
+    }
+}
+
 impl std::fmt::Display for Usd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
-        let m = self.0.unsigned_abs();
-        write!(f, "{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+        f.write_str(&self.text())
     }
 }
 
@@ -185,6 +199,27 @@ impl Pricing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dollars_are_written_with_six_decimals() {
+        for micros in [
+            0,
+            1,
+            -1,
+            999_999,
+            1_000_000,
+            -1_500_000,
+            123_456_789,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let sign = if micros < 0 { "-" } else { "" };
+            let m = micros.unsigned_abs();
+            let want = format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000);
+            assert_eq!(Usd(micros).text(), want.as_str());
+            assert_eq!(Usd(micros).to_string(), want);
+        }
+    }
 
     fn usage(p: u64, c: u64, cached: u64) -> Usage {
         Usage {

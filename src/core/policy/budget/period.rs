@@ -5,6 +5,7 @@
 pub use crate::config::{Period, PeriodError};
 
 use crate::config::period::DAY_MS;
+use crate::short_text::ShortText;
 
 impl Period {
     /// The start of the period that contains `now` (unix ms).
@@ -76,18 +77,38 @@ pub fn rfc3339(ms: i64) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Rfc3339(pub i64);
 
+impl Rfc3339 {
+    /// The time as `YYYY-MM-DDTHH:MM:SSZ` (what `Display` writes), digit by digit.
+    pub fn text(self) -> ShortText {
+        let days = self.0.div_euclid(DAY_MS);
+        let rest = (self.0.rem_euclid(DAY_MS) / 1000) as u64;
+        let (y, m, d) = civil_from_days(days);
+        let mut t = ShortText::default();
+        if y < 0 {
+            // Before year 0, as `{:04}` writes it: the sign, then three digits or more.
+            t.push_str("-");
+            t.push_u64(y.unsigned_abs(), 3);
+        } else {
+            t.push_u64(y as u64, 4);
+        }
+        for (sep, n) in [
+            ("-", m as u64),
+            ("-", d as u64),
+            ("T", rest / 3600),
+            (":", rest % 3600 / 60),
+            (":", rest % 60),
+        ] {
+            t.push_str(sep);
+            t.push_u64(n, 2);
+        }
+        t.push_str("Z");
+        t
+    }
+}
+
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let days = self.0.div_euclid(DAY_MS);
-        let rest = self.0.rem_euclid(DAY_MS) / 1000;
-        let (y, m, d) = civil_from_days(days);
-        write!(
-            f,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-            rest / 3600,
-            rest % 3600 / 60,
-            rest % 60
-        )
+        f.write_str(&self.text())
     }
 }
 
@@ -134,6 +155,33 @@ mod tests {
     use super::*;
 
     const T: i64 = 1_795_000_000_000; // 2026-11-18T...Z
+
+    #[test]
+    fn times_are_written_as_the_format_string_writes_them() {
+        // From before year 0 to after 9999, every second of one day, and some leap days.
+        let mut times = vec![
+            i64::MIN / 2,
+            -62_200_000_000_000,
+            -1,
+            0,
+            1,
+            253_402_300_800_000,
+        ];
+        times.extend((0..86_400).map(|s| T + s * 1000));
+        times.extend((0..400).map(|y| y * 366 * DAY_MS + 59 * DAY_MS));
+        for ms in times {
+            let days = ms.div_euclid(DAY_MS);
+            let rest = ms.rem_euclid(DAY_MS) / 1000;
+            let (y, m, d) = civil_from_days(days);
+            let want = format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+                rest / 3600,
+                rest % 3600 / 60,
+                rest % 60
+            );
+            assert_eq!(Rfc3339(ms).text(), want.as_str(), "{ms}");
+        }
+    }
 
     #[test]
     fn calendar_periods_are_utc() {

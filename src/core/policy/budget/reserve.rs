@@ -310,14 +310,11 @@ pub(super) fn budget_headers_of(
 ) -> PolicyHeaders {
     let mut h = Vec::with_capacity(4);
     h.push((headers::SCOPE, ShortText::from(ap.key.0.as_str())));
-    h.push((headers::LIMIT, ShortText::display(Usd(limit))));
-    h.push((
-        headers::REMAINING,
-        ShortText::display(Usd(remaining.max(0))),
-    ));
+    h.push((headers::LIMIT, Usd(limit).text()));
+    h.push((headers::REMAINING, Usd(remaining.max(0)).text()));
     let start = period_start.max(ap.period.start(now));
     if let Some(end) = ap.period.end(start) {
-        h.push((headers::RESET, ShortText::display(Rfc3339(end))));
+        h.push((headers::RESET, Rfc3339(end).text()));
     }
     h
 }

@@ -88,30 +88,46 @@ pub fn reset_string(ms: i64) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct ResetIn(pub i64);
 
-impl std::fmt::Display for ResetIn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = self.0.max(0);
+impl ResetIn {
+    /// The duration as the headers write it (what `Display` writes), digit by digit.
+    pub fn text(self) -> ShortText {
+        let mut t = ShortText::default();
+        let ms = self.0.max(0) as u64;
         if ms < 1000 {
-            return write!(f, "{ms}ms");
+            t.push_u64(ms, 0);
+            t.push_str("ms");
+            return t;
         }
         let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
         let (m, rest) = (rest / 60_000, rest % 60_000);
         let (s, milli) = (rest / 1000, rest % 1000);
-        match (h, m) {
-            (0, 0) => {}
-            (0, m) => write!(f, "{m}m")?,
-            (h, m) => write!(f, "{h}h{m}m")?,
+        if h > 0 {
+            t.push_u64(h, 0);
+            t.push_str("h");
         }
-        if milli == 0 {
-            return write!(f, "{s}s");
+        if h > 0 || m > 0 {
+            t.push_u64(m, 0);
+            t.push_str("m");
         }
-        // Thousandths without their trailing zeros: 1.5s, 1.25s, 1.125s.
-        let (mut frac, mut digits) = (milli, 3);
-        while frac % 10 == 0 {
-            frac /= 10;
-            digits -= 1;
+        t.push_u64(s, 0);
+        if milli > 0 {
+            // Thousandths without their trailing zeros: 1.5s, 1.25s, 1.125s.
+            let (mut frac, mut digits) = (milli, 3);
+            while frac % 10 == 0 {
+                frac /= 10;
+                digits -= 1;
+            }
+            t.push_str(".");
+            t.push_u64(frac, digits);
         }
-        write!(f, "{s}.{frac:0digits$}s")
+        t.push_str("s");
+        t
+    }
+}
+
+impl std::fmt::Display for ResetIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text())
     }
 }
 
@@ -160,12 +176,12 @@ pub(super) fn report(views: &[ScopeView]) -> PolicyHeaders {
             .filter_map(pick)
             .min_by(|a, b| a.level.total_cmp(&b.level));
         if let Some(b) = tightest {
-            out.push((names[0], ShortText::display(b.limit)));
+            out.push((names[0], ShortText::from_u64(b.limit)));
             out.push((
                 names[1],
-                ShortText::display(b.level.max(0.0).floor() as u64),
+                ShortText::from_u64(b.level.max(0.0).floor() as u64),
             ));
-            out.push((names[2], ShortText::display(ResetIn(b.reset_ms))));
+            out.push((names[2], ResetIn(b.reset_ms).text()));
         }
     }
     out
