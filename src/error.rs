@@ -265,7 +265,25 @@ impl Rejection {
 pub type PolicyHeaders = Vec<PolicyHeader>;
 
 /// One policy header: its name and value (a number, a duration, a time: short, kept inline).
-pub type PolicyHeader = (&'static str, crate::short_text::ShortText);
+pub type PolicyHeader = (&'static PolicyName, crate::short_text::ShortText);
+
+/// The name of a policy header, as text (gRPC metadata takes a static string) and as an HTTP
+/// header name made once: a `&str` made a `HeaderName` is checked byte by byte every time.
+#[derive(Debug)]
+pub struct PolicyName {
+    pub text: &'static str,
+    pub header: http::HeaderName,
+}
+
+impl PolicyName {
+    /// A lowercase header name (checked when the constant is made).
+    pub const fn new(text: &'static str) -> Self {
+        Self {
+            text,
+            header: http::HeaderName::from_static(text),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -28,6 +28,7 @@ pub mod header_names {
     pub const PURPOSE: HeaderName = HeaderName::from_static(headers::PURPOSE);
     pub const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
     pub const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
+    pub const RESOLVED_MODEL: HeaderName = HeaderName::from_static(headers::RESOLVED_MODEL);
 }
 
 /// Which wire a request came in on.

@@ -1,7 +1,7 @@
 //! Conversions between protobuf messages and core types, and rejections as `tonic::Status`.
 
 use serde_json::Value;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -14,6 +14,15 @@ use crate::proto;
 
 /// The `domain` of every `ErrorInfo`.
 const ERROR_DOMAIN: &str = "tollgate";
+
+/// The rate-limit and budget headers as gRPC metadata, under the same names.
+pub(super) fn set_policy_metadata(map: &mut MetadataMap, policy: &[crate::error::PolicyHeader]) {
+    for (name, value) in policy {
+        if let Ok(v) = MetadataValue::try_from(value.as_str()) {
+            map.insert(name.text, v);
+        }
+    }
+}
 
 /// A rejection as a status with the reason's code and an `ErrorInfo` naming the reason.
 pub fn rejection_status(r: &Rejection, request_id: &str) -> Status {
@@ -41,11 +50,7 @@ pub fn rejection_status(r: &Rejection, request_id: &str) -> Status {
     if let Ok(v) = MetadataValue::try_from(request_id) {
         status.metadata_mut().insert("x-request-id", v);
     }
-    for (name, value) in &r.headers {
-        if let Ok(v) = MetadataValue::try_from(value.as_str()) {
-            status.metadata_mut().insert(*name, v);
-        }
-    }
+    set_policy_metadata(status.metadata_mut(), &r.headers);
     if let Some(after) = r.retry_after {
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         if let Ok(v) = MetadataValue::try_from(secs.max(1).to_string()) {
@@ -325,6 +330,38 @@ impl From<Principal> for proto::Principal {
             allowed_models: p.allowed_models.to_vec(),
             key_id: p.identity.key_id,
             remaining_budget_micros: p.remaining_budget_micros,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::policy::{budget, rate_limit};
+    use crate::short_text::ShortText;
+
+    /// A name that is not a valid metadata key would make `MetadataMap::insert` panic, and the
+    /// two spellings of a name must agree.
+    #[test]
+    fn every_policy_header_reaches_grpc_metadata() {
+        let names = [
+            &budget::headers::LIMIT,
+            &budget::headers::REMAINING,
+            &budget::headers::RESET,
+            &budget::headers::SCOPE,
+            &rate_limit::headers::LIMIT_REQUESTS,
+            &rate_limit::headers::REMAINING_REQUESTS,
+            &rate_limit::headers::RESET_REQUESTS,
+            &rate_limit::headers::LIMIT_TOKENS,
+            &rate_limit::headers::REMAINING_TOKENS,
+            &rate_limit::headers::RESET_TOKENS,
+        ];
+        let policy: Vec<_> = names.iter().map(|n| (*n, ShortText::from("1"))).collect();
+        let mut map = tonic::metadata::MetadataMap::new();
+        super::set_policy_metadata(&mut map, &policy);
+        for name in names {
+            assert_eq!(name.header.as_str(), name.text);
+            let got = map.get(name.text).map(|v| v.to_str().ok());
+            assert_eq!(got, Some(Some("1")), "{}", name.text);
         }
     }
 }

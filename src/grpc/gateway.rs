@@ -7,7 +7,9 @@ use futures_util::{Stream, StreamExt};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use super::convert::{chat_request, complete_chunk, complete_response, rejection_status};
+use super::convert::{
+    chat_request, complete_chunk, complete_response, rejection_status, set_policy_metadata,
+};
 use crate::core::headers;
 use crate::core::{CallContext, ChatReply, Gateway, Protocol, Rejection};
 use crate::proto;
@@ -38,13 +40,10 @@ pub(super) fn context<T>(request: &Request<T>) -> CallContext {
 /// request-context layer sets the request id).
 fn reply<T>(message: T, resolved: &str, policy: &[crate::error::PolicyHeader]) -> Response<T> {
     let mut resp = Response::new(message);
-    let pairs = std::iter::once((headers::RESOLVED_MODEL, resolved))
-        .chain(policy.iter().map(|(k, v)| (*k, v.as_str())));
-    for (k, v) in pairs {
-        if let Ok(v) = MetadataValue::try_from(v) {
-            resp.metadata_mut().insert(k, v);
-        }
+    if let Ok(v) = MetadataValue::try_from(resolved) {
+        resp.metadata_mut().insert(headers::RESOLVED_MODEL, v);
     }
+    set_policy_metadata(resp.metadata_mut(), policy);
     resp
 }
 

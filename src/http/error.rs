@@ -37,8 +37,7 @@ pub(super) fn with_headers(r: &Rejection, mut resp: Response) -> Response {
     }
     for (name, value) in &r.headers {
         if let Ok(v) = HeaderValue::from_str(value) {
-            resp.headers_mut()
-                .insert(http::HeaderName::from_static(name), v);
+            resp.headers_mut().insert(name.header.clone(), v);
         }
     }
     resp

@@ -39,14 +39,16 @@ use crate::store::{BudgetRow, StoreError};
 
 /// Budget response headers (on success and on `budget_exceeded`).
 pub mod headers {
+    use crate::error::PolicyName;
+
     /// The limit of the tightest budget, USD with six decimals.
-    pub const LIMIT: &str = "x-budget-limit-usd";
+    pub static LIMIT: PolicyName = PolicyName::new("x-budget-limit-usd");
     /// What is left of it after this request's reservation (or, refused, before it).
-    pub const REMAINING: &str = "x-budget-remaining-usd";
+    pub static REMAINING: PolicyName = PolicyName::new("x-budget-remaining-usd");
     /// When its period ends (RFC 3339, UTC); absent for a `total` budget.
-    pub const RESET: &str = "x-budget-reset";
+    pub static RESET: PolicyName = PolicyName::new("x-budget-reset");
     /// Which budget: `user` or `key`.
-    pub const SCOPE: &str = "x-budget-scope";
+    pub static SCOPE: PolicyName = PolicyName::new("x-budget-scope");
 }
 
 // ---------------------------------------------------------------------------------------------

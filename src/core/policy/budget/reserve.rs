@@ -309,12 +309,12 @@ pub(super) fn budget_headers_of(
     now: i64,
 ) -> PolicyHeaders {
     let mut h = Vec::with_capacity(4);
-    h.push((headers::SCOPE, ShortText::from(ap.key.0.as_str())));
-    h.push((headers::LIMIT, Usd(limit).text()));
-    h.push((headers::REMAINING, Usd(remaining.max(0)).text()));
+    h.push((&headers::SCOPE, ShortText::from(ap.key.0.as_str())));
+    h.push((&headers::LIMIT, Usd(limit).text()));
+    h.push((&headers::REMAINING, Usd(remaining.max(0)).text()));
     let start = period_start.max(ap.period.start(now));
     if let Some(end) = ap.period.end(start) {
-        h.push((headers::RESET, Rfc3339(end).text()));
+        h.push((&headers::RESET, Rfc3339(end).text()));
     }
     h
 }

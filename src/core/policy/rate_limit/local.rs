@@ -249,8 +249,13 @@ mod tests {
     use super::*;
     use crate::core::policy::budget::ScopeKind;
 
-    fn header<'a>(h: &'a [crate::error::PolicyHeader], name: &str) -> Option<&'a str> {
-        h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    fn header<'a>(
+        h: &'a [crate::error::PolicyHeader],
+        name: &crate::error::PolicyName,
+    ) -> Option<&'a str> {
+        h.iter()
+            .find(|(n, _)| n.text == name.text)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -267,14 +272,14 @@ mod tests {
         for i in 0..3 {
             let (_, h) = rl.admit(t0, &scopes, 0).expect("within rpm");
             assert_eq!(
-                header(&h, headers::REMAINING_REQUESTS),
+                header(&h, &headers::REMAINING_REQUESTS),
                 Some(&*(2 - i).to_string())
             );
         }
         let d = rl.admit(t0, &scopes, 0).unwrap_err();
         assert_eq!(d.what, "requests");
         assert_eq!(d.retry_after, Duration::from_secs(20));
-        assert_eq!(header(&d.headers, headers::RESET_REQUESTS), Some("1m0s"));
+        assert_eq!(header(&d.headers, &headers::RESET_REQUESTS), Some("1m0s"));
         assert!(rl.admit(t0 + 19_999, &scopes, 0).is_err());
         assert!(rl.admit(t0 + 20_000, &scopes, 0).is_ok());
     }
@@ -298,8 +303,8 @@ mod tests {
         );
         let t = 5_000;
         let (charge, h) = rl.admit(t, &[user, key], 80).unwrap();
-        assert_eq!(header(&h, headers::REMAINING_TOKENS), Some("20"));
-        assert_eq!(header(&h, headers::REMAINING_REQUESTS), Some("9"));
+        assert_eq!(header(&h, &headers::REMAINING_TOKENS), Some("20"));
+        assert_eq!(header(&h, &headers::REMAINING_REQUESTS), Some("9"));
         let d = rl.admit(t, &[user, key], 30).unwrap_err();
         assert_eq!(d.what, "tokens");
         // Used 20 of the 80 it was charged: 60 come back.
@@ -307,7 +312,7 @@ mod tests {
         let (charge, _) = rl.admit(t, &[user, key], 30).unwrap();
         rl.refund(t, &charge);
         let (_, h) = rl.admit(t, &[user, key], 0).unwrap();
-        assert_eq!(header(&h, headers::REMAINING_TOKENS), Some("80"));
+        assert_eq!(header(&h, &headers::REMAINING_TOKENS), Some("80"));
         // A request larger than the whole minute waits for a full bucket, then goes into debt.
         assert!(rl.admit(t, &[user], 500).is_err());
         assert!(rl.admit(t + 60_000, &[user], 500).is_ok());

@@ -20,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::budget::ScopeKey;
 use crate::config::{RateLimitBackendConfig, RateLimitsConfig};
-use crate::error::PolicyHeaders;
+use crate::error::{PolicyHeaders, PolicyName};
 use crate::short_text::ShortText;
 
 pub use self::local::RateLimiter;
@@ -71,12 +71,14 @@ pub type RateAdmission = (Option<RateCharge>, PolicyHeaders);
 
 /// Header names, as OpenAI sends them.
 pub mod headers {
-    pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
-    pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
-    pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
-    pub const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
-    pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
-    pub const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
+    use crate::error::PolicyName;
+
+    pub static LIMIT_REQUESTS: PolicyName = PolicyName::new("x-ratelimit-limit-requests");
+    pub static REMAINING_REQUESTS: PolicyName = PolicyName::new("x-ratelimit-remaining-requests");
+    pub static RESET_REQUESTS: PolicyName = PolicyName::new("x-ratelimit-reset-requests");
+    pub static LIMIT_TOKENS: PolicyName = PolicyName::new("x-ratelimit-limit-tokens");
+    pub static REMAINING_TOKENS: PolicyName = PolicyName::new("x-ratelimit-remaining-tokens");
+    pub static RESET_TOKENS: PolicyName = PolicyName::new("x-ratelimit-reset-tokens");
 }
 
 /// A duration the way OpenAI's reset headers write it: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
@@ -150,38 +152,38 @@ pub(super) struct ScopeView {
 
 /// The headers of the tightest scope, for requests and for tokens separately.
 pub(super) fn report(views: &[ScopeView]) -> PolicyHeaders {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(6);
     type Pick = fn(&ScopeView) -> Option<WindowView>;
-    let kinds: [(Pick, [&'static str; 3]); 2] = [
+    let kinds: [(Pick, [&'static PolicyName; 3]); 2] = [
         (
             |s| s.requests,
             [
-                headers::LIMIT_REQUESTS,
-                headers::REMAINING_REQUESTS,
-                headers::RESET_REQUESTS,
+                &headers::LIMIT_REQUESTS,
+                &headers::REMAINING_REQUESTS,
+                &headers::RESET_REQUESTS,
             ],
         ),
         (
             |s| s.tokens,
             [
-                headers::LIMIT_TOKENS,
-                headers::REMAINING_TOKENS,
-                headers::RESET_TOKENS,
+                &headers::LIMIT_TOKENS,
+                &headers::REMAINING_TOKENS,
+                &headers::RESET_TOKENS,
             ],
         ),
     ];
-    for (pick, names) in kinds {
+    for (pick, [limit, remaining, reset]) in kinds {
         let tightest = views
             .iter()
             .filter_map(pick)
             .min_by(|a, b| a.level.total_cmp(&b.level));
         if let Some(b) = tightest {
-            out.push((names[0], ShortText::from_u64(b.limit)));
+            out.push((limit, ShortText::from_u64(b.limit)));
             out.push((
-                names[1],
+                remaining,
                 ShortText::from_u64(b.level.max(0.0).floor() as u64),
             ));
-            out.push((names[2], ResetIn(b.reset_ms).text()));
+            out.push((reset, ResetIn(b.reset_ms).text()));
         }
     }
     out
