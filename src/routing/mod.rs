@@ -172,7 +172,8 @@ impl Router {
         if let Some(route) = self.routes.get(requested) {
             return Ok(route.clone());
         }
-        // A model of a provider that passes any name through, or no model at all.
+        // Every alias and configured model is in `routes`: this is a model of a provider that
+        // passes any name through, or no model at all.
         let kept = self
             .passed_through
             .read()
@@ -180,22 +181,19 @@ impl Router {
         if let Some(route) = kept.get(requested) {
             return Ok(route.clone());
         }
-        let full = kept.len() >= MAX_PASSED_THROUGH;
         drop(kept);
-        let route = Arc::new(self.resolve_uncached(requested)?);
-        if !full {
-            self.passed_through
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(requested.to_string(), route.clone());
+        let route = Arc::new(self.passed_through_route(requested)?);
+        let mut kept = self
+            .passed_through
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if kept.len() < MAX_PASSED_THROUGH {
+            kept.insert(requested.to_string(), route.clone());
         }
         Ok(route)
     }
 
-    fn resolve_uncached(&self, requested: &str) -> Result<Route, Rejection> {
-        if let Some(alias) = self.aliases.get(requested) {
-            return Ok(self.alias_route(requested, alias));
-        }
+    fn passed_through_route(&self, requested: &str) -> Result<Route, Rejection> {
         match self.target(requested) {
             Some(t) => Ok(Route {
                 alias: None,
